@@ -1,0 +1,49 @@
+# `make` alone prints this help. Every target creates .venv and installs the package if needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SAMPLE := sample_data
+ART := artifacts
+
+.DEFAULT_GOAL := help
+.PHONY: help install all prepare train evaluate predict test lint bench clean
+
+help: ## Show every target with one line
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install the package with its dev tools
+
+all: prepare train evaluate predict ## Run the whole pipeline on sample_data/ (prepare, train, evaluate, predict)
+
+prepare: $(STAMP) ## Prepare sample_data/ into artifacts/data
+	$(BIN)/pipeline prepare $(SAMPLE)
+
+train: $(STAMP) ## Train the CNN on artifacts/data into artifacts/model
+	$(BIN)/pipeline train
+
+evaluate: $(STAMP) ## Evaluate on the test split into artifacts/reports
+	$(BIN)/pipeline evaluate
+
+predict: $(STAMP) ## Predict a few sample images with the trained model
+	$(BIN)/pipeline predict $(SAMPLE)/3/digit_0003.png $(SAMPLE)/7/digit_0007.png --top-k 3
+
+test: $(STAMP) ## Run the test suite
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP) ## Lint and check formatting with ruff
+	$(BIN)/ruff check pipeline tests bench
+	$(BIN)/ruff format --check pipeline tests bench
+
+bench: $(STAMP) ## Benchmark against the reference scripts in ../shared/bench (slow; not part of CI)
+	$(BIN)/python bench/run_bench.py
+
+clean: ## Remove artifacts, caches and the virtual environment
+	rm -rf $(ART) $(VENV) .pytest_cache .ruff_cache bench/work *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

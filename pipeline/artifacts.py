@@ -1,0 +1,147 @@
+"""Writing artifact folders atomically and reading artifacts back without running code.
+
+Every stage writes its whole output folder under a temporary sibling name and swaps it in
+only when complete, so a run killed at any moment leaves the previous folder untouched.
+Arrays load with `allow_pickle=False`; JSON is plain data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+_TMP_TAG = ".tmp-"
+_OLD_TAG = ".old-"
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder; on success it replaces `target`, on failure it vanishes."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise PipelineError(f"{target} exists and is not a folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{_TMP_TAG}{os.getpid()}-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
+    try:
+        yield tmp
+        _swap_in(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def clean_stale(target: Path) -> None:
+    """Remove temporary folders that killed runs left beside `target` (their process is gone)."""
+    for entry in target.parent.glob(f".{target.name}.*"):
+        rest = entry.name[len(target.name) + 1 :]
+        for tag in (_TMP_TAG, _OLD_TAG):
+            if rest.startswith(tag):
+                pid = rest[len(tag) :].split("-", 1)[0]
+                if pid.isdigit() and not _alive(int(pid)):
+                    if tag == _OLD_TAG and not target.exists():
+                        os.rename(entry, target)  # killed between the two renames: restore
+                    else:
+                        shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    if _rename_exchange(tmp, target):  # one atomic step on Linux
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = target.parent / f".{target.name}{_OLD_TAG}{os.getpid()}"
+    os.rename(target, old)
+    os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write one file under a temporary name, then replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{_TMP_TAG}", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def read_json(path: Path, missing_hint: str) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path} not found: {missing_hint}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PipelineError(f"{path} is not valid JSON ({e})") from None
+
+
+def load_array(path: Path, missing_hint: str, mmap: bool = True) -> np.ndarray:
+    """Load a .npy without pickle; memory-mapped so arrays larger than memory still work."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path} not found: {missing_hint}")
+    try:
+        array = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except ValueError as e:
+        if "pickle" in str(e).lower():
+            raise PipelineError(f"refusing to load {path}: it holds pickled Python objects") from None
+        raise PipelineError(f"{path} is not a valid .npy array ({e})") from None
+    except (OSError, EOFError) as e:
+        raise PipelineError(f"{path} is not a valid .npy array ({e})") from None
+    if not isinstance(array, np.ndarray) or array.dtype.hasobject:
+        raise PipelineError(f"refusing to load {path}: it holds Python objects")
+    return array

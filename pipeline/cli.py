@@ -1,0 +1,231 @@
+"""The command line: each command gathers options and calls one stage function.
+
+The only module that imports Typer. TensorFlow is imported inside the commands that need
+it, so `pipeline --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline import paths, progress
+from pipeline.errors import PipelineError
+
+app = typer.Typer(
+    help="Turn a folder of class-named image folders into a trained image classifier.\n\n"
+    "Run in order: prepare IMAGES_DIR, train, evaluate, predict FILE...",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False, soft_wrap=True)  # results go to stdout; progress and notes go to stderr
+
+
+def user_errors(command):
+    """Errors a user can cause end with one line on stderr and a non-zero exit, no traceback."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except PipelineError as e:
+            progress.console.print(f"error: {e}", markup=False)
+            raise typer.Exit(code=getattr(e, "exit_code", 1)) from None
+        except KeyboardInterrupt:
+            progress.console.print("interrupted: nothing was written, earlier artifacts are untouched", markup=False)
+            raise typer.Exit(code=130) from None
+
+    return run
+
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes on stderr.")]
+DataDir = Annotated[Path, typer.Option("--data", help="Prepared data folder (from prepare).")]
+ModelDir = Annotated[Path, typer.Option("--model", help="Model folder (from train).")]
+
+
+@app.command()
+@user_errors
+def prepare(
+    images_dir: Annotated[Path, typer.Argument(help="Folder with one sub-folder of images per class.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to write the arrays.")] = paths.DATA_DIR,
+    size: Annotated[int, typer.Option(help="Square side in pixels.")] = 32,
+    color: Annotated[str, typer.Option(help="rgb or grayscale.")] = "rgb",
+    test_size: Annotated[float, typer.Option(help="Fraction of each class for the test split.")] = 0.2,
+    val_size: Annotated[float, typer.Option(help="Fraction of each class for validation (0: none).")] = 0.1,
+    augment: Annotated[int, typer.Option(help="Augmented copies per training image.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed for the split and augmentation.")] = 42,
+    workers: Annotated[int, typer.Option(help="Decoding processes (0: all cores).")] = 0,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail on any skipped file or warning.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Scan IMAGES_DIR, decode, resize, de-duplicate, split and augment into .npy arrays."""
+    from pipeline.dataset import PrepareSettings, prepare_dataset
+
+    progress.set_quiet(quiet)
+    settings = PrepareSettings(
+        size=size,
+        color=color,
+        test_size=test_size,
+        val_size=val_size,
+        augment=augment,
+        seed=seed,
+        workers=workers,
+        strict=strict,
+    )
+    report = prepare_dataset(images_dir, out_dir, settings)
+    _print_prepare_summary(report, out_dir)
+
+
+@app.command()
+@user_errors
+def train(
+    data_dir: DataDir = paths.DATA_DIR,
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to write the model.")] = paths.MODEL_DIR,
+    epochs: Annotated[int, typer.Option(help="Most epochs to train (early stopping may end sooner).")] = 30,
+    batch_size: Annotated[int, typer.Option(help="Images per training step.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed for weights and shuffling.")] = 42,
+    patience: Annotated[int, typer.Option(help="Epochs without validation improvement before stopping.")] = 5,
+    tensorboard: Annotated[
+        bool, typer.Option("--tensorboard", help="Write TensorBoard logs to the model folder.")
+    ] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Train the CIFAR-style CNN on the prepared arrays, keeping the best epoch on validation."""
+    progress.set_quiet(quiet)
+    progress.say("loading TensorFlow...")
+    from pipeline.training import TrainSettings, train_model
+
+    settings = TrainSettings(
+        epochs=epochs, batch_size=batch_size, seed=seed, patience=patience, tensorboard=tensorboard
+    )
+    summary = train_model(data_dir, out_dir, settings)
+    out.print(
+        f"trained {summary['epochs_run']} epoch(s) in {summary['seconds']:.1f}s; best epoch {summary['best_epoch']} "
+        f"({summary['monitor']} {summary['best']:.4f}); model written to {out_dir}"
+    )
+
+
+@app.command()
+@user_errors
+def evaluate(
+    data_dir: DataDir = paths.DATA_DIR,
+    model_dir: ModelDir = paths.MODEL_DIR,
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to write metrics and figures.")] = paths.REPORTS_DIR,
+    as_json: Annotated[bool, typer.Option("--json", help="Print exactly the metrics JSON to stdout.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Measure the model on the test split: accuracy, per-class report, confusion matrix."""
+    progress.set_quiet(quiet)
+    from pipeline.evaluation import evaluate_model
+
+    metrics = evaluate_model(data_dir, model_dir, out_dir)
+    if as_json:
+        typer.echo(json.dumps(metrics, indent=2))
+    else:
+        _print_metrics(metrics, out_dir)
+
+
+@app.command()
+@user_errors
+def predict(
+    files: Annotated[list[Path], typer.Argument(help="Image files to classify.")],
+    model_dir: ModelDir = paths.MODEL_DIR,
+    top_k: Annotated[int, typer.Option(help="Show the k most likely labels.")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of predictions to stdout.")] = False,
+    engine: Annotated[str, typer.Option(help="auto (LiteRT when installed), litert or keras.")] = "auto",
+    quiet: Quiet = False,
+) -> None:
+    """Label and confidence for each file, preprocessed exactly as the training images were."""
+    progress.set_quiet(quiet)
+    from pipeline.prediction import predict_files
+
+    results, errors = predict_files(files, model_dir, top_k=top_k, engine=engine)
+    for error in errors:
+        progress.console.print(f"error: {error['file']}: {error['error']}", markup=False)
+    if as_json:
+        typer.echo(json.dumps([r.as_dict() for r in results], indent=2))
+    else:
+        for r in results:
+            extra = "  ".join(f"{t['label']} {t['probability']:.1%}" for t in r.top_k[1:])
+            out.print(
+                f"{r.file}\t{r.label}\t{r.confidence:.1%}" + (f"\t({extra})" if extra else ""),
+                markup=False,
+            )
+    if errors:
+        raise typer.Exit(code=1)
+
+
+def _print_prepare_summary(report: dict, out_dir: Path) -> None:
+    table = Table(title=f"Prepared {out_dir}", title_justify="left")
+    for column in ("class", "found", "skipped", "duplicates", "train", "val", "test", "+augmented"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, c in report["counts"].items():
+        table.add_row(
+            name,
+            *(
+                str(c[k])
+                for k in (
+                    "found",
+                    "skipped",
+                    "duplicates",
+                    "train",
+                    "val",
+                    "test",
+                    "train_augmented",
+                )
+            ),
+        )
+    out.print(table)
+    totals = report["totals"]
+    out.print(
+        f"{totals['found']} image files, {totals['skipped']} skipped, {totals['ignored']} ignored, "
+        f"{totals['duplicates_removed']} duplicates removed, {len(report['near_duplicate_groups'])} near-duplicate groups kept together"
+    )
+    for item in report["skipped"][:20]:
+        out.print(f"skipped {item['path']}: {item['reason']}", markup=False)
+    if len(report["skipped"]) > 20:
+        out.print(
+            f"... and {len(report['skipped']) - 20} more skipped files: see {out_dir / paths.PREPARE_REPORT_FILE}"
+        )
+    for warning in report["warnings"]:
+        out.print(f"warning: {warning}", markup=False)
+
+
+def _print_metrics(metrics: dict, out_dir: Path) -> None:
+    classes = metrics["classes"]
+    out.print(f"test accuracy {metrics['accuracy']:.2%}  loss {metrics['loss']:.4f}  ({metrics['n_test']} images)")
+    table = Table(title="Per class", title_justify="left")
+    for column in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name in classes:
+        m = metrics["per_class"][name]
+        table.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+    out.print(table)
+    matrix = Table(title="Confusion matrix (rows: true, columns: predicted)", title_justify="left")
+    matrix.add_column("")
+    for name in classes:
+        matrix.add_column(name, justify="right")
+    for name, row in zip(classes, metrics["confusion_matrix"]):
+        matrix.add_row(name, *(str(v) for v in row))
+    out.print(matrix)
+    if metrics["most_confused"]:
+        pairs = ", ".join(f"{p['true']} -> {p['predicted']} ({p['count']})" for p in metrics["most_confused"])
+        out.print(f"most confused: {pairs}")
+    out.print(f"reports written to {out_dir}")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupt)  # a kill runs the same clean-up as Ctrl-C
+    app()

@@ -1,0 +1,413 @@
+"""prepare: a folder of class folders -> resized, de-duplicated, split, augmented arrays.
+
+Reads IMAGES_DIR (never writes to it). Writes, atomically, into the output folder:
+X_{train,val,test}.npy (uint8, N x size x size x channels), y_{train,val,test}.npy
+(int64 labels), classes.json, manifest.csv (split,index,path,label,augmented: one row
+per array row) and report.json (counts, skipped and ignored files, duplicates, settings).
+
+Memory stays flat as the folder grows: decoded rows stream into a memory-mapped buffer
+and from there into memory-mapped outputs, a chunk at a time.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import multiprocessing
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import __version__, augment, dedup, paths, progress
+from pipeline.artifacts import atomic_dir, load_array, read_json, write_json
+from pipeline.errors import PipelineError
+from pipeline.images import (
+    COLOR_MODES,
+    FolderScan,
+    UnreadableImage,
+    channels,
+    decode_image,
+    scan_folder,
+    to_array,
+)
+
+COPY_ROWS = 1024  # rows moved per step between memory-mapped arrays
+
+
+@dataclass
+class PrepareSettings:
+    size: int = 32  # square side in pixels; the CIFAR-style CNN was designed for 32x32
+    color: str = "rgb"  # "rgb" or "grayscale"
+    test_size: float = 0.2  # fraction of each class's source images kept for evaluate
+    val_size: float = 0.1  # fraction for validation (early stopping); 0 turns it off
+    augment: int = 1  # augmented copies added per training image (train split only)
+    seed: int = 42  # same seed, same folder: byte-identical arrays and manifest
+    workers: int = 0  # decoding processes; 0 = every available core
+    strict: bool = False  # any skipped file or warning fails the run
+    near_duplicate_distance: int = dedup.NEAR_DUPLICATE_DISTANCE  # perceptual-hash bits; -1 = off
+
+    def check(self) -> None:
+        if not 10 <= self.size <= 1024:  # the two conv-pool stages need 10 pixels
+            raise PipelineError(f"--size must be between 10 and 1024, got {self.size}")
+        if self.color not in COLOR_MODES:
+            raise PipelineError(f"--color must be one of {', '.join(COLOR_MODES)}, got {self.color!r}")
+        if not 0 < self.test_size < 1:
+            raise PipelineError(f"--test-size must be between 0 and 1, got {self.test_size}")
+        if not 0 <= self.val_size < 1 or self.test_size + self.val_size >= 1:
+            raise PipelineError("--val-size must be at least 0 and --test-size + --val-size below 1")
+        if self.augment < 0:
+            raise PipelineError(f"--augment must be 0 or more, got {self.augment}")
+        if self.workers < 0:
+            raise PipelineError(f"--workers must be 0 (all cores) or more, got {self.workers}")
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def prepare_dataset(images_dir: Path, out_dir: Path, settings: PrepareSettings) -> dict:
+    """Run the whole prepare stage; returns the report that is also written as report.json."""
+    settings.check()
+    images_dir, out_dir = Path(images_dir), Path(out_dir)
+    scan = scan_folder(images_dir)
+    if len(scan.class_names) < 2:
+        raise PipelineError(
+            f"{images_dir} has {len(scan.class_names)} class folder(s); a classifier needs at least 2 "
+            "(one sub-folder of images per class)"
+        )
+    if not scan.files:
+        raise PipelineError(f"no image files found under {images_dir}")
+    workers = settings.workers or available_cores()
+    with atomic_dir(out_dir) as tmp, _worker_pool(workers, len(scan.files), settings) as pool:
+        buffer_path = tmp / "_decoded.npy"
+        decoded = _decode_all(scan, settings, buffer_path, pool)
+        report = _build_dataset(scan, decoded, settings, buffer_path, tmp, pool)
+        buffer_path.unlink()
+    return report
+
+
+class _WorkerPool:
+    """multiprocessing.Pool's ordered imap, or a plain map when one process is enough."""
+
+    def __init__(self, processes: int):
+        self.pool = None
+        if processes > 1:
+            methods = multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("fork" if "fork" in methods else None)
+            self.pool = context.Pool(processes)
+
+    def imap(self, func, items, chunksize: int = 1):
+        if self.pool is None:
+            return map(func, items)
+        return self.pool.imap(func, items, chunksize=chunksize)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+def _worker_pool(workers: int, n_files: int, settings: PrepareSettings) -> _WorkerPool:
+    if settings.augment:
+        augment.build_augmenter(0)  # import albumentations once, before the workers fork
+    return _WorkerPool(min(workers, max(1, n_files // 16)))
+
+
+@dataclass
+class _Decoded:
+    ok: np.ndarray  # bool per scanned file
+    reasons: dict[int, str]  # why a file was skipped
+    digests: list[bytes | None]
+    phashes: np.ndarray  # uint64, 0 where not decoded
+
+
+def _decode_task(
+    args: tuple[str, int, str],
+) -> tuple[np.ndarray | None, str | None, bytes | None, int]:
+    path, size, color = args
+    try:
+        image = decode_image(Path(path), color, draft_size=size)
+    except UnreadableImage as e:
+        return None, str(e), None, 0
+    except Exception as e:  # a decoder bug must not end the whole run: skip and say why
+        return None, f"could not decode ({type(e).__name__}: {e})", None, 0
+    import imagehash
+
+    digest = hashlib.blake2b(image.mode.encode() + repr(image.size).encode() + image.tobytes(), digest_size=16)
+    phash = int(str(imagehash.phash(image)), 16)
+    return to_array(image, size), None, digest.digest(), phash
+
+
+def _decode_all(scan: FolderScan, s: PrepareSettings, buffer_path: Path, pool: _WorkerPool) -> _Decoded:
+    n = len(scan.files)
+    buffer = np.lib.format.open_memmap(
+        buffer_path, mode="w+", dtype=np.uint8, shape=(n, s.size, s.size, channels(s.color))
+    )
+    ok = np.zeros(n, dtype=bool)
+    reasons: dict[int, str] = {}
+    digests: list[bytes | None] = [None] * n
+    phashes = np.zeros(n, dtype=np.uint64)
+    tasks = ((str(scan.root / rel), s.size, s.color) for rel, _ in scan.files)
+    results = pool.imap(_decode_task, tasks, chunksize=8)
+    for i, (array, reason, digest, phash) in enumerate(progress.track(results, n, "decoding images")):
+        if array is None:
+            reasons[i] = reason
+            continue
+        buffer[i] = array
+        ok[i], digests[i], phashes[i] = True, digest, phash
+    buffer.flush()
+    del buffer
+    return _Decoded(ok, reasons, digests, phashes)
+
+
+def _build_dataset(scan: FolderScan, decoded: _Decoded, s: PrepareSettings, buffer_path: Path, tmp: Path, pool) -> dict:
+    files = scan.files
+    skipped = [{"path": files[i][0], "reason": r} for i, r in sorted(decoded.reasons.items())]
+    warnings = list(scan.warnings)
+
+    rows = np.flatnonzero(decoded.ok)  # usable files, in scan order
+    labels = np.array([files[i][1] for i in rows], dtype=np.int64)
+    drop, duplicate_groups, conflict_groups = dedup.find_exact_duplicates(
+        [decoded.digests[i] for i in rows], labels.tolist()
+    )
+    keep = np.setdiff1d(np.arange(len(rows)), drop)
+
+    # Classes left without a usable image are dropped and the rest renumbered.
+    found_per_class = np.bincount([label for _, label in files], minlength=len(scan.class_names))
+    usable_per_class = np.bincount(labels[keep], minlength=len(scan.class_names))
+    class_names = []
+    for label, name in enumerate(scan.class_names):
+        if usable_per_class[label] == 0:
+            if found_per_class[label]:
+                warnings.append(f"class folder '{name}' has no usable image and is left out")
+        else:
+            class_names.append(name)
+    if len(class_names) < 2:
+        raise PipelineError(f"only {len(class_names)} class(es) have usable images; a classifier needs at least 2")
+    new_label = {scan.class_names.index(name): i for i, name in enumerate(class_names)}
+    for group in conflict_groups:
+        names = sorted({scan.class_names[labels[r]] for r in group})
+        warnings.append(f"{len(group)} identical images sit in different classes ({', '.join(names)}): all left out")
+    if s.strict and (skipped or warnings):
+        problems = [f"{x['path']}: {x['reason']}" for x in skipped] + warnings
+        raise PipelineError(f"--strict: {len(problems)} problem(s), nothing written; first: {problems[0]}")
+
+    kept_rows = rows[keep]  # indices into the buffer / scan.files
+    kept_labels = np.array([new_label[label] for label in labels[keep]], dtype=np.int64)
+    groups = dedup.group_near_duplicates(decoded.phashes[kept_rows], s.near_duplicate_distance)
+    split_of = split_by_group(kept_labels, groups, s.test_size, s.val_size, s.seed, class_names)
+
+    buffer = np.load(buffer_path, mmap_mode="r", allow_pickle=False)
+    manifest: list[tuple[str, int, str, str, int]] = []
+    counts = {
+        name: {
+            "found": 0,
+            "skipped": 0,
+            "duplicates": 0,
+            "train": 0,
+            "val": 0,
+            "test": 0,
+            "train_augmented": 0,
+        }
+        for name in class_names
+    }
+    for split in paths.SPLITS:
+        members = np.flatnonzero(split_of == split)
+        sources, split_labels = kept_rows[members], kept_labels[members]
+        copies = s.augment if split == "train" else 0
+        n_rows = len(members) * (1 + copies)
+        X = np.lib.format.open_memmap(
+            tmp / paths.images_file(split),
+            mode="w+",
+            dtype=np.uint8,
+            shape=(n_rows, *buffer.shape[1:]),
+        )
+        for start in range(0, len(members), COPY_ROWS):
+            chunk = sources[start : start + COPY_ROWS]
+            X[start : start + len(chunk)] = buffer[chunk]
+        if copies:
+            _write_augmented(X, buffer_path, sources, copies, s.seed, pool)
+        X.flush()
+        del X
+        y = np.tile(split_labels, 1 + copies)
+        np.save(tmp / paths.labels_file(split), y)
+        for index in range(n_rows):
+            source = index % len(members) if len(members) else 0
+            path = files[sources[source]][0]
+            manifest.append((split, index, path, class_names[y[index]], int(index >= len(members))))
+        for label in split_labels:
+            counts[class_names[label]][split] += 1
+        if copies:
+            for label in split_labels:
+                counts[class_names[label]]["train_augmented"] += copies
+    del buffer
+
+    for _, label in files:
+        name = scan.class_names[label]
+        if name in counts:
+            counts[name]["found"] += 1
+    for i in decoded.reasons:
+        name = scan.class_names[files[i][1]]
+        if name in counts:
+            counts[name]["skipped"] += 1
+    for group in duplicate_groups:
+        counts[scan.class_names[labels[group[0]]]]["duplicates"] += len(group) - 1
+
+    with open(tmp / paths.MANIFEST_FILE, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["split", "index", "path", "label", "augmented"])
+        writer.writerows(manifest)
+    write_json(tmp / paths.CLASSES_FILE, class_names)
+
+    path_of = lambda r: files[rows[r]][0]  # noqa: E731  (row in `rows` -> relative path)
+    near_groups = _near_duplicate_groups(groups, [files[r][0] for r in kept_rows], split_of)
+    report = {
+        "version": __version__,
+        "images_dir": str(scan.root.resolve()),
+        "classes": class_names,
+        "counts": counts,
+        "totals": {
+            "found": len(files),
+            "skipped": len(skipped),
+            "ignored": len(scan.ignored),
+            "duplicates_removed": sum(len(g) - 1 for g in duplicate_groups),
+            "label_conflicts_removed": sum(len(g) for g in conflict_groups),
+            **{split: int((split_of == split).sum()) for split in paths.SPLITS},
+            "train_rows": int((split_of == "train").sum()) * (1 + s.augment),
+        },
+        "skipped": skipped,
+        "ignored": {"counts": _count_reasons(scan.ignored), "items": scan.ignored},
+        "duplicates": [{"kept": path_of(g[0]), "removed": [path_of(r) for r in g[1:]]} for g in duplicate_groups],
+        "label_conflicts": [
+            {
+                "paths": [path_of(r) for r in g],
+                "classes": sorted({scan.class_names[labels[r]] for r in g}),
+            }
+            for g in conflict_groups
+        ],
+        "near_duplicate_groups": near_groups,
+        "warnings": warnings,
+        "settings": asdict(s),
+    }
+    write_json(tmp / paths.PREPARE_REPORT_FILE, report)
+    return report
+
+
+def _write_augmented(X: np.ndarray, buffer_path: Path, sources: np.ndarray, copies: int, seed: int, pool) -> None:
+    n = len(sources)
+    chunks = [
+        (str(buffer_path), sources[start : start + augment.CHUNK_ROWS], copies, seed, k)
+        for k, start in enumerate(range(0, n, augment.CHUNK_ROWS))
+    ]
+    results = pool.imap(_augment_task, chunks)
+    for (_, chunk_sources, _, _, k), out in zip(
+        chunks, progress.track(results, len(chunks), "augmenting training images")
+    ):
+        start = k * augment.CHUNK_ROWS
+        for c in range(copies):
+            offset = n * (1 + c) + start
+            X[offset : offset + len(chunk_sources)] = out[c]
+
+
+def _augment_task(args) -> np.ndarray:
+    buffer_path, sources, copies, seed, chunk = args
+    buffer = np.load(buffer_path, mmap_mode="r", allow_pickle=False)
+    return augment.augment_chunk(np.asarray(buffer[sources]), copies, seed, chunk)
+
+
+def split_by_group(
+    labels: np.ndarray,
+    groups: np.ndarray,
+    test_size: float,
+    val_size: float,
+    seed: int,
+    class_names: list[str],
+) -> np.ndarray:
+    """Stratified train/val/test split that never puts one group in two splits.
+
+    scikit-learn has group-aware splitters (GroupShuffleSplit, StratifiedGroupKFold) but
+    none that is stratified, grouped and takes fractions, hence this: per class, shuffle
+    its groups with the seed and fill test, then val, then train, by image count.
+    """
+    rng = np.random.default_rng(seed)
+    group_ids, first = np.unique(groups, return_index=True)
+    group_size = np.bincount(groups)
+    group_label = labels[first]  # a group belongs to the class of its first image
+    group_split = np.full(len(group_ids), "train", dtype=object)
+    for label, name in enumerate(class_names):
+        class_groups = rng.permutation(group_ids[group_label == label])
+        total = int(group_size[class_groups].sum())
+        wanted = {
+            "test": max(1, round(total * test_size)),
+            "val": max(1, round(total * val_size)) if val_size > 0 else 0,
+        }
+        if total - wanted["test"] - wanted["val"] < 1:
+            needed = 3 if val_size > 0 else 2
+            raise PipelineError(
+                f"class '{name}' has {total} usable image(s) (after duplicates); splitting into "
+                f"{'train, val and test' if val_size > 0 else 'train and test'} needs at least {needed} per class: "
+                "add images or lower --test-size/--val-size"
+            )
+        taken = {"test": 0, "val": 0}
+        for g in class_groups:
+            split = next((s for s in ("test", "val") if taken[s] < wanted[s]), "train")
+            if split != "train":
+                taken[split] += int(group_size[g])
+            group_split[g] = split
+        if not np.any(group_split[class_groups] == "train"):
+            raise PipelineError(
+                f"class '{name}': its near-duplicate groups leave no image for training; add distinct images"
+            )
+    return group_split[groups]
+
+
+def _near_duplicate_groups(groups: np.ndarray, group_paths: list[str], split_of: np.ndarray) -> list[dict]:
+    order = np.argsort(groups, kind="stable")
+    bounds = np.flatnonzero(np.diff(groups[order])) + 1
+    found = []
+    for members in np.split(order, bounds):
+        if len(members) > 1:
+            found.append({"paths": [group_paths[m] for m in members], "split": str(split_of[members[0]])})
+    return found
+
+
+def _count_reasons(items: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item["reason"]] = counts.get(item["reason"], 0) + 1
+    return counts
+
+
+def load_classes(folder: Path, missing_hint: str) -> list[str]:
+    classes = read_json(Path(folder) / paths.CLASSES_FILE, missing_hint)
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
+        raise PipelineError(f"{Path(folder) / paths.CLASSES_FILE} must be a list of at least 2 class names")
+    return classes
+
+
+def load_split(data_dir: Path, split: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One split as prepare wrote it (memory-mapped, no pickle), checked for consistency."""
+    hint = "run `pipeline prepare IMAGES_DIR` first"
+    X = load_array(Path(data_dir) / paths.images_file(split), hint)
+    y = np.asarray(load_array(Path(data_dir) / paths.labels_file(split), hint))
+    if X.dtype != np.uint8 or X.ndim != 4 or X.shape[1] != X.shape[2] or X.shape[3] not in (1, 3):
+        raise PipelineError(
+            f"{data_dir}/{paths.images_file(split)} is not a prepared image array (uint8 N x size x size x 1|3), got {X.dtype} {X.shape}"
+        )
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or len(y) != len(X):
+        raise PipelineError(
+            f"{data_dir}/{paths.labels_file(split)} does not match {paths.images_file(split)} ({len(y)} labels for {len(X)} images)"
+        )
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise PipelineError(
+            f"{data_dir}/{paths.labels_file(split)} has labels outside the {num_classes} classes of classes.json"
+        )
+    return X, y.astype(np.int64)

@@ -1,0 +1,107 @@
+"""evaluate: the trained model on the test split, the only stage that reads it.
+
+Reads X_test/y_test and manifest.csv from the data folder and the model folder. Writes,
+atomically, into the reports folder: metrics.json (accuracy, loss, per-class precision,
+recall, F1 and support, confusion matrix [true][predicted]), predictions.csv (one row per
+test image) and confusion_matrix.png.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+from pipeline import paths, plots
+from pipeline.artifacts import atomic_dir, write_json
+from pipeline.dataset import load_classes, load_split
+from pipeline.errors import PipelineError
+from pipeline.model_files import check_model_fits, load_keras_model, load_model_classes
+
+PREDICTIONS_FILE = "predictions.csv"
+BATCH = 256
+
+
+def evaluate_model(data_dir: Path, model_dir: Path, out_dir: Path) -> dict:
+    data_dir, model_dir, out_dir = Path(data_dir), Path(model_dir), Path(out_dir)
+    classes = load_model_classes(model_dir)
+    data_classes = load_classes(data_dir, "run `pipeline prepare IMAGES_DIR` first")
+    if data_classes != classes:
+        raise PipelineError(
+            f"the model was trained on classes {classes} but {data_dir} has {data_classes}: train again on this data"
+        )
+    X, y = load_split(data_dir, "test", len(classes))
+    if len(X) == 0:
+        raise PipelineError(f"{data_dir} has an empty test split: prepare again with --test-size above 0")
+    model = load_keras_model(model_dir)
+    check_model_fits(model, X.shape[1:], len(classes), f"{data_dir}/{paths.images_file('test')}")
+    probabilities = predict_probabilities(model, X)
+    metrics = compute_metrics(y, probabilities, classes)
+    test_paths = _test_paths(data_dir, len(X))
+    with atomic_dir(out_dir) as tmp:
+        write_json(tmp / paths.METRICS_FILE, metrics)
+        _write_predictions(tmp / PREDICTIONS_FILE, test_paths, y, probabilities, classes)
+        plots.save_confusion_matrix(np.array(metrics["confusion_matrix"]), classes, tmp / paths.CONFUSION_PNG)
+    return metrics
+
+
+def predict_probabilities(model, X: np.ndarray) -> np.ndarray:
+    out = [np.asarray(model.predict_on_batch(np.asarray(X[i : i + BATCH]))) for i in range(0, len(X), BATCH)]
+    return np.concatenate(out).astype(np.float64)
+
+
+def compute_metrics(y: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict:
+    predicted = probabilities.argmax(axis=1)
+    labels = list(range(len(classes)))
+    precision, recall, f1, support = precision_recall_fscore_support(y, predicted, labels=labels, zero_division=0)
+    matrix = confusion_matrix(y, predicted, labels=labels)
+    loss = float(-np.mean(np.log(np.clip(probabilities[np.arange(len(y)), y], 1e-7, 1.0))))
+    return {
+        "accuracy": float(np.mean(predicted == y)),
+        "loss": loss,
+        "n_test": int(len(y)),
+        "classes": classes,
+        "per_class": {
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(classes)
+        },
+        "macro_f1": float(np.mean(f1)),
+        "confusion_matrix": matrix.tolist(),
+        "most_confused": most_confused(matrix, classes),
+    }
+
+
+def most_confused(matrix: np.ndarray, classes: list[str], top: int = 5) -> list[dict]:
+    off = np.array(matrix, dtype=np.int64)
+    np.fill_diagonal(off, 0)
+    pairs = [(int(off[i, j]), i, j) for i in range(len(classes)) for j in range(len(classes)) if off[i, j]]
+    pairs.sort(key=lambda p: (-p[0], p[1], p[2]))
+    return [{"true": classes[i], "predicted": classes[j], "count": n} for n, i, j in pairs[:top]]
+
+
+def _test_paths(data_dir: Path, n: int) -> list[str]:
+    manifest = data_dir / paths.MANIFEST_FILE
+    found = [""] * n
+    if manifest.is_file():
+        with open(manifest, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                if row["split"] == "test" and int(row["index"]) < n:
+                    found[int(row["index"])] = row["path"]
+    return found
+
+
+def _write_predictions(
+    path: Path, test_paths: list[str], y: np.ndarray, probabilities: np.ndarray, classes: list[str]
+) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["index", "path", "true", "predicted", "confidence"])
+        for i, (p, t) in enumerate(zip(probabilities, y)):
+            writer.writerow([i, test_paths[i], classes[t], classes[int(p.argmax())], f"{p.max():.6f}"])

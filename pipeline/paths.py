@@ -1,0 +1,39 @@
+"""Every artifact path in one place; the stages' defaults chain through these names."""
+
+from pathlib import Path
+
+ARTIFACTS_DIR = Path("artifacts")
+DATA_DIR = ARTIFACTS_DIR / "data"  # written by prepare, read by train and evaluate
+MODEL_DIR = ARTIFACTS_DIR / "model"  # written by train, read by evaluate and predict
+REPORTS_DIR = ARTIFACTS_DIR / "reports"  # written by evaluate
+
+SPLITS = ("train", "val", "test")
+
+# prepare
+CLASSES_FILE = "classes.json"
+MANIFEST_FILE = "manifest.csv"
+PREPARE_REPORT_FILE = "report.json"
+SAMPLES_PNG = "samples.png"
+
+# train
+MODEL_FILE = "model.keras"
+TFLITE_FILE = "model.tflite"
+PREPROCESS_FILE = "preprocess.json"
+HISTORY_FILE = "history.csv"
+TRAIN_SETTINGS_FILE = "settings.json"
+CURVES_PNG = "training_curves.png"
+TENSORBOARD_DIR = "logs"
+
+# evaluate
+METRICS_FILE = "metrics.json"
+CONFUSION_PNG = "confusion_matrix.png"
+MISCLASSIFIED_PNG = "misclassified.png"
+REPORT_HTML = "report.html"
+
+
+def images_file(split: str) -> str:
+    return f"X_{split}.npy"
+
+
+def labels_file(split: str) -> str:
+    return f"y_{split}.npy"

@@ -1,0 +1,114 @@
+"""predict: new image files -> label and confidence, preprocessed exactly as training data was.
+
+Reads the model folder: preprocess.json, classes.json, and model.tflite (run by the
+LiteRT interpreter, which starts in a fraction of TensorFlow's import time) or
+model.keras (Keras, safe mode) when LiteRT is not installed. Writes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import paths
+from pipeline.errors import PipelineError
+from pipeline.images import UnreadableImage, channels, load_image
+from pipeline.model_files import (
+    check_model_fits,
+    load_keras_model,
+    load_model_classes,
+    load_preprocess,
+)
+
+ENGINES = ("auto", "litert", "keras")
+BATCH = 256
+
+
+@dataclass
+class Prediction:
+    file: str
+    label: str
+    confidence: float
+    top_k: list[dict]
+
+    def as_dict(self) -> dict:
+        return {
+            "file": self.file,
+            "label": self.label,
+            "confidence": self.confidence,
+            "top_k": self.top_k,
+        }
+
+
+def predict_files(
+    files: list[Path], model_dir: Path, top_k: int = 1, engine: str = "auto"
+) -> tuple[list[Prediction], list[dict]]:
+    """Predict every readable file; unreadable ones come back as {"file", "error"}."""
+    if top_k < 1:
+        raise PipelineError(f"--top-k must be at least 1, got {top_k}")
+    if engine not in ENGINES:
+        raise PipelineError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    model_dir = Path(model_dir)
+    preprocess = load_preprocess(model_dir)
+    classes = load_model_classes(model_dir)
+    size, color = preprocess["size"], preprocess["color"]
+    predictor = load_predictor(model_dir, engine, (size, size, channels(color)), len(classes))
+
+    arrays, names, errors = [], [], []
+    for file in files:
+        try:
+            arrays.append(load_image(Path(file), size, color))
+            names.append(str(file))
+        except UnreadableImage as e:
+            errors.append({"file": str(file), "error": str(e)})
+    results = []
+    for start in range(0, len(arrays), BATCH):
+        probabilities = predictor(np.stack(arrays[start : start + BATCH]))
+        for name, p in zip(names[start : start + BATCH], probabilities):
+            order = np.argsort(-p, kind="stable")[: min(top_k, len(classes))]
+            top = [{"label": classes[i], "probability": float(p[i])} for i in order]
+            results.append(Prediction(name, top[0]["label"], top[0]["probability"], top))
+    return results, errors
+
+
+def load_predictor(model_dir: Path, engine: str, input_shape: tuple[int, int, int], num_classes: int):
+    """A function uint8 batch -> float probabilities, through LiteRT when possible."""
+    tflite = model_dir / paths.TFLITE_FILE
+    if engine in ("auto", "litert") and tflite.is_file():
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError:
+            if engine == "litert":
+                raise PipelineError(
+                    "--engine litert needs the ai-edge-litert package: pip install ai-edge-litert"
+                ) from None
+        else:
+            return _litert_predictor(Interpreter, tflite, input_shape, num_classes)
+    elif engine == "litert":
+        raise PipelineError(f"{tflite} not found: {'train again to export it'}")
+    model = load_keras_model(model_dir)
+    check_model_fits(model, input_shape, num_classes, f"{model_dir / paths.PREPROCESS_FILE}")
+    return lambda batch: np.asarray(model.predict_on_batch(batch), dtype=np.float64)
+
+
+def _litert_predictor(Interpreter, path: Path, input_shape, num_classes):
+    try:
+        interpreter = Interpreter(model_path=str(path), num_threads=os.cpu_count() or 1)
+    except (ValueError, RuntimeError) as e:
+        raise PipelineError(f"could not load {path}: {e}") from None
+    source = interpreter.get_input_details()[0]
+    target = interpreter.get_output_details()[0]
+    if tuple(source["shape"][1:]) != tuple(input_shape) or target["shape"][-1] != num_classes:
+        raise PipelineError(f"{path} does not match preprocess.json and classes.json: train again")
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        interpreter.resize_tensor_input(source["index"], batch.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(source["index"], batch.astype(source["dtype"]))
+        interpreter.invoke()
+        return np.asarray(interpreter.get_tensor(target["index"]), dtype=np.float64)
+
+    return run

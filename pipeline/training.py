@@ -1,0 +1,209 @@
+"""train: prepared arrays -> the CIFAR-style CNN, early-stopped on the validation split.
+
+Reads X_train/y_train, X_val/y_val and classes.json from the data folder (the test split
+is never touched here). Writes, atomically, into the model folder: model.keras (best
+weights by validation loss), model.tflite (the same model for the light interpreter),
+classes.json, preprocess.json (all predict needs to treat a new file as training did),
+history.csv and settings.json (this run's settings and prepare's).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pipeline import paths, progress  # noqa: E402
+from pipeline.artifacts import atomic_dir, read_json, write_json  # noqa: E402
+from pipeline.dataset import load_classes, load_split  # noqa: E402
+from pipeline.errors import PipelineError, TrainingInterrupted  # noqa: E402
+from pipeline.images import RESIZE_METHOD  # noqa: E402
+from pipeline.model import build_model, compile_model  # noqa: E402
+
+PREPARE_HINT = "run `pipeline prepare IMAGES_DIR` first"
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 30  # upper bound; early stopping usually ends sooner
+    batch_size: int = 64
+    seed: int = 42
+    patience: int = 5  # epochs without a better validation loss before stopping
+    learning_rate: float = 1e-3  # Adam
+    tensorboard: bool = False  # write TensorBoard logs to the model folder
+
+    def check(self) -> None:
+        if self.epochs < 1:
+            raise PipelineError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise PipelineError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.patience < 1:
+            raise PipelineError(f"--patience must be at least 1, got {self.patience}")
+
+
+def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
+    """Train, keep the best weights, write the model folder; returns a summary."""
+    settings.check()
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    classes = load_classes(data_dir, PREPARE_HINT)
+    X_train, y_train = load_split(data_dir, "train", len(classes))
+    X_val, y_val = load_split(data_dir, "val", len(classes))
+    if len(X_train) == 0:
+        raise PipelineError(f"{data_dir} has no training images: prepare again with more images")
+    if X_val.shape[1:] != X_train.shape[1:]:
+        raise PipelineError(
+            f"{data_dir}: train and val images differ in shape ({X_train.shape[1:]} vs {X_val.shape[1:]})"
+        )
+    prepare_report = read_json(data_dir / paths.PREPARE_REPORT_FILE, PREPARE_HINT)
+
+    keras.utils.set_random_seed(settings.seed)
+    model = compile_model(build_model(X_train.shape[1:], len(classes)), settings.learning_rate)
+    has_val = len(X_val) > 0
+    monitor = "val_loss" if has_val else "loss"
+    early_stopping = keras.callbacks.EarlyStopping(
+        monitor=monitor, patience=settings.patience, restore_best_weights=True
+    )
+
+    with atomic_dir(out_dir) as tmp:
+        callbacks = [
+            early_stopping,
+            keras.callbacks.CSVLogger(str(tmp / paths.HISTORY_FILE)),
+            EpochLine(settings.epochs),
+        ]
+        if settings.tensorboard:
+            callbacks.append(keras.callbacks.TensorBoard(log_dir=str(tmp / paths.TENSORBOARD_DIR)))
+        train_batches = ShuffledBatches(X_train, y_train, settings.batch_size, settings.seed)
+        val_batches = (
+            ShuffledBatches(X_val, y_val, settings.batch_size, settings.seed, shuffle=False) if has_val else None
+        )
+        started = time.perf_counter()
+        interrupted = False
+        try:
+            model.fit(
+                train_batches,
+                validation_data=val_batches,
+                epochs=settings.epochs,
+                callbacks=callbacks,
+                verbose=0,
+            )
+        except KeyboardInterrupt:
+            interrupted = True
+            if early_stopping.best_weights is None:
+                raise PipelineError("training interrupted before the first epoch finished: nothing written") from None
+        seconds = time.perf_counter() - started
+        if early_stopping.best_weights is not None:
+            model.set_weights(early_stopping.best_weights)
+        history = _read_history(tmp / paths.HISTORY_FILE)
+        summary = {
+            "epochs_run": len(history),
+            "best_epoch": early_stopping.best_epoch + 1 if history else 0,
+            "monitor": monitor,
+            "best": _finite(early_stopping.best),
+            "seconds": round(seconds, 2),
+            "train_images_per_s": round(len(history) * len(X_train) / seconds, 1) if seconds else None,
+            "interrupted": interrupted,
+        }
+        _write_model_folder(tmp, model, classes, data_dir, prepare_report, settings, summary)
+    if interrupted:
+        raise TrainingInterrupted(
+            f"training interrupted after {summary['epochs_run']} epoch(s); the best model so far (epoch {summary['best_epoch']}) is saved in {out_dir}"
+        )
+    return summary
+
+
+def _write_model_folder(tmp: Path, model, classes, data_dir, prepare_report, settings, summary) -> None:
+    model.save(tmp / paths.MODEL_FILE)
+    export_tflite(model, tmp / paths.TFLITE_FILE)
+    shutil.copyfile(Path(data_dir) / paths.CLASSES_FILE, tmp / paths.CLASSES_FILE)
+    size, _, channels = model.input_shape[1:]
+    prep = prepare_report.get("settings", {})
+    write_json(
+        tmp / paths.PREPROCESS_FILE,
+        {
+            "size": int(size),
+            "color": "grayscale" if channels == 1 else "rgb",
+            "channels": int(channels),
+            "resize": RESIZE_METHOD,
+            "input": "uint8 pixels 0-255; scaling to 0-1 is inside the model",
+        },
+    )
+    write_json(
+        tmp / paths.TRAIN_SETTINGS_FILE,
+        {
+            "train": asdict(settings),
+            "summary": summary,
+            "data_dir": str(Path(data_dir).resolve()),
+            "prepare": prep,
+            "classes": classes,
+        },
+    )
+
+
+def export_tflite(model, path: Path) -> None:
+    """The same network for the LiteRT interpreter, which predicts without importing TensorFlow."""
+    model.export(str(path), format="litert", verbose=False)
+
+
+class ShuffledBatches(keras.utils.PyDataset):
+    """Batches gathered from (memory-mapped) uint8 arrays, reshuffled every epoch.
+
+    Only one batch is in memory at a time, so arrays larger than memory train too.
+    """
+
+    def __init__(self, X, y, batch_size: int, seed: int, shuffle: bool = True):
+        super().__init__(workers=1, use_multiprocessing=False)
+        self.X, self.y, self.batch_size, self.shuffle = X, y, batch_size, shuffle
+        self.rng = np.random.default_rng(seed)
+        self.order = self.rng.permutation(len(X)) if shuffle else np.arange(len(X))
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.X) / self.batch_size)
+
+    def __getitem__(self, i: int):
+        rows = np.sort(self.order[i * self.batch_size : (i + 1) * self.batch_size])
+        return np.asarray(self.X[rows]), self.y[rows]
+
+    def on_epoch_end(self) -> None:
+        if self.shuffle:
+            self.order = self.rng.permutation(len(self.X))
+
+
+class EpochLine(keras.callbacks.Callback):
+    """One line per epoch: losses, accuracies and time."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        parts = [f"{k} {logs[k]:.4f}" for k in ("loss", "accuracy", "val_loss", "val_accuracy") if k in logs]
+        progress.say(
+            f"epoch {epoch + 1}/{self.epochs}  " + "  ".join(parts) + f"  {time.perf_counter() - self.started:.1f}s"
+        )
+
+
+def _finite(value) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _read_history(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    if len(lines) < 2:
+        return []
+    header = lines[0].split(",")
+    return [dict(zip(header, map(float, line.split(",")))) for line in lines[1:]]

@@ -1,0 +1,55 @@
+"""Shared fixtures: real image folders written under tmp_path, and one tiny trained model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+CLASS_COLORS = {"cat": (220, 60, 40), "dog": (40, 80, 220), "fox": (40, 190, 60)}
+
+
+def write_image_folder(
+    root: Path, per_class: int = 12, classes=("cat", "dog", "fox"), size: int = 24, seed: int = 0
+) -> Path:
+    """One sub-folder per class; each image is noise around the class colour (distinct pixels,
+    distinct perceptual hashes, so nothing is a duplicate), alternating PNG and JPEG."""
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        base = np.array(CLASS_COLORS.get(name, rng.integers(0, 256, 3)), dtype=np.int16)
+        for i in range(per_class):
+            noise = rng.integers(-60, 61, size=(size, size, 3))
+            pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
+            suffix = ".png" if i % 2 == 0 else ".jpg"
+            Image.fromarray(pixels).save(folder / f"{name}_{i:03d}{suffix}")
+    return root
+
+
+def run_cli(*args: str, expect: int | None = 0):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if expect is not None:
+        assert result.exit_code == expect, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+    return result
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    return write_image_folder(tmp_path / "images")
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """prepare + a 3-epoch train on 3 classes of 16x16 images, shared by the slower tests."""
+    root = tmp_path_factory.mktemp("trained")
+    images = write_image_folder(root / "images", per_class=20)
+    data, model = root / "data", root / "model"
+    run_cli("prepare", images, "--out", data, "--size", "16", "--quiet")
+    run_cli("train", "--data", data, "--out", model, "--epochs", "3", "--batch-size", "16", "--quiet")
+    return {"root": root, "images": images, "data": data, "model": model}

@@ -1,0 +1,134 @@
+"""prepare through the CLI: splits, augmentation, manifest, determinism, user errors."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.images import load_image
+from tests.conftest import run_cli, write_image_folder
+
+
+def read_manifest(folder):
+    with open(folder / "manifest.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_prepare_writes_the_contract(images, tmp_path):
+    out = tmp_path / "data"
+    run_cli("prepare", images, "--out", out, "--size", "16", "--augment", "2", "--quiet")
+    classes = json.loads((out / "classes.json").read_text())
+    assert classes == ["cat", "dog", "fox"]
+    sizes = {}
+    for split in ("train", "val", "test"):
+        X = np.load(out / f"X_{split}.npy", allow_pickle=False)
+        y = np.load(out / f"y_{split}.npy", allow_pickle=False)
+        assert X.dtype == np.uint8 and X.shape[1:] == (16, 16, 3)
+        assert len(X) == len(y) and np.issubdtype(y.dtype, np.integer)
+        sizes[split] = len(X)
+    # 12 per class: round(2.4)=2 test, max(1, round(1.2))=1 val, 9 train (+2 copies each)
+    assert sizes == {"train": 3 * 9 * 3, "val": 3 * 1, "test": 3 * 2}
+    report = json.loads((out / "report.json").read_text())
+    assert report["classes"] == classes
+    assert report["counts"]["cat"] == {
+        "found": 12,
+        "skipped": 0,
+        "duplicates": 0,
+        "train": 9,
+        "val": 1,
+        "test": 2,
+        "train_augmented": 18,
+    }
+    assert report["skipped"] == [] and report["settings"]["augment"] == 2
+
+
+def test_split_is_stratified_and_seeded(images, tmp_path):
+    run_cli("prepare", images, "--out", tmp_path / "a", "--size", "16", "--seed", "1", "--quiet")
+    run_cli("prepare", images, "--out", tmp_path / "b", "--size", "16", "--seed", "1", "--quiet")
+    run_cli("prepare", images, "--out", tmp_path / "c", "--size", "16", "--seed", "2", "--quiet")
+    for name in ("X_train.npy", "X_val.npy", "X_test.npy", "y_train.npy", "manifest.csv"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    test_a = {r["path"] for r in read_manifest(tmp_path / "a") if r["split"] == "test"}
+    test_c = {r["path"] for r in read_manifest(tmp_path / "c") if r["split"] == "test"}
+    assert test_a != test_c
+    y_test = np.load(tmp_path / "a" / "y_test.npy")
+    assert np.bincount(y_test).tolist() == [2, 2, 2]
+
+
+def test_workers_do_not_change_the_arrays(tmp_path):
+    images = write_image_folder(tmp_path / "images", per_class=40)
+    run_cli("prepare", images, "--out", tmp_path / "one", "--size", "16", "--workers", "1", "--quiet")
+    run_cli("prepare", images, "--out", tmp_path / "two", "--size", "16", "--workers", "2", "--quiet")
+    for name in ("X_train.npy", "X_test.npy", "manifest.csv"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
+def test_manifest_rows_match_array_rows_and_augmentation_is_train_only(images, tmp_path):
+    out = tmp_path / "data"
+    run_cli("prepare", images, "--out", out, "--size", "16", "--augment", "1", "--quiet")
+    classes = json.loads((out / "classes.json").read_text())
+    rows = read_manifest(out)
+    arrays = {s: (np.load(out / f"X_{s}.npy"), np.load(out / f"y_{s}.npy")) for s in ("train", "val", "test")}
+    assert len(rows) == sum(len(x) for x, _ in arrays.values())
+    sources = {}
+    for row in rows:
+        X, y = arrays[row["split"]]
+        i = int(row["index"])
+        assert classes[y[i]] == row["label"]
+        if row["augmented"] == "1":
+            assert row["split"] == "train"
+            assert not np.array_equal(X[i], sources[row["path"]])  # a changed copy of its source
+        else:
+            # the row is exactly the decoded source file
+            assert np.array_equal(X[i], load_image(images / row["path"], 16, "rgb"))
+            sources[row["path"]] = X[i]
+    per_split = {}
+    for row in rows:
+        if row["augmented"] == "0":
+            per_split.setdefault(row["path"], set()).add(row["split"])
+    assert all(len(s) == 1 for s in per_split.values())  # no source image in two splits
+    assert {r["split"] for r in rows if r["augmented"] == "1"} == {"train"}
+
+
+def test_grayscale_and_no_validation(images, tmp_path):
+    out = tmp_path / "data"
+    run_cli(
+        "prepare",
+        images,
+        "--out",
+        out,
+        "--size",
+        "12",
+        "--color",
+        "grayscale",
+        "--val-size",
+        "0",
+        "--augment",
+        "0",
+        "--quiet",
+    )
+    assert np.load(out / "X_train.npy").shape[1:] == (12, 12, 1)
+    assert len(np.load(out / "X_val.npy")) == 0
+    assert len(np.load(out / "X_train.npy")) + len(np.load(out / "X_test.npy")) == 36
+
+
+@pytest.mark.parametrize(
+    "setup, args, message",
+    [
+        (lambda p: None, [], "does not exist"),
+        (lambda p: write_image_folder(p, classes=("only",)), [], "at least 2"),
+        (lambda p: write_image_folder(p, per_class=2), [], "needs at least 3 per class"),
+        (lambda p: write_image_folder(p), ["--size", "4"], "--size must be between"),
+        (lambda p: write_image_folder(p), ["--test-size", "0.7", "--val-size", "0.4"], "below 1"),
+        (lambda p: write_image_folder(p), ["--color", "sepia"], "--color must be one of"),
+    ],
+)
+def test_user_errors_are_one_clear_line(tmp_path, setup, args, message):
+    folder = tmp_path / "images"
+    setup(folder)
+    result = run_cli("prepare", folder, "--out", tmp_path / "data", *args, expect=1)
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert result.output.strip().count("\n") == 0
+    assert not (tmp_path / "data").exists()
