@@ -130,18 +130,31 @@ def read_json(path: Path, missing_hint: str) -> Any:
 
 
 def load_array(path: Path, missing_hint: str, mmap: bool = True) -> np.ndarray:
-    """Load a .npy without pickle; memory-mapped so arrays larger than memory still work."""
+    """Load a .npy without pickle; memory-mapped so arrays larger than memory still work.
+
+    The header is read first, so an array of Python objects (which only pickle can
+    restore) is refused by name before anything else is read.
+    """
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path} not found: {missing_hint}")
+    refused = f"refusing to load {path}: it holds pickled Python objects, and arrays are loaded without pickle"
     try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            _, _, dtype = read_header(f)
+        if dtype.hasobject:
+            raise PipelineError(refused)
         array = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except ValueError as e:
-        if "pickle" in str(e).lower():
-            raise PipelineError(f"refusing to load {path}: it holds pickled Python objects") from None
+        if "pickle" in str(e).lower() or "object" in str(e).lower():
+            raise PipelineError(refused) from None
         raise PipelineError(f"{path} is not a valid .npy array ({e})") from None
     except (OSError, EOFError) as e:
         raise PipelineError(f"{path} is not a valid .npy array ({e})") from None
     if not isinstance(array, np.ndarray) or array.dtype.hasobject:
-        raise PipelineError(f"refusing to load {path}: it holds Python objects")
+        raise PipelineError(refused)
     return array

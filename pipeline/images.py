@@ -74,24 +74,39 @@ def scan_folder(root: Path) -> FolderScan:
             class_dirs.append(entry)
     files: list[tuple[str, int]] = []
     warnings_: list[str] = []
+    # Every folder is read once: a link back to the images folder, to another class folder
+    # or to a folder already walked (a loop) is listed as ignored, never followed again.
+    seen = {_dir_key(root)} | {_dir_key(d) for d in class_dirs}
+    walked_tops: set[tuple[int, int]] = set()
     for label, class_dir in enumerate(class_dirs):
-        found = _walk_class(root, class_dir, ignored)
+        top = _dir_key(class_dir)
+        if top in walked_tops:
+            ignored.append({"path": class_dir.name, "reason": "symbolic link to another class folder"})
+            found = []
+        else:
+            walked_tops.add(top)
+            found = _walk_class(root, class_dir, ignored, seen)
         if not found:
             warnings_.append(f"class folder '{class_dir.name}' has no image files")
         files.extend((path, label) for path in found)
     return FolderScan(root, [d.name for d in class_dirs], files, ignored, warnings_)
 
 
-def _walk_class(root: Path, class_dir: Path, ignored: list[dict]) -> list[str]:
+def _dir_key(path: Path | str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _walk_class(root: Path, class_dir: Path, ignored: list[dict], seen: set[tuple[int, int]]) -> list[str]:
     found: list[str] = []
-    seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen:  # a symbolic link back up the tree
-            ignored.append({"path": _rel(root, dirpath), "reason": "symbolic link loop"})
-            dirnames[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
+        if dirpath != str(class_dir):
+            key = _dir_key(dirpath)
+            if key in seen:  # a symbolic link back up the tree, or to a folder read elsewhere
+                ignored.append({"path": _rel(root, dirpath), "reason": "symbolic link loop (folder already scanned)"})
+                dirnames[:] = []
+                continue
+            seen.add(key)
         for name in sorted(dirnames):
             reason = _ignore_reason(name, True)
             if reason:
@@ -153,8 +168,10 @@ def _normalise_mode(image: Image.Image, color: str) -> Image.Image:
         image = image.convert("L")
     elif mode == "P" or mode == "PA":
         image = image.convert("RGBA" if "transparency" in image.info or mode == "PA" else "RGB")
-    elif mode.startswith("I;16") or mode == "I":
-        image = _scale_to_8bit(np.asarray(image), 65535)
+    elif mode.startswith("I;16"):
+        image = _scale_to_8bit(np.asarray(image), 65535)  # always 16 bits, however dark
+    elif mode == "I":
+        image = _scale_to_8bit(np.asarray(image), 65535, integer_mode=True)
     elif mode == "F":
         values = np.asarray(image, dtype=np.float64)
         image = _scale_to_8bit(values, 1.0 if np.nanmax(values, initial=0) <= 1.0 else 255.0)
@@ -171,10 +188,10 @@ def _normalise_mode(image: Image.Image, color: str) -> Image.Image:
     return image.convert("L" if color == "grayscale" else "RGB")
 
 
-def _scale_to_8bit(values: np.ndarray, full_scale: float) -> Image.Image:
+def _scale_to_8bit(values: np.ndarray, full_scale: float, integer_mode: bool = False) -> Image.Image:
     values = np.nan_to_num(values.astype(np.float64))
-    if full_scale == 65535 and values.max(initial=0) <= 255:
-        full_scale = 255.0  # an 8-bit image stored in a 32-bit integer mode
+    if integer_mode and values.max(initial=0) <= 255:
+        full_scale = 255.0  # 32-bit integer mode holding 8-bit values
     scaled = np.clip(np.rint(values * (255.0 / full_scale)), 0, 255).astype(np.uint8)
     return Image.fromarray(scaled)
 
