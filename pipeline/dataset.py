@@ -335,7 +335,8 @@ def split_by_group(
 
     scikit-learn has group-aware splitters (GroupShuffleSplit, StratifiedGroupKFold) but
     none that is stratified, grouped and takes fractions, hence this: per class, shuffle
-    its groups with the seed and fill test, then val, then train, by image count.
+    its groups with the seed and fill test, then val, then train, by image count, never
+    overshooting a split's share by more than it would fall short without the group.
     """
     rng = np.random.default_rng(seed)
     group_ids, first = np.unique(groups, return_index=True)
@@ -358,10 +359,18 @@ def split_by_group(
             )
         taken = {"test": 0, "val": 0}
         for g in class_groups:
-            split = next((s for s in ("test", "val") if taken[s] < wanted[s]), "train")
+            size = int(group_size[g])
+            # A group joins test (then val) only if that lands nearer the wanted count than
+            # leaving it out: one big near-duplicate group must not swell the test split.
+            split = next((s for s in ("test", "val") if size - (wanted[s] - taken[s]) < wanted[s] - taken[s]), "train")
             if split != "train":
-                taken[split] += int(group_size[g])
+                taken[split] += size
             group_split[g] = split
+        for split in ("test", "val"):  # every group too big: the smallest still goes, if train keeps one
+            in_train = [g for g in class_groups if group_split[g] == "train"]
+            if wanted[split] and not taken[split] and len(in_train) > 1:
+                g = min(in_train, key=lambda g: group_size[g])
+                group_split[g], taken[split] = split, int(group_size[g])
         if not np.any(group_split[class_groups] == "train"):
             raise PipelineError(
                 f"class '{name}': its near-duplicate groups leave no image for training; add distinct images"
