@@ -15,6 +15,7 @@ import csv
 import hashlib
 import multiprocessing
 import os
+import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -99,7 +100,7 @@ class _WorkerPool:
         if processes > 1:
             methods = multiprocessing.get_all_start_methods()
             context = multiprocessing.get_context("fork" if "fork" in methods else None)
-            self.pool = context.Pool(processes)
+            self.pool = context.Pool(processes, initializer=_quiet_worker)
 
     def imap(self, func, items, chunksize: int = 1):
         if self.pool is None:
@@ -113,6 +114,13 @@ class _WorkerPool:
         if self.pool is not None:
             self.pool.terminate()
             self.pool.join()
+
+
+def _quiet_worker() -> None:
+    """Ctrl-C and kill are the parent's to handle: it stops the pool and cleans up, so a
+    worker neither prints a KeyboardInterrupt traceback nor outlives it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _worker_pool(workers: int, n_files: int, settings: PrepareSettings) -> _WorkerPool:

@@ -36,7 +36,9 @@ def evaluate_model(data_dir: Path, model_dir: Path, out_dir: Path) -> dict:
     if len(X) == 0:
         raise PipelineError(f"{data_dir} has an empty test split: prepare again with --test-size above 0")
     model = load_keras_model(model_dir)
-    check_model_fits(model, X.shape[1:], len(classes), f"{data_dir}/{paths.images_file('test')}")
+    check_model_fits(
+        model, X.shape[1:], len(classes), f"{data_dir}/{paths.images_file('test')}", f"{model_dir}/{paths.CLASSES_FILE}"
+    )
     probabilities = predict_probabilities(model, X)
     metrics = compute_metrics(y, probabilities, classes)
     test_paths = _test_paths(data_dir, len(X))

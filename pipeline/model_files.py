@@ -54,8 +54,13 @@ def load_keras_model(model_dir: Path):
         raise PipelineError(f"could not load the model {path}: {first_line}") from None
 
 
-def check_model_fits(model, input_shape: tuple[int, ...], num_classes: int, where: str) -> None:
-    """The model, the arrays and classes.json must agree on image shape and class count."""
+def check_model_fits(
+    model, input_shape: tuple[int, ...], num_classes: int, where: str, classes_where: str = paths.CLASSES_FILE
+) -> None:
+    """The model, the arrays and classes.json must agree on image shape and class count.
+
+    `where` names what gave `input_shape`, `classes_where` what gave `num_classes`.
+    """
     model_input = tuple(model.input_shape[1:])
     model_classes = model.output_shape[-1]
     if model_input != tuple(input_shape):
@@ -64,5 +69,5 @@ def check_model_fits(model, input_shape: tuple[int, ...], num_classes: int, wher
         )
     if model_classes != num_classes:
         raise PipelineError(
-            f"the model predicts {model_classes} classes but {where} has {num_classes}: train again on this data"
+            f"the model predicts {model_classes} classes but {classes_where} lists {num_classes}: train again on this data"
         )

@@ -90,7 +90,9 @@ def load_predictor(model_dir: Path, engine: str, input_shape: tuple[int, int, in
     elif engine == "litert":
         raise PipelineError(f"{tflite} not found: {'train again to export it'}")
     model = load_keras_model(model_dir)
-    check_model_fits(model, input_shape, num_classes, f"{model_dir / paths.PREPROCESS_FILE}")
+    check_model_fits(
+        model, input_shape, num_classes, f"{model_dir / paths.PREPROCESS_FILE}", f"{model_dir / paths.CLASSES_FILE}"
+    )
     return lambda batch: np.asarray(model.predict_on_batch(batch), dtype=np.float64)
 
 
@@ -101,8 +103,15 @@ def _litert_predictor(Interpreter, path: Path, input_shape, num_classes):
         raise PipelineError(f"could not load {path}: {e}") from None
     source = interpreter.get_input_details()[0]
     target = interpreter.get_output_details()[0]
-    if tuple(source["shape"][1:]) != tuple(input_shape) or target["shape"][-1] != num_classes:
-        raise PipelineError(f"{path} does not match preprocess.json and classes.json: train again")
+    model_input, model_classes = tuple(int(n) for n in source["shape"][1:]), int(target["shape"][-1])
+    if model_input != tuple(input_shape):
+        raise PipelineError(
+            f"{path} expects images of shape {model_input} but {paths.PREPROCESS_FILE} gives {tuple(input_shape)}: train again"
+        )
+    if model_classes != num_classes:
+        raise PipelineError(
+            f"{path} predicts {model_classes} classes but {paths.CLASSES_FILE} lists {num_classes}: train again"
+        )
 
     def run(batch: np.ndarray) -> np.ndarray:
         interpreter.resize_tensor_input(source["index"], batch.shape)

@@ -1,0 +1,332 @@
+"""Artifacts that are never half-written, and loading that runs no code.
+
+Kills prepare mid-run (SIGKILL and SIGTERM), interrupts train with Ctrl-C (SIGINT), plants
+pickled arrays, Lambda-layer and HDF5 models, and mismatched data/model folders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import artifacts
+from tests.conftest import run_cli, write_image_folder
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def start(*args, **kwargs) -> subprocess.Popen:
+    """`python -m pipeline ...` in its own process group, so its workers can be killed with it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **kwargs,
+    )
+
+
+def wait_for(predicate, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended before the moment to stop it: {process.communicate()}")
+        if time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.005)
+
+
+@pytest.fixture(scope="module")
+def big_folder(tmp_path_factory) -> Path:
+    """Enough images that prepare takes a couple of seconds on two cores."""
+    return write_image_folder(tmp_path_factory.mktemp("big") / "images", per_class=300, size=48)
+
+
+def prepare_args(images: Path, out: Path) -> list:
+    return ["prepare", images, "--out", out, "--size", "32", "--augment", "2", "--workers", "2"]
+
+
+def test_prepare_killed_mid_run_leaves_the_previous_artifacts_byte_for_byte(big_folder, tmp_path):
+    out = tmp_path / "data"
+    small = write_image_folder(tmp_path / "small", per_class=6)
+    run_cli("prepare", small, "--out", out, "--size", "16", "--quiet")
+    before = snapshot(out)
+
+    process = start(*prepare_args(big_folder, out))
+    wait_for(lambda: any(tmp_path.glob(".data.tmp-*/_decoded.npy")), process)
+    time.sleep(0.2)  # into the decoding
+    assert process.poll() is None, "prepare finished before it could be killed: give it more images"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+    assert snapshot(out) == before
+    assert json.loads((out / "report.json").read_text())["settings"]["size"] == 16
+    assert leftovers(tmp_path), "a killed run cannot clean up: its temporary folder is expected here"
+
+    run_cli("prepare", small, "--out", out, "--size", "20", "--quiet")  # the next run sweeps it away
+    assert leftovers(tmp_path) == []
+    assert np.load(out / "X_train.npy").shape[1:] == (20, 20, 3)
+
+
+def test_prepare_terminated_mid_run_cleans_up_and_keeps_the_previous_artifacts(big_folder, tmp_path):
+    out = tmp_path / "data"
+    small = write_image_folder(tmp_path / "small", per_class=6)
+    run_cli("prepare", small, "--out", out, "--size", "16", "--quiet")
+    before = snapshot(out)
+
+    process = start(*prepare_args(big_folder, out))
+    wait_for(lambda: any(tmp_path.glob(".data.tmp-*/_decoded.npy")), process)
+    time.sleep(0.2)
+    assert process.poll() is None, "prepare finished before it could be stopped: give it more images"
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr, stderr  # nor from the decoding workers
+    assert stderr.strip().splitlines()[-1].startswith("interrupted:")
+    assert snapshot(out) == before
+    assert leftovers(tmp_path) == []
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(process.pid, 0)  # no worker outlived it
+
+
+def test_a_run_killed_between_its_two_renames_is_restored(tmp_path):
+    target = tmp_path / "data"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    old = tmp_path / f".data.old-{dead.pid}"
+    old.mkdir()
+    (old / "classes.json").write_text('["a", "b"]')
+    stale = tmp_path / f".data.tmp-{dead.pid}-xyz"
+    stale.mkdir()
+    artifacts.clean_stale(target)
+    assert (target / "classes.json").read_text() == '["a", "b"]'
+    assert leftovers(tmp_path) == []
+
+
+def test_failed_prepare_leaves_nothing_behind(tmp_path):
+    images = write_image_folder(tmp_path / "images", per_class=6)
+    out = tmp_path / "data"
+    run_cli("prepare", images, "--out", out, "--size", "16", "--quiet")
+    before = snapshot(out)
+    write_image_folder(images, per_class=1, classes=("owl",), seed=5)  # too few: fails after decoding
+    run_cli("prepare", images, "--out", out, "--size", "16", expect=1)
+    assert snapshot(out) == before and leftovers(tmp_path) == []
+
+
+# --- loading that runs no code ------------------------------------------------------------
+
+
+def copy_data(trained, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(trained["data"], tmp_path / "data"))
+
+
+def copy_model(trained, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(trained["model"], tmp_path / "model"))
+
+
+def assert_one_line_error(result, *words: str) -> None:
+    lines = result.output.strip().splitlines()
+    assert lines and lines[-1].startswith("error:"), result.output
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in lines[-1], (word, lines[-1])
+
+
+class Sentinel:
+    """Unpickling this would run code; the tests check it never does."""
+
+    def __reduce__(self):
+        return (os.system, ("touch PICKLE_RAN",))
+
+
+@pytest.mark.parametrize("name", ["X_train.npy", "y_train.npy", "X_val.npy"])
+def test_a_pickled_array_is_refused_by_train(trained, tmp_path, name, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = copy_data(trained, tmp_path)
+    planted = np.empty(4, dtype=object)
+    planted[:] = [Sentinel(), {"a": 1}, "text", None]
+    np.save(data / name, planted, allow_pickle=True)
+    result = run_cli("train", "--data", data, "--out", tmp_path / "model", "--epochs", "1", expect=1)
+    assert_one_line_error(result, "refusing to load", name, "pickled Python objects")
+    assert not (tmp_path / "PICKLE_RAN").exists()
+    assert not (tmp_path / "model").exists()
+
+
+def test_a_pickled_test_array_is_refused_by_evaluate(trained, tmp_path):
+    data = copy_data(trained, tmp_path)
+    np.save(data / "X_test.npy", np.array([[1, 2], "x"], dtype=object), allow_pickle=True)
+    result = run_cli("evaluate", "--data", data, "--model", trained["model"], "--out", tmp_path / "r", expect=1)
+    assert_one_line_error(result, "refusing to load", "X_test.npy")
+
+
+def lambda_model(input_shape, classes: int):
+    import keras
+
+    return keras.Sequential(
+        [
+            keras.Input(shape=input_shape),
+            keras.layers.Lambda(lambda x: x / 255.0),
+            keras.layers.Flatten(),
+            keras.layers.Dense(classes, activation="softmax"),
+        ]
+    )
+
+
+def test_a_model_with_a_lambda_layer_is_refused(trained, tmp_path):
+    model = copy_model(trained, tmp_path)
+    lambda_model((16, 16, 3), 3).save(model / "model.keras")
+    result = run_cli("evaluate", "--data", trained["data"], "--model", model, "--out", tmp_path / "r", expect=1)
+    assert_one_line_error(result, "refusing", "Lambda")
+    assert not (tmp_path / "r").exists()
+    image = sorted((trained["images"] / "cat").iterdir())[0]
+    result = run_cli("predict", image, "--model", model, "--engine", "keras", expect=1)
+    assert_one_line_error(result, "refusing", "Lambda")
+
+
+def test_an_h5_model_is_refused(trained, tmp_path):
+    import keras
+
+    model = copy_model(trained, tmp_path)
+    real = keras.saving.load_model(model / "model.keras")
+    (model / "model.keras").unlink()
+    real.save(model / "model.h5")
+    assert (model / "model.h5").read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"
+    result = run_cli("evaluate", "--data", trained["data"], "--model", model, "--out", tmp_path / "r", expect=1)
+    assert_one_line_error(result, "refusing", "model.h5", "HDF5")
+    image = sorted((trained["images"] / "cat").iterdir())[0]
+    result = run_cli("predict", image, "--model", model, "--engine", "keras", expect=1)
+    assert_one_line_error(result, "refusing", "model.h5")
+    # an HDF5 file given the .keras name is not loaded either
+    shutil.move(model / "model.h5", model / "model.keras")
+    result = run_cli("evaluate", "--data", trained["data"], "--model", model, "--out", tmp_path / "r", expect=1)
+    assert_one_line_error(result, "could not load the model")
+
+
+# --- arrays, classes.json and the model must agree ----------------------------------------
+
+
+def test_evaluate_refuses_data_prepared_at_another_size_or_with_other_classes(trained, tmp_path):
+    other_size = tmp_path / "size12"
+    run_cli("prepare", trained["images"], "--out", other_size, "--size", "12", "--quiet")
+    result = run_cli("evaluate", "--data", other_size, "--model", trained["model"], "--out", tmp_path / "r", expect=1)
+    assert_one_line_error(result, "(16, 16, 3)", "(12, 12, 3)", "--size")
+
+    gray = tmp_path / "gray"
+    run_cli("prepare", trained["images"], "--out", gray, "--size", "16", "--color", "grayscale", "--quiet")
+    result = run_cli("evaluate", "--data", gray, "--model", trained["model"], "--out", tmp_path / "r", expect=1)
+    assert_one_line_error(result, "(16, 16, 1)", "--color")
+
+    two = tmp_path / "two_classes"
+    shutil.copytree(trained["images"], two / "images", ignore=shutil.ignore_patterns("fox*"))
+    run_cli("prepare", two / "images", "--out", two / "data", "--size", "16", "--quiet")
+    result = run_cli("evaluate", "--data", two / "data", "--model", trained["model"], "--out", tmp_path / "r", expect=1)
+    assert_one_line_error(result, "trained on classes")
+
+    model = copy_model(trained, tmp_path)
+    data = copy_data(trained, tmp_path)
+    for folder in (model, data):  # both classes.json files agree, but the model has 3 outputs
+        (folder / "classes.json").write_text(json.dumps(["cat", "dog", "fox", "owl"]))
+    result = run_cli("evaluate", "--data", data, "--model", model, "--out", tmp_path / "r", expect=1)
+    assert_one_line_error(result, "predicts 3 classes", "classes.json lists 4")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("engine", ["keras", "litert"])
+def test_predict_refuses_a_model_folder_that_disagrees_with_itself(trained, tmp_path, engine):
+    image = sorted((trained["images"] / "dog").iterdir())[0]
+    model = copy_model(trained, tmp_path)
+    preprocess = json.loads((model / "preprocess.json").read_text())
+    (model / "preprocess.json").write_text(json.dumps({**preprocess, "size": 12}))
+    result = run_cli("predict", image, "--model", model, "--engine", engine, expect=1)
+    assert_one_line_error(result, "(16, 16, 3)", "(12, 12, 3)", "preprocess.json")
+
+    model = Path(shutil.copytree(trained["model"], tmp_path / "model2"))
+    (model / "classes.json").write_text(json.dumps(["cat", "dog"]))
+    result = run_cli("predict", image, "--model", model, "--engine", engine, expect=1)
+    assert_one_line_error(result, "predicts 3 classes", "classes.json lists 2")
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda d: (d / "classes.json").write_text('["cat", "dog"]'), ["labels outside the 2 classes"]),
+        (
+            lambda d: np.save(d / "X_val.npy", np.zeros((len(np.load(d / "y_val.npy")), 12, 12, 3), np.uint8)),
+            ["differ in shape"],
+        ),
+        (lambda d: np.save(d / "y_train.npy", np.zeros(5, np.int64)), ["y_train.npy", "does not match"]),
+        (lambda d: np.save(d / "X_train.npy", np.zeros((4, 16, 16, 3), np.float32)), ["not a prepared image array"]),
+        (lambda d: (d / "X_train.npy").write_bytes(b"\x93NUMPY garbage"), ["X_train.npy", "not a valid .npy"]),
+        (lambda d: (d / "classes.json").write_text("{not json"), ["classes.json", "not valid JSON"]),
+    ],
+    ids=["classes", "val-size", "label-count", "float-pixels", "garbage", "bad-json"],
+)
+def test_train_refuses_data_that_disagrees_with_itself(trained, tmp_path, damage, words):
+    data = copy_data(trained, tmp_path)
+    damage(data)
+    result = run_cli("train", "--data", data, "--out", tmp_path / "model", "--epochs", "1", expect=1)
+    assert_one_line_error(result, *words)
+    assert not (tmp_path / "model").exists() and leftovers(tmp_path) == []
+
+
+# --- Ctrl-C during train ------------------------------------------------------------------
+
+
+def test_ctrl_c_during_train_keeps_the_best_model_as_a_complete_folder(trained, tmp_path):
+    out = copy_model(trained, tmp_path)  # a previous model is replaced only by a complete one
+    process = start(
+        "train", "--data", trained["data"], "--out", out, "--epochs", "500", "--patience", "500", "--batch-size", "16"
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
+    reader.start()
+    wait_for(lambda: any(line.startswith("epoch 2/") for line in lines), process, timeout=300)
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=300)
+    reader.join(timeout=10)
+    assert process.returncode == 130, "".join(lines)
+    stderr = "".join(lines)
+    assert "Traceback" not in stderr
+    assert "error: training interrupted after" in stderr and "best model so far" in stderr
+    assert leftovers(tmp_path) == []
+
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["summary"]["interrupted"] is True
+    assert settings["train"]["epochs"] == 500
+    epochs_run = settings["summary"]["epochs_run"]
+    assert 2 <= epochs_run < 500 and 1 <= settings["summary"]["best_epoch"] <= epochs_run
+    assert len((out / "history.csv").read_text().splitlines()) == epochs_run + 1
+    for name in ("model.keras", "model.tflite", "classes.json", "preprocess.json"):
+        assert (out / name).is_file(), name
+    from pipeline.model_files import load_keras_model
+
+    model = load_keras_model(out)
+    assert model.output_shape[-1] == 3
+    reports = tmp_path / "reports"
+    run_cli("evaluate", "--data", trained["data"], "--model", out, "--out", reports, "--quiet")
+    assert (reports / "metrics.json").is_file()
