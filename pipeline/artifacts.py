@@ -45,6 +45,27 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         raise
 
 
+def check_out_dir(target: Path, marker: str, inputs: dict[str, Path]) -> None:
+    """Refuse an output folder whose swap would destroy something that is not our artifact.
+
+    The whole folder is replaced, so it must be new, empty, or one this stage wrote before
+    (it holds `marker`), and it must neither be, hold, nor sit inside one of the `inputs`.
+    """
+    target = Path(target)
+    resolved = target.resolve()
+    for name, path in inputs.items():
+        other = Path(path).resolve()
+        if resolved == other or other in resolved.parents or resolved in other.parents:
+            raise PipelineError(
+                f"--out {target} overlaps the {name} {path}: writing there would replace it; choose another folder"
+            )
+    if target.is_dir() and not (target / marker).is_file() and any(target.iterdir()):
+        raise PipelineError(
+            f"--out {target} already holds files this stage did not write (no {marker}); "
+            "it would be replaced as a whole: choose a new or empty folder"
+        )
+
+
 def clean_stale(target: Path) -> None:
     """Remove temporary folders that killed runs left beside `target` (their process is gone)."""
     for entry in target.parent.glob(f".{target.name}.*"):

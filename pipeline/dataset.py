@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import __version__, augment, dedup, paths, progress
-from pipeline.artifacts import atomic_dir, load_array, read_json, write_json
+from pipeline.artifacts import atomic_dir, check_out_dir, load_array, read_json, write_json
 from pipeline.errors import PipelineError
 from pipeline.images import (
     COLOR_MODES,
@@ -76,6 +76,7 @@ def prepare_dataset(images_dir: Path, out_dir: Path, settings: PrepareSettings) 
     settings.check()
     images_dir, out_dir = Path(images_dir), Path(out_dir)
     scan = scan_folder(images_dir)
+    check_out_dir(out_dir, paths.PREPARE_REPORT_FILE, {"images folder": images_dir})
     if len(scan.class_names) < 2:
         raise PipelineError(
             f"{images_dir} has {len(scan.class_names)} class folder(s); a classifier needs at least 2 "

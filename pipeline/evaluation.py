@@ -15,7 +15,7 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from pipeline import paths, plots
-from pipeline.artifacts import atomic_dir, write_json
+from pipeline.artifacts import atomic_dir, check_out_dir, write_json
 from pipeline.dataset import load_classes, load_split
 from pipeline.errors import PipelineError
 from pipeline.model_files import check_model_fits, load_keras_model, load_model_classes
@@ -26,6 +26,7 @@ BATCH = 256
 
 def evaluate_model(data_dir: Path, model_dir: Path, out_dir: Path) -> dict:
     data_dir, model_dir, out_dir = Path(data_dir), Path(model_dir), Path(out_dir)
+    check_out_dir(out_dir, paths.METRICS_FILE, {"data folder": data_dir, "model folder": model_dir})
     classes = load_model_classes(model_dir)
     data_classes = load_classes(data_dir, "run `pipeline prepare IMAGES_DIR` first")
     if data_classes != classes:

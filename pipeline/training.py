@@ -19,7 +19,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pipeline import paths, progress  # noqa: E402
-from pipeline.artifacts import atomic_dir, read_json, write_json  # noqa: E402
+from pipeline.artifacts import atomic_dir, check_out_dir, read_json, write_json  # noqa: E402
 from pipeline.dataset import load_classes, load_split  # noqa: E402
 from pipeline.errors import PipelineError, TrainingInterrupted  # noqa: E402
 from pipeline.images import RESIZE_METHOD  # noqa: E402
@@ -50,6 +50,7 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
     """Train, keep the best weights, write the model folder; returns a summary."""
     settings.check()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    check_out_dir(out_dir, paths.TRAIN_SETTINGS_FILE, {"data folder": data_dir})
     classes = load_classes(data_dir, PREPARE_HINT)
     X_train, y_train = load_split(data_dir, "train", len(classes))
     X_val, y_val = load_split(data_dir, "val", len(classes))

@@ -330,3 +330,44 @@ def test_ctrl_c_during_train_keeps_the_best_model_as_a_complete_folder(trained, 
     reports = tmp_path / "reports"
     run_cli("evaluate", "--data", trained["data"], "--model", out, "--out", reports, "--quiet")
     assert (reports / "metrics.json").is_file()
+
+
+# --- an --out that would swallow something else ------------------------------------------
+
+
+def test_prepare_refuses_an_out_folder_that_would_replace_the_images_or_other_files(tmp_path):
+    images = write_image_folder(tmp_path / "images", per_class=6)
+    before = snapshot(images)
+    for out, words in [
+        (images / "data", "overlaps the images folder"),
+        (images, "overlaps the images folder"),
+        (tmp_path, "overlaps the images folder"),
+    ]:
+        result = run_cli("prepare", images, "--out", out, expect=1)
+        assert_one_line_error(result, words)
+    assert snapshot(images) == before and leftovers(tmp_path) == [] and leftovers(images) == []
+    documents = tmp_path / "Documents"
+    documents.mkdir()
+    (documents / "thesis.txt").write_text("years of work")
+    result = run_cli("prepare", images, "--out", documents, expect=1)
+    assert_one_line_error(result, "did not write", "new or empty folder")
+    assert (documents / "thesis.txt").read_text() == "years of work"
+    (tmp_path / "empty").mkdir()
+    run_cli("prepare", images, "--out", tmp_path / "empty", "--size", "16", "--quiet")  # empty is fine
+    run_cli("prepare", images, "--out", tmp_path / "empty", "--size", "16", "--quiet")  # and so is its own
+
+
+def test_train_and_evaluate_refuse_to_write_over_their_inputs(trained, tmp_path):
+    data, model = copy_data(trained, tmp_path), copy_model(trained, tmp_path)
+    before = snapshot(tmp_path)
+    result = run_cli("train", "--data", data, "--out", data, "--epochs", "1", expect=1)
+    assert_one_line_error(result, "overlaps the data folder")
+    result = run_cli("train", "--data", data, "--out", model / "..", "--epochs", "1", expect=1)
+    assert_one_line_error(result, "overlaps the data folder")
+    result = run_cli("evaluate", "--data", data, "--model", model, "--out", model, expect=1)
+    assert_one_line_error(result, "overlaps the model folder")
+    result = run_cli("evaluate", "--data", data, "--model", model, "--out", data, expect=1)
+    assert_one_line_error(result, "overlaps the data folder")
+    result = run_cli("evaluate", "--data", data, "--model", model, "--out", tmp_path / "data" / "reports", expect=1)
+    assert_one_line_error(result, "overlaps the data folder")
+    assert snapshot(tmp_path) == before
