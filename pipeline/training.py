@@ -94,8 +94,8 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
             )
         except KeyboardInterrupt:
             interrupted = True
-            if early_stopping.best_weights is None:
-                raise PipelineError("training interrupted before the first epoch finished: nothing written") from None
+            if early_stopping.best_weights is None:  # no epoch finished: nothing to keep
+                raise  # the temporary folder goes, the CLI says so and exits 130
         seconds = time.perf_counter() - started
         if early_stopping.best_weights is not None:
             model.set_weights(early_stopping.best_weights)

@@ -371,3 +371,17 @@ def test_train_and_evaluate_refuse_to_write_over_their_inputs(trained, tmp_path)
     result = run_cli("evaluate", "--data", data, "--model", model, "--out", tmp_path / "data" / "reports", expect=1)
     assert_one_line_error(result, "overlaps the data folder")
     assert snapshot(tmp_path) == before
+
+
+def test_ctrl_c_before_the_first_epoch_ends_writes_nothing(trained, tmp_path):
+    out = copy_model(trained, tmp_path)
+    before = snapshot(out)
+    process = start("train", "--data", trained["data"], "--out", out, "--epochs", "500", "--batch-size", "4")
+    wait_for(lambda: any(tmp_path.glob(".model.tmp-*")), process, timeout=300)  # made just before fit
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr
+    assert "epoch 1/" not in stderr, "the first epoch ended before Ctrl-C arrived"
+    assert stderr.strip().splitlines()[-1] == "interrupted: nothing was written, earlier artifacts are untouched"
+    assert "Traceback" not in stderr
+    assert snapshot(out) == before and leftovers(tmp_path) == []

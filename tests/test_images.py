@@ -434,3 +434,16 @@ def test_the_users_folder_is_never_modified(tmp_path):
     run_cli("prepare", images, "--out", tmp_path / "data", "--size", "16", "--quiet")
     assert snapshot(images) == before
     assert sorted(str(p) for p in images.rglob("*") if p.is_dir()) == dirs_before
+
+
+def test_predict_names_each_bad_file_and_still_predicts_the_others(trained, tmp_path):
+    expected = write_bad_files(tmp_path / "bad")
+    good = sorted((trained["images"] / "fox").iterdir())[:2]
+    bad = [tmp_path / "bad" / name for name in sorted(expected)]
+    result = run_cli("predict", good[0], *bad, good[1], "--model", trained["model"], "--json", expect=1)
+    assert [p["file"] for p in json.loads(result.stdout)] == [str(g) for g in good]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == len(bad)
+    for path, line in zip(bad, errors):
+        assert line.startswith(f"error: {path}: ") and expected[path.name] in line
+    assert "Traceback" not in result.output
