@@ -15,6 +15,7 @@ import csv
 import hashlib
 import multiprocessing
 import os
+import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -88,6 +89,7 @@ def prepare_dataset(images_dir: Path, out_dir: Path, settings: PrepareSettings) 
         decoded = _decode_all(scan, settings, buffer_path, pool)
         report = _build_dataset(scan, decoded, settings, buffer_path, tmp, pool)
         buffer_path.unlink()
+        _save_samples(tmp, report, settings)
     return report
 
 
@@ -99,7 +101,7 @@ class _WorkerPool:
         if processes > 1:
             methods = multiprocessing.get_all_start_methods()
             context = multiprocessing.get_context("fork" if "fork" in methods else None)
-            self.pool = context.Pool(processes)
+            self.pool = context.Pool(processes, initializer=_quiet_worker_signals)
 
     def imap(self, func, items, chunksize: int = 1):
         if self.pool is None:
@@ -113,6 +115,12 @@ class _WorkerPool:
         if self.pool is not None:
             self.pool.terminate()
             self.pool.join()
+
+
+def _quiet_worker_signals() -> None:
+    """Workers inherit the CLI's SIGTERM handler; terminate() must end them without a traceback."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
 
 
 def _worker_pool(workers: int, n_files: int, settings: PrepareSettings) -> _WorkerPool:
@@ -299,6 +307,14 @@ def _build_dataset(scan: FolderScan, decoded: _Decoded, s: PrepareSettings, buff
     }
     write_json(tmp / paths.PREPARE_REPORT_FILE, report)
     return report
+
+
+def _save_samples(tmp: Path, report: dict, s: PrepareSettings) -> None:
+    from pipeline import plots
+
+    X = np.load(tmp / paths.images_file("train"), mmap_mode="r", allow_pickle=False)
+    y = np.load(tmp / paths.labels_file("train"), allow_pickle=False)
+    plots.save_samples(X, y, report["totals"]["train"], s.augment, report["classes"], tmp / paths.SAMPLES_PNG)
 
 
 def _write_augmented(X: np.ndarray, buffer_path: Path, sources: np.ndarray, copies: int, seed: int, pool) -> None:

@@ -22,6 +22,7 @@ from pipeline.model_files import (
     load_model_classes,
     load_preprocess,
 )
+from pipeline.native import quiet_native_stderr
 
 ENGINES = ("auto", "litert", "keras")
 BATCH = 256
@@ -106,7 +107,8 @@ def _litert_predictor(Interpreter, path: Path, input_shape, num_classes):
 
     def run(batch: np.ndarray) -> np.ndarray:
         interpreter.resize_tensor_input(source["index"], batch.shape)
-        interpreter.allocate_tensors()
+        with quiet_native_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+            interpreter.allocate_tensors()
         interpreter.set_tensor(source["index"], batch.astype(source["dtype"]))
         interpreter.invoke()
         return np.asarray(interpreter.get_tensor(target["index"]), dtype=np.float64)
