@@ -427,3 +427,31 @@ def load_split(data_dir: Path, split: str, num_classes: int) -> tuple[np.ndarray
             f"{data_dir}/{paths.labels_file(split)} has labels outside the {num_classes} classes of classes.json"
         )
     return X, y.astype(np.int64)
+
+
+IMBALANCE_RATIO = 3.0  # largest/smallest class above this gets a warning
+
+
+def class_imbalance(sizes: dict[str, int], ratio: float = IMBALANCE_RATIO) -> str | None:
+    """A warning naming the classes when the largest has more than `ratio` times the smallest's images."""
+    if len(sizes) < 2:
+        return None
+    largest = max(sizes, key=sizes.get)
+    smallest = min(sizes, key=sizes.get)
+    if sizes[smallest] * ratio >= sizes[largest]:
+        return None
+    small = sorted((n for n in sizes if sizes[n] * ratio < sizes[largest]), key=sizes.get)
+    listed = ", ".join(f"'{n}' ({sizes[n]})" for n in small[:10]) + (
+        f" and {len(small) - 10} more" if len(small) > 10 else ""
+    )
+    shown = "inf" if sizes[smallest] == 0 else f"{sizes[largest] / sizes[smallest]:.1f}"
+    return (
+        f"classes are imbalanced: the largest, '{largest}', has {sizes[largest]} images, {shown}x the smallest; "
+        f"under a third of it: {listed}. Accuracy will favour the large classes: add images to the small ones "
+        "or read per-class recall"
+    )
+
+
+def usable_counts(report: dict) -> dict[str, int]:
+    """Per class, the distinct usable source images (train + val + test, before augmentation)."""
+    return {name: c["train"] + c["val"] + c["test"] for name, c in report["counts"].items()}

@@ -139,3 +139,44 @@ def _show(ax, image: np.ndarray) -> None:
 
 def _short_name(name: str, limit: int = 22) -> str:
     return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
+MAX_GALLERY = 40  # misclassified.png shows the most confident mistakes first, at most this many
+
+
+def save_misclassified(
+    X: np.ndarray, y: np.ndarray, probabilities: np.ndarray, classes: list[str], names: list[str], path: Path
+) -> int:
+    """Test images the model got wrong, most confident mistakes first; returns how many were wrong."""
+    plt = _pyplot()
+    predicted = probabilities.argmax(axis=1)
+    confidence = probabilities.max(axis=1)
+    wrong = np.flatnonzero(predicted != y)
+    wrong = wrong[np.argsort(-confidence[wrong], kind="stable")]
+    if len(wrong) == 0:
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"No misclassified test images:\nall {len(y)} predicted correctly.", ha="center", va="center")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return 0
+    shown = wrong[:MAX_GALLERY]
+    columns = min(8, len(shown))
+    rows = -(-len(shown) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.95 * rows + 0.7), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, shown):
+        _show(ax, X[i])
+        ax.set_title(
+            f"true {_short_name(classes[y[i]], 12)}\npred {_short_name(classes[predicted[i]], 12)} {confidence[i]:.0%}"
+            + (f"\n{_short_name(Path(names[i]).name, 18)}" if names[i] else ""),
+            fontsize=7,
+            pad=3,
+        )
+    more = f"; the {len(shown)} most confident of {len(wrong)}" if len(wrong) > len(shown) else ""
+    fig.suptitle(f"Misclassified test images, worst first ({len(wrong)} of {len(y)} wrong{more})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return len(wrong)
