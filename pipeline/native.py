@@ -20,22 +20,26 @@ from collections.abc import Iterator
 @contextlib.contextmanager
 def quiet_native_stderr() -> Iterator[None]:
     try:
-        uses_fd2 = sys.stderr is not None and sys.stderr.fileno() == 2
-        sys.stderr.flush()
         saved = os.dup(2)
-    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-        yield  # no real fd 2 (an embedding host, a test runner): nothing to silence
+    except OSError:
+        yield  # no fd 2 at all: nothing to silence
         return
-    devnull = os.open(os.devnull, os.O_WRONLY)
     python_stderr = sys.stderr
+    try:
+        uses_fd2 = python_stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        uses_fd2 = False  # sys.stderr is not fd 2 (a test runner's buffer): leave it alone
     if uses_fd2:
+        python_stderr.flush()
         sys.stderr = io.TextIOWrapper(
             os.fdopen(os.dup(saved), "wb", buffering=0),
             encoding=python_stderr.encoding,
             errors="backslashreplace",
             write_through=True,
         )
+    devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
+    os.close(devnull)
     try:
         yield
     finally:
@@ -45,7 +49,6 @@ def quiet_native_stderr() -> Iterator[None]:
             sys.stderr = python_stderr
         os.dup2(saved, 2)
         os.close(saved)
-        os.close(devnull)
 
 
 def import_keras():

@@ -81,7 +81,9 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
             EpochBars(settings.epochs) if progress.enabled() else EpochLine(settings.epochs),
         ]
         if settings.tensorboard:
-            callbacks.append(keras.callbacks.TensorBoard(log_dir=str(tmp / paths.TENSORBOARD_DIR)))
+            from pipeline.tensorboard_logs import EpochScalars
+
+            callbacks.append(EpochScalars(tmp / paths.TENSORBOARD_DIR))
         train_batches = ShuffledBatches(X_train, y_train, settings.batch_size, settings.seed)
         val_batches = (
             ShuffledBatches(X_val, y_val, settings.batch_size, settings.seed, shuffle=False) if has_val else None
