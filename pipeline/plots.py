@@ -69,7 +69,7 @@ def save_training_curves(history: list[dict], best_epoch: int, path: Path) -> No
             ax.set_xticks(_epoch_ticks(epochs))
         ax.legend()
     if history:
-        axes[1].set_ylim(max(0.0, min(_finite_values(history, "accuracy")) - 0.05), 1.0)
+        axes[1].set_ylim(max(0.0, min(_finite_values(history, "accuracy")) - 0.05), 1.02)  # room for a line at 1.0
     fig.suptitle("Training curves (the model keeps the best epoch's weights)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
