@@ -86,6 +86,25 @@ def prepare(
 
 @app.command()
 @user_errors
+def inspect(
+    images_dir: Annotated[Path, typer.Argument(help="Folder with one sub-folder of images per class.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON to stdout.")] = False,
+    workers: Annotated[int, typer.Option(help="Decoding processes (0: all cores).")] = 0,
+    quiet: Quiet = False,
+) -> None:
+    """What prepare would find in IMAGES_DIR (classes, formats, sizes, problem files), writing nothing."""
+    from pipeline.inspection import inspect_folder
+
+    progress.set_quiet(quiet)
+    found = inspect_folder(images_dir, workers=workers)
+    if as_json:
+        typer.echo(json.dumps(found, indent=2, ensure_ascii=False))
+    else:
+        _print_inspection(found)
+
+
+@app.command()
+@user_errors
 def train(
     data_dir: DataDir = paths.DATA_DIR,
     out_dir: Annotated[Path, typer.Option("--out", help="Where to write the model.")] = paths.MODEL_DIR,
@@ -109,7 +128,8 @@ def train(
     summary = train_model(data_dir, out_dir, settings)
     out.print(
         f"trained {summary['epochs_run']} epoch(s) in {summary['seconds']:.1f}s; best epoch {summary['best_epoch']} "
-        f"({summary['monitor']} {summary['best']:.4f}); model written to {out_dir}"
+        f"({summary['monitor']} {summary['best']:.4f}); model written to {out_dir}, curves in "
+        f"{out_dir / paths.CURVES_PNG}"
     )
 
 
@@ -136,25 +156,41 @@ def evaluate(
 @app.command()
 @user_errors
 def predict(
-    files: Annotated[list[Path], typer.Argument(help="Image files to classify.")],
+    files: Annotated[list[Path], typer.Argument(help="Image files, or folders (all images inside, recursively).")],
     model_dir: ModelDir = paths.MODEL_DIR,
     top_k: Annotated[int, typer.Option(help="Show the k most likely labels.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of predictions to stdout.")] = False,
+    csv_file: Annotated[
+        Path | None, typer.Option("--csv", help="Also write file,label,confidence and the top k to this CSV.")
+    ] = None,
+    threshold: Annotated[
+        float, typer.Option(help="Below this confidence (0-1) the label is 'unknown'.", min=0.0, max=1.0)
+    ] = 0.0,
     engine: Annotated[str, typer.Option(help="auto (LiteRT when installed), litert or keras.")] = "auto",
     quiet: Quiet = False,
 ) -> None:
     """Label and confidence for each file, preprocessed exactly as the training images were."""
     progress.set_quiet(quiet)
-    from pipeline.prediction import predict_files
+    from pipeline.images import collect_images
+    from pipeline.prediction import predict_files, write_csv
 
-    results, errors = predict_files(files, model_dir, top_k=top_k, engine=engine)
+    files, notes = collect_images(files)
+    for note in notes:
+        progress.say(f"note: {note}")
+    if not files:
+        raise PipelineError("no image files to predict")
+    results, errors = predict_files(files, model_dir, top_k=top_k, engine=engine, threshold=threshold)
+    if csv_file is not None:
+        write_csv(csv_file, results, errors, top_k)
+        progress.say(f"predictions written to {csv_file}")
     for error in errors:
         progress.console.print(f"error: {error['file']}: {error['error']}", markup=False)
     if as_json:
         typer.echo(json.dumps([r.as_dict() for r in results], indent=2))
     else:
         for r in results:
-            extra = "  ".join(f"{t['label']} {t['probability']:.1%}" for t in r.top_k[1:])
+            others = r.top_k[1:] if r.label == r.top_k[0]["label"] else r.top_k  # "unknown": show the guesses
+            extra = "  ".join(f"{t['label']} {t['probability']:.1%}" for t in others)
             out.print(
                 f"{r.file}\t{r.label}\t{r.confidence:.1%}" + (f"\t({extra})" if extra else ""),
                 markup=False,
@@ -164,6 +200,8 @@ def predict(
 
 
 def _print_prepare_summary(report: dict, out_dir: Path) -> None:
+    from pipeline.dataset import class_imbalance, usable_counts
+
     table = Table(title=f"Prepared {out_dir}", title_justify="left")
     for column in ("class", "found", "skipped", "duplicates", "train", "val", "test", "+augmented"):
         table.add_column(column, justify="left" if column == "class" else "right")
@@ -197,6 +235,48 @@ def _print_prepare_summary(report: dict, out_dir: Path) -> None:
         )
     for warning in report["warnings"]:
         out.print(f"warning: {warning}", markup=False)
+    imbalance = class_imbalance(usable_counts(report))
+    if imbalance:
+        out.print(f"warning: {imbalance}", markup=False)
+    out.print(f"sample grid: {out_dir / paths.SAMPLES_PNG}")
+
+
+def _print_inspection(found: dict) -> None:
+    table = Table(title=f"Inspected {found['images_dir']} (nothing written)", title_justify="left")
+    for column in ("class", "files", "usable", "skipped", "formats", "modes"):
+        table.add_column(column, justify="right" if column in ("files", "usable", "skipped") else "left")
+    for name, c in found["counts"].items():
+        table.add_row(
+            name,
+            str(c["files"]),
+            str(c["usable"]),
+            str(c["skipped"]),
+            ", ".join(f"{k} {v}" for k, v in c["formats"].items()),
+            ", ".join(f"{k} {v}" for k, v in c["modes"].items()),
+        )
+    out.print(table)
+    t = found["totals"]
+    out.print(
+        f"{len(found['classes'])} classes, {t['files']} image files: {t['usable']} usable, {t['skipped']} would be skipped, {t['ignored']} ignored"
+    )
+    w, h = found["sizes"]["width"], found["sizes"]["height"]
+    if w:
+        out.print(
+            f"width  min {w['min']}  median {w['median']:g}  max {w['max']}\n"
+            f"height min {h['min']}  median {h['median']:g}  max {h['max']}"
+        )
+    for item in found["skipped"][:20]:
+        out.print(f"would skip {item['path']}: {item['reason']}", markup=False)
+    if len(found["skipped"]) > 20:
+        out.print(f"... and {len(found['skipped']) - 20} more: see --json")
+    reasons: dict[str, list[str]] = {}
+    for item in found["ignored"]:
+        reasons.setdefault(item["reason"], []).append(item["path"])
+    for reason, items in reasons.items():
+        shown = ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
+        out.print(f"ignored ({reason}): {shown}", markup=False)
+    for warning in found["warnings"]:
+        out.print(f"warning: {warning}", markup=False)
 
 
 def _print_metrics(metrics: dict, out_dir: Path) -> None:
@@ -219,7 +299,7 @@ def _print_metrics(metrics: dict, out_dir: Path) -> None:
     if metrics["most_confused"]:
         pairs = ", ".join(f"{p['true']} -> {p['predicted']} ({p['count']})" for p in metrics["most_confused"])
         out.print(f"most confused: {pairs}")
-    out.print(f"reports written to {out_dir}")
+    out.print(f"reports written to {out_dir}; open {out_dir / paths.REPORT_HTML} in a browser")
 
 
 def _interrupt(signum, frame):

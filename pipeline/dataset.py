@@ -90,6 +90,7 @@ def prepare_dataset(images_dir: Path, out_dir: Path, settings: PrepareSettings) 
         decoded = _decode_all(scan, settings, buffer_path, pool)
         report = _build_dataset(scan, decoded, settings, buffer_path, tmp, pool)
         buffer_path.unlink()
+        _save_samples(tmp, report, settings)
     return report
 
 
@@ -310,6 +311,14 @@ def _build_dataset(scan: FolderScan, decoded: _Decoded, s: PrepareSettings, buff
     return report
 
 
+def _save_samples(tmp: Path, report: dict, s: PrepareSettings) -> None:
+    from pipeline import plots
+
+    X = np.load(tmp / paths.images_file("train"), mmap_mode="r", allow_pickle=False)
+    y = np.load(tmp / paths.labels_file("train"), allow_pickle=False)
+    plots.save_samples(X, y, report["totals"]["train"], s.augment, report["classes"], tmp / paths.SAMPLES_PNG)
+
+
 def _write_augmented(X: np.ndarray, buffer_path: Path, sources: np.ndarray, copies: int, seed: int, pool) -> None:
     n = len(sources)
     chunks = [
@@ -429,3 +438,31 @@ def load_split(data_dir: Path, split: str, num_classes: int) -> tuple[np.ndarray
             f"{data_dir}/{paths.labels_file(split)} has labels outside the {num_classes} classes of classes.json"
         )
     return X, y.astype(np.int64)
+
+
+IMBALANCE_RATIO = 3.0  # largest/smallest class above this gets a warning
+
+
+def class_imbalance(sizes: dict[str, int], ratio: float = IMBALANCE_RATIO) -> str | None:
+    """A warning naming the classes when the largest has more than `ratio` times the smallest's images."""
+    if len(sizes) < 2:
+        return None
+    largest = max(sizes, key=sizes.get)
+    smallest = min(sizes, key=sizes.get)
+    if sizes[smallest] * ratio >= sizes[largest]:
+        return None
+    small = sorted((n for n in sizes if sizes[n] * ratio < sizes[largest]), key=sizes.get)
+    listed = ", ".join(f"'{n}' ({sizes[n]})" for n in small[:10]) + (
+        f" and {len(small) - 10} more" if len(small) > 10 else ""
+    )
+    shown = "inf" if sizes[smallest] == 0 else f"{sizes[largest] / sizes[smallest]:.1f}"
+    return (
+        f"classes are imbalanced: the largest, '{largest}', has {sizes[largest]} images, {shown}x the smallest; "
+        f"under a third of it: {listed}. Accuracy will favour the large classes: add images to the small ones "
+        "or read per-class recall"
+    )
+
+
+def usable_counts(report: dict) -> dict[str, int]:
+    """Per class, the distinct usable source images (train + val + test, before augmentation)."""
+    return {name: c["train"] + c["val"] + c["test"] for name, c in report["counts"].items()}

@@ -3,7 +3,8 @@
 Reads X_test/y_test and manifest.csv from the data folder and the model folder. Writes,
 atomically, into the reports folder: metrics.json (accuracy, loss, per-class precision,
 recall, F1 and support, confusion matrix [true][predicted]), predictions.csv (one row per
-test image) and confusion_matrix.png.
+test image), confusion_matrix.png, misclassified.png and report.html (one self-contained
+page with the dataset summary, every stage's settings, the curves, metrics and figures).
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from pipeline import paths, plots
+from pipeline import paths, plots, progress
 from pipeline.artifacts import atomic_dir, check_out_dir, write_json
 from pipeline.dataset import load_classes, load_split
 from pipeline.errors import PipelineError
 from pipeline.model_files import check_model_fits, load_keras_model, load_model_classes
+from pipeline.report import write_report
 
 PREDICTIONS_FILE = "predictions.csv"
 BATCH = 256
@@ -47,11 +49,17 @@ def evaluate_model(data_dir: Path, model_dir: Path, out_dir: Path) -> dict:
         write_json(tmp / paths.METRICS_FILE, metrics)
         _write_predictions(tmp / PREDICTIONS_FILE, test_paths, y, probabilities, classes)
         plots.save_confusion_matrix(np.array(metrics["confusion_matrix"]), classes, tmp / paths.CONFUSION_PNG)
+        plots.save_misclassified(X, y, probabilities, classes, test_paths, tmp / paths.MISCLASSIFIED_PNG)
+        write_report(tmp / paths.REPORT_HTML, metrics, data_dir, model_dir, tmp)
     return metrics
 
 
 def predict_probabilities(model, X: np.ndarray) -> np.ndarray:
-    out = [np.asarray(model.predict_on_batch(np.asarray(X[i : i + BATCH]))) for i in range(0, len(X), BATCH)]
+    starts = range(0, len(X), BATCH)
+    out = [
+        np.asarray(model.predict_on_batch(np.asarray(X[i : i + BATCH])))
+        for i in progress.track(starts, len(starts), "evaluating")
+    ]
     return np.concatenate(out).astype(np.float64)
 
 

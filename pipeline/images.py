@@ -221,3 +221,20 @@ def load_image(path: Path, size: int, color: str) -> np.ndarray:
 
 def channels(color: str) -> int:
     return 1 if color == "grayscale" else 3
+
+
+def collect_images(inputs: list[Path]) -> tuple[list[Path], list[str]]:
+    """Files as given, and folders expanded to the image files inside them (recursively, with
+    scan_folder's rules: hidden files and folders, __MACOSX, system files and files without
+    an image extension are left out). Returns (files, notes about folders with no images)."""
+    files: list[Path] = []
+    notes: list[str] = []
+    for item in map(Path, inputs):
+        if not item.is_dir():
+            files.append(item)  # named explicitly: predict tries it and reports if it cannot
+            continue
+        found = _walk_class(item, item, ignored=[], seen={_dir_key(item)})
+        if not found:
+            notes.append(f"{item}: no image files inside")
+        files.extend(item / rel for rel in found)
+    return files, notes

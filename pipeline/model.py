@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import keras
-from keras import layers
+from pipeline.native import quiet_native_stderr
+
+with quiet_native_stderr():
+    import keras
+from keras import layers  # noqa: E402
 
 
 def build_model(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:

@@ -40,8 +40,9 @@ def load_keras_model(model_dir: Path):
                 f"refusing {legacy[0]}: legacy HDF5 models are not loaded; train again to get {paths.MODEL_FILE}"
             )
         raise PipelineError(f"{path} not found: {TRAIN_HINT}")
-    import keras
+    from pipeline.native import import_keras
 
+    keras = import_keras()
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as e:  # Keras raises ValueError, TypeError, zipfile errors... for bad files

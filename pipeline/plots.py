@@ -48,3 +48,135 @@ def save_confusion_matrix(matrix: np.ndarray, classes: list[str], path: Path) ->
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def save_training_curves(history: list[dict], best_epoch: int, path: Path) -> None:
+    """Loss and accuracy per epoch, train and validation, with the kept (best) epoch marked."""
+    plt = _pyplot()
+    epochs = [int(row["epoch"]) + 1 for row in history]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, metric, title in ((axes[0], "loss", "Loss"), (axes[1], "accuracy", "Accuracy")):
+        for key, label, style in ((metric, "train", "-o"), (f"val_{metric}", "validation", "-s")):
+            values = [row.get(key) for row in history]
+            if values and all(v is not None for v in values):
+                ax.plot(epochs, values, style, label=label, markersize=4)
+        if best_epoch:
+            ax.axvline(best_epoch, color="tab:red", linestyle="--", linewidth=1, label=f"best epoch ({best_epoch})")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if epochs:
+            ax.set_xticks(_epoch_ticks(epochs))
+        ax.legend()
+    if history:
+        axes[1].set_ylim(max(0.0, min(_finite_values(history, "accuracy")) - 0.05), 1.02)  # room for a line at 1.0
+    fig.suptitle("Training curves (the model keeps the best epoch's weights)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _epoch_ticks(epochs: list[int]) -> list[int]:
+    step = max(1, len(epochs) // 15 + (len(epochs) % 15 > 0))
+    return epochs[::step]
+
+
+def _finite_values(history: list[dict], metric: str) -> list[float]:
+    values = [row[k] for row in history for k in (metric, f"val_{metric}") if np.isfinite(row.get(k, np.nan))]
+    return values or [0.0]
+
+
+MAX_CLASS_ROWS = 30  # samples.png shows at most this many classes; report.json has them all
+
+
+def save_samples(
+    X: np.ndarray, y: np.ndarray, n_originals: int, copies: int, classes: list[str], path: Path, per_class: int = 3
+) -> None:
+    """A few training images per class as the model sees them, each followed by its augmented copies.
+
+    `X`/`y` are the train arrays as prepare writes them: the `n_originals` source images
+    first, then `copies` blocks of augmented versions in the same order.
+    """
+    plt = _pyplot()
+    shown_copies = min(copies, 2)
+    rows = classes[:MAX_CLASS_ROWS]
+    columns = per_class * (1 + shown_copies)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(1.15 * columns + 1.6, 1.2 * len(rows) + 0.9), squeeze=False)
+    originals = np.asarray(y[:n_originals])
+    for label, name in enumerate(rows):
+        picks = np.flatnonzero(originals == label)[:per_class]
+        for k in range(per_class):
+            for c in range(1 + shown_copies):
+                ax = axes[label, k * (1 + shown_copies) + c]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if k < len(picks):
+                    _show(ax, X[picks[k] + c * n_originals])
+                    if c:
+                        ax.set_title("augmented", fontsize=7, color="tab:blue", pad=2)
+                    elif shown_copies:
+                        ax.set_title("original", fontsize=7, pad=2)
+                else:
+                    ax.axis("off")
+                for spine in ax.spines.values():
+                    spine.set_edgecolor("tab:blue" if c else "black")
+        axes[label, 0].set_ylabel(_short_name(name), rotation=0, ha="right", va="center", fontsize=9)
+    size = f"{X.shape[1]}x{X.shape[2]} {'grayscale' if X.shape[3] == 1 else 'RGB'}"
+    more = f"; first {len(rows)} of {len(classes)} classes" if len(classes) > len(rows) else ""
+    fig.suptitle(f"Training samples as the model sees them ({size}{more})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _show(ax, image: np.ndarray) -> None:
+    image = np.asarray(image)
+    if image.shape[-1] == 1:
+        ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    else:
+        ax.imshow(image, interpolation="nearest")
+
+
+def _short_name(name: str, limit: int = 22) -> str:
+    return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
+MAX_GALLERY = 40  # misclassified.png shows the most confident mistakes first, at most this many
+
+
+def save_misclassified(
+    X: np.ndarray, y: np.ndarray, probabilities: np.ndarray, classes: list[str], names: list[str], path: Path
+) -> int:
+    """Test images the model got wrong, most confident mistakes first; returns how many were wrong."""
+    plt = _pyplot()
+    predicted = probabilities.argmax(axis=1)
+    confidence = probabilities.max(axis=1)
+    wrong = np.flatnonzero(predicted != y)
+    wrong = wrong[np.argsort(-confidence[wrong], kind="stable")]
+    if len(wrong) == 0:
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"No misclassified test images:\nall {len(y)} predicted correctly.", ha="center", va="center")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return 0
+    shown = wrong[:MAX_GALLERY]
+    columns = min(8, len(shown))
+    rows = -(-len(shown) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.95 * rows + 0.7), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, shown):
+        _show(ax, X[i])
+        ax.set_title(
+            f"true {_short_name(classes[y[i]], 12)}\npred {_short_name(classes[predicted[i]], 12)} {confidence[i]:.0%}"
+            + (f"\n{_short_name(Path(names[i]).name, 18)}" if names[i] else ""),
+            fontsize=7,
+            pad=3,
+        )
+    more = f"; the {len(shown)} most confident of {len(wrong)}" if len(wrong) > len(shown) else ""
+    fig.suptitle(f"Misclassified test images, worst first ({len(wrong)} of {len(y)} wrong{more})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return len(wrong)

@@ -2,18 +2,22 @@
 
 Reads the model folder: preprocess.json, classes.json, and model.tflite (run by the
 LiteRT interpreter, which starts in a fraction of TensorFlow's import time) or
-model.keras (Keras, safe mode) when LiteRT is not installed. Writes nothing.
+model.keras (Keras, safe mode) when LiteRT is not installed. Writes nothing, except the
+--csv file the CLI asks `write_csv` for.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import paths
+from pipeline import paths, progress
+from pipeline.artifacts import atomic_write_text
 from pipeline.errors import PipelineError
 from pipeline.images import UnreadableImage, channels, load_image
 from pipeline.model_files import (
@@ -22,8 +26,10 @@ from pipeline.model_files import (
     load_model_classes,
     load_preprocess,
 )
+from pipeline.native import quiet_native_stderr
 
 ENGINES = ("auto", "litert", "keras")
+UNKNOWN = "unknown"  # the label of a prediction below --threshold
 BATCH = 256
 
 
@@ -44,11 +50,17 @@ class Prediction:
 
 
 def predict_files(
-    files: list[Path], model_dir: Path, top_k: int = 1, engine: str = "auto"
+    files: list[Path], model_dir: Path, top_k: int = 1, engine: str = "auto", threshold: float = 0.0
 ) -> tuple[list[Prediction], list[dict]]:
-    """Predict every readable file; unreadable ones come back as {"file", "error"}."""
+    """Predict every readable file; unreadable ones come back as {"file", "error"}.
+
+    A prediction whose top probability is below `threshold` gets the label UNKNOWN (its
+    confidence and top_k still say what the model leaned towards).
+    """
     if top_k < 1:
         raise PipelineError(f"--top-k must be at least 1, got {top_k}")
+    if not 0 <= threshold <= 1:
+        raise PipelineError(f"--threshold must be between 0 and 1, got {threshold}")
     if engine not in ENGINES:
         raise PipelineError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     model_dir = Path(model_dir)
@@ -58,19 +70,21 @@ def predict_files(
     predictor = load_predictor(model_dir, engine, (size, size, channels(color)), len(classes))
 
     arrays, names, errors = [], [], []
-    for file in files:
+    for file in progress.track(files, len(files), "reading images") if len(files) > 1 else files:
         try:
             arrays.append(load_image(Path(file), size, color))
             names.append(str(file))
         except UnreadableImage as e:
             errors.append({"file": str(file), "error": str(e)})
     results = []
-    for start in range(0, len(arrays), BATCH):
+    starts = range(0, len(arrays), BATCH)
+    for start in progress.track(starts, len(starts), "predicting") if len(starts) > 1 else starts:
         probabilities = predictor(np.stack(arrays[start : start + BATCH]))
         for name, p in zip(names[start : start + BATCH], probabilities):
             order = np.argsort(-p, kind="stable")[: min(top_k, len(classes))]
             top = [{"label": classes[i], "probability": float(p[i])} for i in order]
-            results.append(Prediction(name, top[0]["label"], top[0]["probability"], top))
+            label = top[0]["label"] if top[0]["probability"] >= threshold else UNKNOWN
+            results.append(Prediction(name, label, top[0]["probability"], top))
     return results, errors
 
 
@@ -115,9 +129,27 @@ def _litert_predictor(Interpreter, path: Path, input_shape, num_classes):
 
     def run(batch: np.ndarray) -> np.ndarray:
         interpreter.resize_tensor_input(source["index"], batch.shape)
-        interpreter.allocate_tensors()
+        with quiet_native_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+            interpreter.allocate_tensors()
         interpreter.set_tensor(source["index"], batch.astype(source["dtype"]))
         interpreter.invoke()
         return np.asarray(interpreter.get_tensor(target["index"]), dtype=np.float64)
 
     return run
+
+
+def write_csv(path: Path, results: list[Prediction], errors: list[dict], top_k: int) -> None:
+    """One row per file: file,label,confidence, then label_i,probability_i for the top k, and error."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    ranks = range(1, top_k + 1)
+    writer.writerow(
+        ["file", "label", "confidence", *(f"{c}_{i}" for i in ranks for c in ("label", "probability")), "error"]
+    )
+    for r in results:
+        cells = [value for t in r.top_k for value in (t["label"], f"{t['probability']:.6f}")]
+        cells += [""] * (2 * top_k - len(cells))
+        writer.writerow([r.file, r.label, f"{r.confidence:.6f}", *cells, ""])
+    for e in errors:
+        writer.writerow([e["file"], "", "", *([""] * 2 * top_k), e["error"]])
+    atomic_write_text(Path(path), buffer.getvalue())

@@ -1,7 +1,12 @@
-"""Progress bars on stderr that step aside when stderr is not a terminal or when asked to be quiet."""
+"""Progress bars on stderr that step aside when stderr is not a terminal or when asked to be quiet.
+
+PIPELINE_PROGRESS=always draws them even when stderr is not a terminal (for tests and for
+terminals that do not say they are one); PIPELINE_PROGRESS=never never draws them.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
@@ -28,7 +33,15 @@ def set_quiet(quiet: bool) -> None:
 
 
 def enabled() -> bool:
-    return not _quiet and sys.stderr.isatty()
+    """Whether to draw bars: never with --quiet, else as PIPELINE_PROGRESS says (default: stderr is a tty)."""
+    mode = _mode()
+    if _quiet or mode == "never":
+        return False
+    return mode == "always" or sys.stderr.isatty()
+
+
+def _mode() -> str:
+    return os.environ.get("PIPELINE_PROGRESS", "auto").strip().lower()
 
 
 def say(message: str) -> None:
@@ -37,21 +50,29 @@ def say(message: str) -> None:
         console.print(message, soft_wrap=True, markup=False)
 
 
-def track(items: Iterable[T], total: int, description: str) -> Iterator[T]:
-    if not enabled():
-        yield from items
-        return
-    with Progress(
+def bar(*extra_columns, transient: bool = False) -> Progress:
+    """A rich Progress on stderr: description, bar, n/total, elapsed, time left, then `extra_columns`."""
+    return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    ) as bar:
-        task = bar.add_task(description, total=total)
+        *extra_columns,
+        console=console
+        if console.is_terminal or _mode() != "always"
+        else Console(stderr=True, highlight=False, force_terminal=True),
+        transient=transient,
+    )
+
+
+def track(items: Iterable[T], total: int, description: str) -> Iterator[T]:
+    if not enabled():
+        yield from items
+        return
+    with bar() as progress:
+        task = progress.add_task(description, total=total)
         for item in items:
             yield item
-            bar.advance(task)
+            progress.advance(task)

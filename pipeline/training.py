@@ -15,15 +15,20 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
 
-from pipeline import paths, progress  # noqa: E402
+from pipeline.native import quiet_native_stderr
+
+with quiet_native_stderr():
+    import keras
+
+from pipeline import paths, plots, progress  # noqa: E402
 from pipeline.artifacts import atomic_dir, check_out_dir, read_json, write_json  # noqa: E402
 from pipeline.dataset import load_classes, load_split  # noqa: E402
 from pipeline.errors import PipelineError, TrainingInterrupted  # noqa: E402
 from pipeline.images import RESIZE_METHOD  # noqa: E402
 from pipeline.model import build_model, compile_model  # noqa: E402
+from pipeline.training_progress import EpochBars  # noqa: E402
 
 PREPARE_HINT = "run `pipeline prepare IMAGES_DIR` first"
 
@@ -74,10 +79,12 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
         callbacks = [
             early_stopping,
             keras.callbacks.CSVLogger(str(tmp / paths.HISTORY_FILE)),
-            EpochLine(settings.epochs),
+            EpochBars(settings.epochs) if progress.enabled() else EpochLine(settings.epochs),
         ]
         if settings.tensorboard:
-            callbacks.append(keras.callbacks.TensorBoard(log_dir=str(tmp / paths.TENSORBOARD_DIR)))
+            from pipeline.tensorboard_logs import EpochScalars
+
+            callbacks.append(EpochScalars(tmp / paths.TENSORBOARD_DIR))
         train_batches = ShuffledBatches(X_train, y_train, settings.batch_size, settings.seed)
         val_batches = (
             ShuffledBatches(X_val, y_val, settings.batch_size, settings.seed, shuffle=False) if has_val else None
@@ -110,6 +117,7 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
             "interrupted": interrupted,
         }
         _write_model_folder(tmp, model, classes, data_dir, prepare_report, settings, summary)
+        plots.save_training_curves(history, summary["best_epoch"], tmp / paths.CURVES_PNG)
     if interrupted:
         raise TrainingInterrupted(
             f"training interrupted after {summary['epochs_run']} epoch(s); the best model so far (epoch {summary['best_epoch']}) is saved in {out_dir}"

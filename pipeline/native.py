@@ -1,0 +1,58 @@
+"""Keeping native libraries' start-up chatter off the terminal, without hiding Python's output.
+
+TensorFlow prints "WARNING: All log messages before absl::InitializeLog()..." and oneDNN
+"I0000 ... port.cc" lines straight to file descriptor 2 while it loads, whatever
+TF_CPP_MIN_LOG_LEVEL says; LiteRT prints "INFO: Created TensorFlow Lite XNNPACK delegate"
+when it first allocates tensors. `quiet_native_stderr` points fd 2 at /dev/null only
+around those calls. Python's `sys.stderr` is moved to a copy of the real stderr for that
+time, so warnings, tracebacks and our own messages still show.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield  # no fd 2 at all: nothing to silence
+        return
+    python_stderr = sys.stderr
+    try:
+        uses_fd2 = python_stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        uses_fd2 = False  # sys.stderr is not fd 2 (a test runner's buffer): leave it alone
+    if uses_fd2:
+        python_stderr.flush()
+        sys.stderr = io.TextIOWrapper(
+            os.fdopen(os.dup(saved), "wb", buffering=0),
+            encoding=python_stderr.encoding,
+            errors="backslashreplace",
+            write_through=True,
+        )
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        if uses_fd2:
+            sys.stderr.flush()
+            sys.stderr.close()
+            sys.stderr = python_stderr
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def import_keras():
+    """`import keras` (and TensorFlow behind it) without the native start-up lines."""
+    with quiet_native_stderr():
+        import keras
+    return keras

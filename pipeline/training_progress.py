@@ -1,0 +1,70 @@
+"""Live rich bars for `train` when stderr is a terminal: one for all epochs, one for the batches of this epoch.
+
+Each finished epoch still leaves its one line (loss, accuracy, val loss, val accuracy,
+seconds) above the bars, the same line `training.EpochLine` prints when stderr is not a
+terminal, so a scrolled-back terminal reads like a log.
+"""
+
+from __future__ import annotations
+
+import atexit
+import time
+
+from rich.progress import TextColumn
+
+from pipeline import progress
+from pipeline.native import quiet_native_stderr
+
+with quiet_native_stderr():
+    import keras
+
+SHORT = {"loss": "loss", "accuracy": "acc", "val_loss": "val loss", "val_accuracy": "val acc"}
+
+
+def epoch_summary(epoch: int, epochs: int, logs: dict, seconds: float) -> str:
+    parts = [f"{k} {logs[k]:.4f}" for k in ("loss", "accuracy", "val_loss", "val_accuracy") if k in logs]
+    return f"epoch {epoch + 1}/{epochs}  " + "  ".join(parts) + f"  {seconds:.1f}s"
+
+
+def _short(logs: dict) -> str:
+    return "  ".join(f"{SHORT[k]} {logs[k]:.4f}" for k in SHORT if k in logs)
+
+
+class EpochBars(keras.callbacks.Callback):
+    """Rich progress: epochs done (with time left for all of them) and batches of the current epoch."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+        self.bars = None
+        self.last: dict = {}
+
+    def on_train_begin(self, logs=None):
+        self.bars = progress.bar(TextColumn("{task.fields[metrics]}"), transient=True)
+        self.bars.start()
+        atexit.register(self.close)  # an interrupted fit never calls on_train_end
+        self.all_epochs = self.bars.add_task("epochs", total=self.epochs, metrics="")
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
+        steps = self.params.get("steps") if self.params else None
+        self.batches = self.bars.add_task(f"epoch {epoch + 1}/{self.epochs}", total=steps, metrics="")
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.bars.update(self.batches, advance=1, metrics=_short(logs or {}))
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        self.bars.remove_task(self.batches)
+        self.bars.update(self.all_epochs, advance=1, metrics=_short(logs))
+        self.bars.console.print(
+            epoch_summary(epoch, self.epochs, logs, time.perf_counter() - self.started), markup=False
+        )
+
+    def on_train_end(self, logs=None):
+        self.close()
+
+    def close(self) -> None:
+        if self.bars is not None:
+            self.bars.stop()
+            self.bars = None

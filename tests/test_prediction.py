@@ -1,0 +1,69 @@
+"""predict on folders, --csv and --threshold, through the CLI on the session's tiny model."""
+
+import csv
+import json
+import shutil
+
+from tests.conftest import run_cli
+
+
+def test_predict_a_folder_recursively_with_csv(trained, tmp_path):
+    folder = tmp_path / "new"
+    shutil.copytree(trained["images"] / "cat", folder / "cats")
+    shutil.copytree(trained["images"] / "dog", folder / "deeper" / "dogs")
+    (folder / ".hidden.png").write_bytes((folder / "cats" / "cat_000.png").read_bytes())
+    (folder / "__MACOSX").mkdir()
+    (folder / "__MACOSX" / "._cat_000.png").write_bytes(b"resource fork")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "deeper" / "dogs" / "broken.jpg").write_bytes(b"not a jpeg")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out_csv = tmp_path / "out" / "predictions.csv"
+    result = run_cli(
+        "predict", folder, empty, "--model", trained["model"], "--json", "--csv", out_csv, "--top-k", "2", expect=1
+    )
+    predictions = json.loads(result.stdout)
+    files = sorted(p["file"] for p in predictions)
+    assert len(files) == 40 and all(".hidden" not in f and "__MACOSX" not in f for f in files)
+    assert "broken.jpg" in result.stderr and f"{empty}: no image files" in result.stderr
+    with open(out_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == [
+        "file",
+        "label",
+        "confidence",
+        "label_1",
+        "probability_1",
+        "label_2",
+        "probability_2",
+        "error",
+    ]
+    assert len(rows) == 41
+    by_file = {r["file"]: r for r in rows}
+    for p in predictions:
+        row = by_file[p["file"]]
+        assert row["label"] == p["label"] == row["label_1"] and not row["error"]
+        assert abs(float(row["confidence"]) - p["confidence"]) < 1e-5
+        assert row["label_2"] == p["top_k"][1]["label"]
+    assert by_file[str(folder / "deeper" / "dogs" / "broken.jpg")]["error"]
+    correct = sum(p["label"] == ("cat" if "/cats/" in p["file"] else "dog") for p in predictions)
+    assert correct >= 30
+    assert not list(out_csv.parent.glob(".*"))  # written atomically: no temporary file left
+
+
+def test_threshold_labels_low_confidence_unknown(trained):
+    folder = trained["images"]
+    base = json.loads(run_cli("predict", folder, "--model", trained["model"], "--json", "--quiet").stdout)
+    lowest = min(p["confidence"] for p in base)
+    for cut in (lowest, 1.0):
+        result = run_cli("predict", folder, "--model", trained["model"], "--json", "--threshold", cut, "--quiet")
+        predictions = json.loads(result.stdout)
+        assert [p["file"] for p in predictions] == [p["file"] for p in base]
+        for p, before in zip(predictions, base):
+            assert p["label"] == ("unknown" if p["confidence"] < cut else before["label"])
+            assert p["top_k"] == before["top_k"]  # what the model leaned towards is still there
+    assert any(p["confidence"] < 1.0 for p in base)  # so the cut at 1.0 did give some unknowns
+    text = run_cli("predict", folder, "--model", trained["model"], "--threshold", "1", "--quiet").stdout
+    assert "unknown" in text
+    bad = run_cli("predict", folder, "--model", trained["model"], "--threshold", "1.5", expect=2)
+    assert "threshold" in bad.output
