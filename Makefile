@@ -23,7 +23,7 @@ install: $(STAMP) ## Create .venv and install the package with its dev tools
 all: prepare train evaluate predict ## Run the whole pipeline on sample_data/ (prepare, train, evaluate, predict)
 
 prepare: $(STAMP) ## Prepare sample_data/ into artifacts/data
-	$(BIN)/pipeline prepare $(SAMPLE)
+	$(BIN)/pipeline prepare $(SAMPLE) --no-flip  # mirrored digits are other symbols
 
 train: $(STAMP) ## Train the CNN on artifacts/data into artifacts/model
 	$(BIN)/pipeline train

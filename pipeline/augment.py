@@ -15,12 +15,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check at im
 CHUNK_ROWS = 256
 
 
-def build_augmenter(seed: int):
+def build_augmenter(seed: int, flip: bool = True):
     import albumentations as A
 
     return A.Compose(
         [
-            A.HorizontalFlip(p=0.5),
+            A.HorizontalFlip(p=0.5 if flip else 0.0),  # off for digits, text, left/right classes
             A.Affine(
                 scale=(0.9, 1.1),
                 translate_percent=(-0.08, 0.08),
@@ -39,9 +39,9 @@ def chunk_seed(seed: int, chunk: int) -> int:
     return int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0])
 
 
-def augment_chunk(images: np.ndarray, copies: int, seed: int, chunk: int) -> np.ndarray:
+def augment_chunk(images: np.ndarray, copies: int, seed: int, chunk: int, flip: bool = True) -> np.ndarray:
     """Return (copies, len(images), H, W, C) augmented versions of `images` (uint8 NHWC)."""
-    augmenter = build_augmenter(chunk_seed(seed, chunk))
+    augmenter = build_augmenter(chunk_seed(seed, chunk), flip)
     out = np.empty((copies, *images.shape), dtype=np.uint8)
     for c in range(copies):
         for i, image in enumerate(images):

@@ -61,6 +61,9 @@ def prepare(
     test_size: Annotated[float, typer.Option(help="Fraction of each class for the test split.")] = 0.2,
     val_size: Annotated[float, typer.Option(help="Fraction of each class for validation (0: none).")] = 0.1,
     augment: Annotated[int, typer.Option(help="Augmented copies per training image.")] = 1,
+    flip: Annotated[
+        bool, typer.Option("--flip/--no-flip", help="Mirror left-right when augmenting (--no-flip for digits, text).")
+    ] = True,
     seed: Annotated[int, typer.Option(help="Seed for the split and augmentation.")] = 42,
     workers: Annotated[int, typer.Option(help="Decoding processes (0: all cores).")] = 0,
     strict: Annotated[bool, typer.Option("--strict", help="Fail on any skipped file or warning.")] = False,
@@ -76,6 +79,7 @@ def prepare(
         test_size=test_size,
         val_size=val_size,
         augment=augment,
+        flip=flip,
         seed=seed,
         workers=workers,
         strict=strict,

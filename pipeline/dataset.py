@@ -44,6 +44,7 @@ class PrepareSettings:
     test_size: float = 0.2  # fraction of each class's source images kept for evaluate
     val_size: float = 0.1  # fraction for validation (early stopping); 0 turns it off
     augment: int = 1  # augmented copies added per training image (train split only)
+    flip: bool = True  # mirror left-right when augmenting; off for digits, text, or left/right classes
     seed: int = 42  # same seed, same folder: byte-identical arrays and manifest
     workers: int = 0  # decoding processes; 0 = every available core
     strict: bool = False  # any skipped file or warning fails the run
@@ -244,7 +245,7 @@ def _build_dataset(scan: FolderScan, decoded: _Decoded, s: PrepareSettings, buff
             chunk = sources[start : start + COPY_ROWS]
             X[start : start + len(chunk)] = buffer[chunk]
         if copies:
-            _write_augmented(X, buffer_path, sources, copies, s.seed, pool)
+            _write_augmented(X, buffer_path, sources, copies, s.seed, s.flip, pool)
         X.flush()
         del X
         y = np.tile(split_labels, 1 + copies)
@@ -319,14 +320,16 @@ def _save_samples(tmp: Path, report: dict, s: PrepareSettings) -> None:
     plots.save_samples(X, y, report["totals"]["train"], s.augment, report["classes"], tmp / paths.SAMPLES_PNG)
 
 
-def _write_augmented(X: np.ndarray, buffer_path: Path, sources: np.ndarray, copies: int, seed: int, pool) -> None:
+def _write_augmented(
+    X: np.ndarray, buffer_path: Path, sources: np.ndarray, copies: int, seed: int, flip: bool, pool
+) -> None:
     n = len(sources)
     chunks = [
-        (str(buffer_path), sources[start : start + augment.CHUNK_ROWS], copies, seed, k)
+        (str(buffer_path), sources[start : start + augment.CHUNK_ROWS], copies, seed, k, flip)
         for k, start in enumerate(range(0, n, augment.CHUNK_ROWS))
     ]
     results = pool.imap(_augment_task, chunks)
-    for (_, chunk_sources, _, _, k), out in zip(
+    for (_, chunk_sources, _, _, k, _), out in zip(
         chunks, progress.track(results, len(chunks), "augmenting training images")
     ):
         start = k * augment.CHUNK_ROWS
@@ -336,9 +339,9 @@ def _write_augmented(X: np.ndarray, buffer_path: Path, sources: np.ndarray, copi
 
 
 def _augment_task(args) -> np.ndarray:
-    buffer_path, sources, copies, seed, chunk = args
+    buffer_path, sources, copies, seed, chunk, flip = args
     buffer = np.load(buffer_path, mmap_mode="r", allow_pickle=False)
-    return augment.augment_chunk(np.asarray(buffer[sources]), copies, seed, chunk)
+    return augment.augment_chunk(np.asarray(buffer[sources]), copies, seed, chunk, flip)
 
 
 def split_by_group(

@@ -132,3 +132,29 @@ def test_user_errors_are_one_clear_line(tmp_path, setup, args, message):
     assert "Traceback" not in result.output
     assert result.output.strip().count("\n") == 0
     assert not (tmp_path / "data").exists()
+
+
+def test_no_flip_keeps_left_and_right(tmp_path):
+    """Half-dark, half-light images: --no-flip copies keep the dark side left, flips swap some."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(6):
+            pixels = np.full((24, 24, 3), 230, np.uint8)
+            pixels[:, :12] = 20
+            pixels = np.clip(pixels.astype(int) + rng.integers(-15, 16, pixels.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / name / f"{i}.png")
+
+    def left_darker(out):
+        X = np.load(out / "X_train.npy").astype(float)
+        rows = [r for r in read_manifest(out) if r["split"] == "train" and r["augmented"] == "1"]
+        return [X[int(r["index"]), :, :6].mean() < X[int(r["index"]), :, -6:].mean() for r in rows]
+
+    common = ("--size", "16", "--augment", "6", "--quiet")
+    run_cli("prepare", tmp_path / "images", "--out", tmp_path / "kept", "--no-flip", *common)
+    run_cli("prepare", tmp_path / "images", "--out", tmp_path / "flipped", *common)
+    assert all(left_darker(tmp_path / "kept"))
+    assert not all(left_darker(tmp_path / "flipped"))
+    assert json.loads((tmp_path / "kept" / "report.json").read_text())["settings"]["flip"] is False
