@@ -5,14 +5,17 @@ X_{train,val,test}.npy (uint8, N x size x size x channels), y_{train,val,test}.n
 (int64 labels), classes.json, manifest.csv (split,index,path,label,augmented: one row
 per array row) and report.json (counts, skipped and ignored files, duplicates, settings).
 
-Memory stays flat as the folder grows: decoded rows stream into a memory-mapped buffer
-and from there into memory-mapped outputs, a chunk at a time.
+Memory stays flat as the folder grows: workers write decoded rows straight into a buffer
+file (`_decoded.npy`, in the temporary output folder), and rows move from there to the
+outputs a bounded chunk at a time, by plain file reads and writes, so the pages stay in
+the OS cache rather than in any process's resident memory.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import math
 import multiprocessing
 import os
 import signal
@@ -34,7 +37,8 @@ from pipeline.images import (
     to_array,
 )
 
-COPY_ROWS = 1024  # rows moved per step between memory-mapped arrays
+DECODE_CHUNK = 32  # files per task a worker takes: few messages, and the last tasks still balance
+COPY_BYTES = 16 * 2**20  # pixels moved per step from the decode buffer to the outputs
 
 
 @dataclass
@@ -140,43 +144,85 @@ class _Decoded:
     phashes: np.ndarray  # uint64, 0 where not decoded
 
 
-def _decode_task(
-    args: tuple[str, int, str],
-) -> tuple[np.ndarray | None, str | None, bytes | None, int]:
-    path, size, color = args
+def _decode_file(path: str, size: int, color: str) -> tuple[np.ndarray | None, str | None, bytes | None, int]:
     try:
         image = decode_image(Path(path), color, draft_size=size)
     except UnreadableImage as e:
         return None, str(e), None, 0
     except Exception as e:  # a decoder bug must not end the whole run: skip and say why
         return None, f"could not decode ({type(e).__name__}: {e})", None, 0
-    import imagehash
-
     digest = hashlib.blake2b(image.mode.encode() + repr(image.size).encode() + image.tobytes(), digest_size=16)
-    phash = int(str(imagehash.phash(image)), 16)
-    return to_array(image, size), None, digest.digest(), phash
+    return to_array(image, size), None, digest.digest(), dedup.perceptual_hash(image)
+
+
+def _decode_chunk(args: tuple[str, int, int, list[str], int, str]) -> list[tuple[str | None, bytes | None, int]]:
+    """Decode consecutive files into their rows of the buffer file; return (reason, digest, phash) each.
+
+    The worker writes the pixels itself, so they never travel back through a pipe and the
+    parent never holds them.
+    """
+    buffer_path, offset, start, files, size, color = args
+    rows = np.zeros((len(files), size, size, channels(color)), dtype=np.uint8)
+    results = []
+    for i, path in enumerate(files):
+        array, reason, digest, phash = _decode_file(path, size, color)
+        if array is not None:
+            rows[i] = array
+        results.append((reason, digest, phash))
+    write_rows(Path(buffer_path), offset, start, rows)
+    return results
 
 
 def _decode_all(scan: FolderScan, s: PrepareSettings, buffer_path: Path, pool: _WorkerPool) -> _Decoded:
     n = len(scan.files)
-    buffer = np.lib.format.open_memmap(
-        buffer_path, mode="w+", dtype=np.uint8, shape=(n, s.size, s.size, channels(s.color))
-    )
+    offset = create_rows_file(buffer_path, (n, s.size, s.size, channels(s.color)))
     ok = np.zeros(n, dtype=bool)
     reasons: dict[int, str] = {}
     digests: list[bytes | None] = [None] * n
     phashes = np.zeros(n, dtype=np.uint64)
-    tasks = ((str(scan.root / rel), s.size, s.color) for rel, _ in scan.files)
-    results = pool.imap(_decode_task, tasks, chunksize=8)
-    for i, (array, reason, digest, phash) in enumerate(progress.track(results, n, "decoding images")):
-        if array is None:
-            reasons[i] = reason
-            continue
-        buffer[i] = array
-        ok[i], digests[i], phashes[i] = True, digest, phash
-    buffer.flush()
-    del buffer
+    tasks = [
+        (str(buffer_path), offset, start, [str(scan.root / rel) for rel, _ in scan.files[start : start + DECODE_CHUNK]])
+        + (s.size, s.color)
+        for start in range(0, n, DECODE_CHUNK)
+    ]
+    done = pool.imap(_decode_chunk, tasks)
+    i = 0
+    for results in progress.track(done, len(tasks), f"decoding {n} images"):
+        for reason, digest, phash in results:
+            if reason is None:
+                ok[i], digests[i], phashes[i] = True, digest, phash
+            else:
+                reasons[i] = reason
+            i += 1
     return _Decoded(ok, reasons, digests, phashes)
+
+
+def create_rows_file(path: Path, shape: tuple[int, ...]) -> int:
+    """Create a zero-filled uint8 .npy of `shape` (sparse on disk); return where its rows start."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": tuple(shape)})
+        offset = f.tell()
+        f.truncate(offset + math.prod(shape))
+    return offset
+
+
+def write_rows(path: Path, offset: int, start: int, rows: np.ndarray) -> None:
+    """Write consecutive rows from `start` with plain file I/O: the pages go to the OS cache,
+    not into this process's resident memory as a memory map's would."""
+    rows = np.ascontiguousarray(rows, dtype=np.uint8)
+    if rows.size:
+        with open(path, "r+b") as f:
+            f.seek(offset + start * (rows.size // len(rows)))
+            f.write(rows.data)
+
+
+def read_rows(path: Path, rows: np.ndarray) -> np.ndarray:
+    """The given rows of a .npy, copied out of a memory map that is closed again at once."""
+    array = np.load(path, mmap_mode="r", allow_pickle=False)
+    try:
+        return np.asarray(array[rows])
+    finally:
+        del array
 
 
 def _build_dataset(scan: FolderScan, decoded: _Decoded, s: PrepareSettings, buffer_path: Path, tmp: Path, pool) -> dict:
@@ -216,7 +262,8 @@ def _build_dataset(scan: FolderScan, decoded: _Decoded, s: PrepareSettings, buff
     groups = dedup.group_near_duplicates(decoded.phashes[kept_rows], s.near_duplicate_distance)
     split_of = split_by_group(kept_labels, groups, s.test_size, s.val_size, s.seed, class_names)
 
-    buffer = np.load(buffer_path, mmap_mode="r", allow_pickle=False)
+    row_shape = (s.size, s.size, channels(s.color))
+    chunk_rows = max(1, COPY_BYTES // math.prod(row_shape))
     manifest: list[tuple[str, int, str, str, int]] = []
     counts = {
         name: {
@@ -235,19 +282,12 @@ def _build_dataset(scan: FolderScan, decoded: _Decoded, s: PrepareSettings, buff
         sources, split_labels = kept_rows[members], kept_labels[members]
         copies = s.augment if split == "train" else 0
         n_rows = len(members) * (1 + copies)
-        X = np.lib.format.open_memmap(
-            tmp / paths.images_file(split),
-            mode="w+",
-            dtype=np.uint8,
-            shape=(n_rows, *buffer.shape[1:]),
-        )
-        for start in range(0, len(members), COPY_ROWS):
-            chunk = sources[start : start + COPY_ROWS]
-            X[start : start + len(chunk)] = buffer[chunk]
+        X_path = tmp / paths.images_file(split)
+        offset = create_rows_file(X_path, (n_rows, *row_shape))
+        for start in range(0, len(members), chunk_rows):
+            write_rows(X_path, offset, start, read_rows(buffer_path, sources[start : start + chunk_rows]))
         if copies:
-            _write_augmented(X, buffer_path, sources, copies, s.seed, s.flip, pool)
-        X.flush()
-        del X
+            _write_augmented(X_path, offset, buffer_path, sources, copies, s.seed, s.flip, pool)
         y = np.tile(split_labels, 1 + copies)
         np.save(tmp / paths.labels_file(split), y)
         for index in range(n_rows):
@@ -259,7 +299,6 @@ def _build_dataset(scan: FolderScan, decoded: _Decoded, s: PrepareSettings, buff
         if copies:
             for label in split_labels:
                 counts[class_names[label]]["train_augmented"] += copies
-    del buffer
 
     for _, label in files:
         name = scan.class_names[label]
@@ -321,7 +360,7 @@ def _save_samples(tmp: Path, report: dict, s: PrepareSettings) -> None:
 
 
 def _write_augmented(
-    X: np.ndarray, buffer_path: Path, sources: np.ndarray, copies: int, seed: int, flip: bool, pool
+    X_path: Path, offset: int, buffer_path: Path, sources: np.ndarray, copies: int, seed: int, flip: bool, pool
 ) -> None:
     n = len(sources)
     chunks = [
@@ -329,19 +368,15 @@ def _write_augmented(
         for k, start in enumerate(range(0, n, augment.CHUNK_ROWS))
     ]
     results = pool.imap(_augment_task, chunks)
-    for (_, chunk_sources, _, _, k, _), out in zip(
-        chunks, progress.track(results, len(chunks), "augmenting training images")
-    ):
+    for (_, _, _, _, k, _), out in zip(chunks, progress.track(results, len(chunks), "augmenting training images")):
         start = k * augment.CHUNK_ROWS
         for c in range(copies):
-            offset = n * (1 + c) + start
-            X[offset : offset + len(chunk_sources)] = out[c]
+            write_rows(X_path, offset, n * (1 + c) + start, out[c])
 
 
 def _augment_task(args) -> np.ndarray:
     buffer_path, sources, copies, seed, chunk, flip = args
-    buffer = np.load(buffer_path, mmap_mode="r", allow_pickle=False)
-    return augment.augment_chunk(np.asarray(buffer[sources]), copies, seed, chunk, flip)
+    return augment.augment_chunk(read_rows(Path(buffer_path), sources), copies, seed, chunk, flip)
 
 
 def split_by_group(

@@ -4,7 +4,14 @@ Reads X_train/y_train, X_val/y_val and classes.json from the data folder (the te
 is never touched here). Writes, atomically, into the model folder: model.keras (best
 weights by validation loss), model.tflite (the same model for the light interpreter),
 classes.json, preprocess.json (all predict needs to treat a new file as training did),
-history.csv and settings.json (this run's settings and prepare's).
+history.csv and settings.json (this run's settings and prepare's, the precision used, and
+whether the arrays were trained from memory or streamed from disk).
+
+Speed: arrays that fit in memory are fed as uint8 through tf.data (shuffled row indices,
+a gather per batch, prefetch), scaled inside the model, so there is no float copy of the
+dataset; larger arrays stream from their memory maps a batch at a time (ShuffledBatches).
+On CPUs with native bfloat16 (AVX512-BF16 or AMX) the layers compute in mixed bfloat16
+(softmax in float32); the saved and exported models are float32 either way.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from pipeline.model import build_model, compile_model  # noqa: E402
 from pipeline.training_progress import EpochBars  # noqa: E402
 
 PREPARE_HINT = "run `pipeline prepare IMAGES_DIR` first"
+PRECISIONS = ("auto", "float32", "bfloat16")
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # CPU flags for native bfloat16 matrix arithmetic
 
 
 @dataclass
@@ -41,6 +50,8 @@ class TrainSettings:
     patience: int = 5  # epochs without a better validation loss before stopping
     learning_rate: float = 1e-3  # Adam
     tensorboard: bool = False  # write TensorBoard logs to the model folder
+    precision: str = "auto"  # auto: mixed bfloat16 where the CPU has native bf16, else float32; or float32, bfloat16
+    in_memory_mb: int = -1  # arrays up to this size train from memory via tf.data; -1: half the free memory
 
     def check(self) -> None:
         if self.epochs < 1:
@@ -49,6 +60,8 @@ class TrainSettings:
             raise PipelineError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.patience < 1:
             raise PipelineError(f"--patience must be at least 1, got {self.patience}")
+        if self.precision not in PRECISIONS:
+            raise PipelineError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
@@ -68,7 +81,9 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
     prepare_report = read_json(data_dir / paths.PREPARE_REPORT_FILE, PREPARE_HINT)
 
     keras.utils.set_random_seed(settings.seed)
-    model = compile_model(build_model(X_train.shape[1:], len(classes)), settings.learning_rate)
+    precision = resolve_precision(settings.precision)
+    model = compile_model(_build(X_train.shape[1:], len(classes), precision), settings.learning_rate)
+    in_memory = X_train.nbytes + X_val.nbytes <= _in_memory_bytes(settings.in_memory_mb)
     has_val = len(X_val) > 0
     monitor = "val_loss" if has_val else "loss"
     early_stopping = keras.callbacks.EarlyStopping(
@@ -85,10 +100,8 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
             from pipeline.tensorboard_logs import EpochScalars
 
             callbacks.append(EpochScalars(tmp / paths.TENSORBOARD_DIR))
-        train_batches = ShuffledBatches(X_train, y_train, settings.batch_size, settings.seed)
-        val_batches = (
-            ShuffledBatches(X_val, y_val, settings.batch_size, settings.seed, shuffle=False) if has_val else None
-        )
+        train_batches = batches(X_train, y_train, settings.batch_size, settings.seed, True, in_memory)
+        val_batches = batches(X_val, y_val, settings.batch_size, settings.seed, False, in_memory) if has_val else None
         started = time.perf_counter()
         interrupted = False
         try:
@@ -96,6 +109,7 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
                 train_batches,
                 validation_data=val_batches,
                 epochs=settings.epochs,
+                shuffle=False,  # the batches shuffle themselves, seeded
                 callbacks=callbacks,
                 verbose=0,
             )
@@ -115,7 +129,13 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
             "seconds": round(seconds, 2),
             "train_images_per_s": round(len(history) * len(X_train) / seconds, 1) if seconds else None,
             "interrupted": interrupted,
+            "precision": precision,
+            "input": "memory (tf.data)" if in_memory else "memory-mapped batches",
         }
+        if precision != "float32":  # save and export float32 weights: they run the same everywhere
+            weights = model.get_weights()
+            model = _build(X_train.shape[1:], len(classes), "float32")
+            model.set_weights(weights)
         _write_model_folder(tmp, model, classes, data_dir, prepare_report, settings, summary)
         plots.save_training_curves(history, summary["best_epoch"], tmp / paths.CURVES_PNG)
     if interrupted:
@@ -156,6 +176,65 @@ def _write_model_folder(tmp: Path, model, classes, data_dir, prepare_report, set
 def export_tflite(model, path: Path) -> None:
     """The same network for the LiteRT interpreter, which predicts without importing TensorFlow."""
     model.export(str(path), format="litert", verbose=False)
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_precision(precision: str) -> str:
+    """auto -> bfloat16 on CPUs with native bf16 arithmetic (measured 1.5-2x faster here), else float32."""
+    if precision == "auto":
+        return "bfloat16" if cpu_flags() & BF16_FLAGS else "float32"
+    return precision
+
+
+def _build(input_shape, num_classes: int, precision: str) -> keras.Model:
+    """The model under this precision's dtype policy; the global policy is restored at once."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
+    try:
+        return build_model(input_shape, num_classes)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def _in_memory_bytes(limit_mb: int) -> int:
+    if limit_mb >= 0:
+        return limit_mb * 2**20
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            free_kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        return free_kb * 1024 // 2
+    except (OSError, StopIteration, ValueError):
+        return 2 * 2**30
+
+
+def batches(X, y, batch_size: int, seed: int, shuffle: bool, in_memory: bool):
+    """Training or validation batches of uint8 pixels and integer labels.
+
+    In memory: one uint8 copy of the rows in a tf.data pipeline that shuffles row indices
+    (not images) and gathers each batch, prefetching the next while this one trains.
+    Otherwise ShuffledBatches reads each batch from the memory map.
+    """
+    if not in_memory:
+        return ShuffledBatches(X, y, batch_size, seed, shuffle=shuffle)
+    import tensorflow as tf
+
+    images = tf.constant(np.asarray(X))
+    labels = tf.constant(np.asarray(y))
+    rows = tf.data.Dataset.range(len(X))
+    if shuffle:
+        rows = rows.shuffle(len(X), seed=seed, reshuffle_each_iteration=True)
+    gather = lambda i: (tf.gather(images, i), tf.gather(labels, i))  # noqa: E731
+    return rows.batch(batch_size).map(gather, num_parallel_calls=1).prefetch(tf.data.AUTOTUNE)
 
 
 class ShuffledBatches(keras.utils.PyDataset):

@@ -1,0 +1,196 @@
+"""`make bench`: pipeline against the naive reference scripts in ../shared/bench, side by side.
+
+Builds real-photo JPEG folders with ../shared/bench/make_photo_folder.py into bench/work/
+(gitignored), then runs each pair of commands in turn (A B A B ..., a few repeats) as whole
+processes and prints a table of median ratios: prepare (images/s, wall, peak memory),
+prepare's memory on a large folder, train (training images/s and test accuracy on the
+same arrays) and predict (one photo, cold process). Writes the table to bench/RESULTS.md.
+
+    python bench/run_bench.py            # 2,000 photos at 64 px, 10,000 at 128 px for memory
+    python bench/run_bench.py --quick    # 400 photos, 2,000 for memory, 1 repeat: for iterating
+
+Memory: "peak" is the largest single process (os.wait4 rusage, as /usr/bin/time -v reports
+it); "tree" is the largest sum of PSS over the command and all its worker processes,
+sampled every 20 ms from /proc. Benchmarks are not tests: CI does not run this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from treemem import measure  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT / ".." / "shared" / "bench"
+WORK = ROOT / "bench" / "work"
+BIN = Path(sys.executable).parent
+PIPELINE = str(BIN / "pipeline")
+PY = sys.executable
+
+
+def photos(n: int) -> Path:
+    folder = WORK / f"photos{n}"
+    if not (folder / ".complete").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"building {n} photo JPEGs in {folder} ...", flush=True)
+        run([PY, str(SHARED / "make_photo_folder.py"), str(folder), "--n", str(n)])
+        (folder / ".complete").touch()
+    return folder
+
+
+def run(cmd: list[str]) -> dict:
+    result = measure([str(c) for c in cmd])
+    if result["returncode"] != 0:
+        raise SystemExit(f"failed ({result['returncode']}): {' '.join(map(str, cmd))}\n{result['stderr'][-3000:]}")
+    return result
+
+
+def pairs(a: list, b: list, repeats: int) -> tuple[list[dict], list[dict]]:
+    """A and B in turn, `repeats` times each, after one unmeasured warm-up of each."""
+    run(a), run(b)
+    runs_a, runs_b = [], []
+    for _ in range(repeats):
+        runs_a.append(run(a))
+        runs_b.append(run(b))
+    return runs_a, runs_b
+
+
+def median(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def paired_ratio(runs_a, runs_b, key: str) -> float:
+    return statistics.median(a[key] / b[key] for a, b in zip(runs_a, runs_b))
+
+
+def bench_prepare(folder: Path, n: int, size: int, repeats: int) -> list[str]:
+    a = [PIPELINE, "prepare", folder, "--out", WORK / "pipeline_data", "--size", size, "--augment", 0, "--quiet"]
+    b = [PY, SHARED / "seed_style_prepare.py", folder, WORK / "seed_data", "--size", size]
+    ra, rb = pairs(a, b, repeats)
+    speedup = 1 / paired_ratio(ra, rb, "wall")
+    return [
+        f"| prepare {n} photos, {size} px, --augment 0 | {n / median(ra, 'wall'):.0f} | {n / median(rb, 'wall'):.0f} "
+        f"| **{speedup:.2f}x** | {median(ra, 'wall'):.2f} / {median(rb, 'wall'):.2f} "
+        f"| {median(ra, 'max_rss_mb'):.0f} / {median(rb, 'max_rss_mb'):.0f} "
+        f"| {median(ra, 'tree_pss_mb'):.0f} / {median(rb, 'tree_pss_mb'):.0f} |"
+    ]
+
+
+def bench_memory(folder: Path, n: int, size: int) -> list[str]:
+    rows = []
+    for augment in (0, 1):
+        a = run(
+            [PIPELINE, "prepare", folder, "--out", WORK / "memory_data", "--size", size, "--augment", augment, "-q"]
+        )
+        out_mb = sum(f.stat().st_size for f in (WORK / "memory_data").glob("X_*.npy")) / 2**20
+        rows.append(
+            f"| prepare {n} photos, {size} px, --augment {augment} ({out_mb:.0f} MB of arrays) | {n / a['wall']:.0f} | "
+            f"| | {a['wall']:.1f} / | {a['max_rss_mb']:.0f} / | {a['tree_pss_mb']:.0f} / |"
+        )
+    b = run([PY, SHARED / "seed_style_prepare.py", folder, WORK / "seed_memory", "--size", size])
+    rows.append(
+        f"| seed_style_prepare.py, same {n} photos, {size} px | | {n / b['wall']:.0f} | | / {b['wall']:.1f} "
+        f"| / {b['max_rss_mb']:.0f} | / {b['tree_pss_mb']:.0f} |"
+    )
+    shutil.rmtree(WORK / "memory_data", ignore_errors=True)
+    shutil.rmtree(WORK / "seed_memory", ignore_errors=True)
+    return rows
+
+
+def bench_train(epochs: int, repeats: int) -> list[str]:
+    data = WORK / "pipeline_data"
+    model = WORK / "model"
+    a = [PIPELINE, "train", "--data", data, "--out", model, "--epochs", epochs, "--patience", epochs, "--quiet"]
+    b = [PY, SHARED / "seed_style_train.py", data, "--epochs", epochs]
+    ra, rb = [], []
+    for _ in range(repeats):  # no warm-up: each run is long, and both pay the same start-up
+        ra.append(run(a))
+        summary = json.loads((model / "settings.json").read_text())["summary"]
+        metrics = json.loads(
+            run([PIPELINE, "evaluate", "--data", data, "--model", model, "--json", "-q", "--out", WORK / "reports"])[
+                "stdout"
+            ]
+        )
+        ra[-1].update(ips=summary["train_images_per_s"], acc=metrics["accuracy"], precision=summary["precision"])
+        rb.append(run(b))
+        found = re.search(r"test_accuracy=([\d.]+) train_images_per_s=([\d.]+)", rb[-1]["stdout"])
+        rb[-1].update(acc=float(found.group(1)), ips=float(found.group(2)))
+    ratio = statistics.median(x["ips"] / y["ips"] for x, y in zip(ra, rb))
+    return [
+        f"| train {epochs} epochs on the same arrays ({ra[0]['precision']}; seed: float64 input, batch 32) "
+        f"| {median(ra, 'ips'):.0f} | {median(rb, 'ips'):.0f} | **{ratio:.2f}x** "
+        f"| {median(ra, 'wall'):.1f} / {median(rb, 'wall'):.1f} | {median(ra, 'max_rss_mb'):.0f} / {median(rb, 'max_rss_mb'):.0f} "
+        f"| test accuracy {median(ra, 'acc'):.3f} / {median(rb, 'acc'):.3f} |"
+    ]
+
+
+def bench_predict(folder: Path, repeats: int) -> list[str]:
+    image = sorted(folder.rglob("*.jpg"))[0]
+    a = [PIPELINE, "predict", image, "--model", WORK / "model", "--quiet"]
+    b = [PY, ROOT / "bench" / "keras_predict.py", WORK / "model", image]
+    ra, rb = pairs(a, b, repeats)
+    speedup = 1 / paired_ratio(ra, rb, "wall")
+    return [
+        f"| predict 1 photo, cold process (LiteRT; reference: Keras load_model + call) | | | **{speedup:.2f}x** "
+        f"| {median(ra, 'wall'):.2f} / {median(rb, 'wall'):.2f} | {median(ra, 'max_rss_mb'):.0f} / {median(rb, 'max_rss_mb'):.0f} "
+        f"| {median(ra, 'tree_pss_mb'):.0f} / {median(rb, 'tree_pss_mb'):.0f} |"
+    ]
+
+
+def machine() -> str:
+    flags = set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+        flags = set(re.search(r"^flags\s*:\s*(.+)$", text, re.M).group(1).split())
+        name = model.group(1) if model else platform.processor()
+    except (OSError, AttributeError):
+        name = platform.processor()
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+    shown = " ".join(f for f in wanted if f in flags) or "none of " + " ".join(wanted)
+    return f"{name}, {len(os.sched_getaffinity(0))} cores, CPU flags: {shown}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="400 photos, 2,000 for memory, 1 repeat, 2 epochs")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=3)
+    a = p.parse_args()
+    n, n_memory, repeats, epochs = (400, 2000, 1, 2) if a.quick else (2000, 10000, a.repeats, a.epochs)
+    WORK.mkdir(parents=True, exist_ok=True)
+    folder = photos(n)
+    rows = bench_prepare(folder, n, 64, repeats)
+    rows += bench_train(epochs, repeats)
+    rows += bench_predict(folder, repeats)
+    rows += bench_memory(photos(n_memory), n_memory, 128)
+    command = "make bench" if not a.quick else "python bench/run_bench.py --quick"
+    table = "\n".join(
+        [
+            f"# Benchmark results\n\n{datetime.date.today().isoformat()}, `{command}`, on {machine()}.\n",
+            "Ratios are medians of pairs run in turn (pipeline, then reference) as whole processes;",
+            "pipeline / reference in each cell. peak: largest single process (as /usr/bin/time -v);",
+            "tree: largest sum of PSS over the process and its workers.\n",
+            "| what | pipeline images/s | reference images/s | speed-up | wall s | peak MB | tree MB / note |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+            *rows,
+        ]
+    )
+    print(table)
+    if not a.quick:
+        (ROOT / "bench" / "RESULTS.md").write_text(table + "\n")
+        print("\nwritten to bench/RESULTS.md")
+
+
+if __name__ == "__main__":
+    main()
