@@ -95,38 +95,51 @@ def save_samples(
     """A few training images per class as the model sees them, each followed by its augmented copies.
 
     `X`/`y` are the train arrays as prepare writes them: the `n_originals` source images
-    first, then `copies` blocks of augmented versions in the same order.
+    first, then `copies` blocks of augmented versions in the same order. Drawn with Pillow
+    alone: prepare is the fast stage, and importing matplotlib would cost it half a second.
     """
-    plt = _pyplot()
+    from PIL import Image, ImageDraw, ImageFont
+
     shown_copies = min(copies, 2)
     rows = classes[:MAX_CLASS_ROWS]
-    columns = per_class * (1 + shown_copies)
-    fig, axes = plt.subplots(len(rows), columns, figsize=(1.15 * columns + 1.6, 1.2 * len(rows) + 0.9), squeeze=False)
-    originals = np.asarray(y[:n_originals])
-    for label, name in enumerate(rows):
-        picks = np.flatnonzero(originals == label)[:per_class]
-        for k in range(per_class):
-            for c in range(1 + shown_copies):
-                ax = axes[label, k * (1 + shown_copies) + c]
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if k < len(picks):
-                    _show(ax, X[picks[k] + c * n_originals])
-                    if c:
-                        ax.set_title("augmented", fontsize=7, color="tab:blue", pad=2)
-                    elif shown_copies:
-                        ax.set_title("original", fontsize=7, pad=2)
-                else:
-                    ax.axis("off")
-                for spine in ax.spines.values():
-                    spine.set_edgecolor("tab:blue" if c else "black")
-        axes[label, 0].set_ylabel(_short_name(name), rotation=0, ha="right", va="center", fontsize=9)
+    side = X.shape[1] * max(1, -(-64 // X.shape[1]))  # nearest-neighbour upscale to >= 64 px: honest pixels
+    border, gap, group_gap, label_width, header, caption = 2, 4, 14, 150, 34, 14
+    tile = side + 2 * border
+    group = (1 + shown_copies) * tile + shown_copies * gap
+    width = label_width + per_class * group + (per_class - 1) * group_gap + gap * 2
+    row_height = caption + tile + gap * 2
+    canvas = Image.new("RGB", (width, header + len(rows) * row_height), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = _font(ImageFont, 13)
+    small = _font(ImageFont, 10)
     size = f"{X.shape[1]}x{X.shape[2]} {'grayscale' if X.shape[3] == 1 else 'RGB'}"
     more = f"; first {len(rows)} of {len(classes)} classes" if len(classes) > len(rows) else ""
-    fig.suptitle(f"Training samples as the model sees them ({size}{more})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    note = "; blue frames: augmented copies" if shown_copies else ""
+    draw.text((gap * 2, 10), f"Training samples as the model sees them ({size}{more}{note})", fill="black", font=font)
+    originals = np.asarray(y[:n_originals])
+    for label, name in enumerate(rows):
+        top = header + label * row_height
+        draw.text((gap * 2, top + caption + tile // 2 - 7), _short_name(name), fill="black", font=font)
+        for k, pick in enumerate(np.flatnonzero(originals == label)[:per_class]):
+            for c in range(1 + shown_copies):
+                x = label_width + k * (group + group_gap) + c * (tile + gap)
+                color = (31, 119, 180) if c else (0, 0, 0)
+                draw.text((x, top), "augmented" if c else ("original" if shown_copies else ""), fill=color, font=small)
+                draw.rectangle((x, top + caption, x + tile - 1, top + caption + tile - 1), fill=color)
+                pixels = np.asarray(X[pick + c * n_originals])
+                image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+                canvas.paste(
+                    image.convert("RGB").resize((side, side), Image.Resampling.NEAREST),
+                    (x + border, top + caption + border),
+                )
+    canvas.save(path, optimize=False)
+
+
+def _font(ImageFont, size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow built without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
 
 
 def _show(ax, image: np.ndarray) -> None:
