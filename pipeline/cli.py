@@ -113,7 +113,7 @@ def train(
     data_dir: DataDir = paths.DATA_DIR,
     out_dir: Annotated[Path, typer.Option("--out", help="Where to write the model.")] = paths.MODEL_DIR,
     epochs: Annotated[int, typer.Option(help="Most epochs to train (early stopping may end sooner).")] = 30,
-    batch_size: Annotated[int, typer.Option(help="Images per training step.")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Images per training step.")] = 128,
     seed: Annotated[int, typer.Option(help="Seed for weights and shuffling.")] = 42,
     patience: Annotated[int, typer.Option(help="Epochs without validation improvement before stopping.")] = 5,
     tensorboard: Annotated[

@@ -45,7 +45,7 @@ BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # CPU flags for native bflo
 @dataclass
 class TrainSettings:
     epochs: int = 30  # upper bound; early stopping usually ends sooner
-    batch_size: int = 64
+    batch_size: int = 128  # measured: faster than 64 on 2 CPU cores, same accuracy on sample_data
     seed: int = 42
     patience: int = 5  # epochs without a better validation loss before stopping
     learning_rate: float = 1e-3  # Adam
