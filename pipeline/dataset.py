@@ -99,7 +99,7 @@ def prepare_dataset(images_dir: Path, out_dir: Path, settings: PrepareSettings) 
     return report
 
 
-class _WorkerPool:
+class WorkerPool:
     """multiprocessing.Pool's ordered imap, or a plain map when one process is enough."""
 
     def __init__(self, processes: int):
@@ -130,10 +130,10 @@ def _quiet_worker() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _worker_pool(workers: int, n_files: int, settings: PrepareSettings) -> _WorkerPool:
+def _worker_pool(workers: int, n_files: int, settings: PrepareSettings) -> WorkerPool:
     if settings.augment:
         augment.build_augmenter(0)  # import albumentations once, before the workers fork
-    return _WorkerPool(min(workers, max(1, n_files // 16)))
+    return WorkerPool(min(workers, max(1, n_files // 16)))
 
 
 @dataclass
@@ -173,7 +173,7 @@ def _decode_chunk(args: tuple[str, int, int, list[str], int, str]) -> list[tuple
     return results
 
 
-def _decode_all(scan: FolderScan, s: PrepareSettings, buffer_path: Path, pool: _WorkerPool) -> _Decoded:
+def _decode_all(scan: FolderScan, s: PrepareSettings, buffer_path: Path, pool: WorkerPool) -> _Decoded:
     n = len(scan.files)
     offset = create_rows_file(buffer_path, (n, s.size, s.size, channels(s.color)))
     ok = np.zeros(n, dtype=bool)

@@ -19,7 +19,7 @@ from pipeline import paths, plots, progress
 from pipeline.artifacts import atomic_dir, check_out_dir, write_json
 from pipeline.dataset import load_classes, load_split
 from pipeline.errors import PipelineError
-from pipeline.model_files import check_model_fits, load_keras_model, load_model_classes
+from pipeline.model_files import check_model_fits, keras_model_io, load_keras_model, load_model_classes
 from pipeline.report import write_report
 
 PREDICTIONS_FILE = "predictions.csv"
@@ -40,7 +40,11 @@ def evaluate_model(data_dir: Path, model_dir: Path, out_dir: Path) -> dict:
         raise PipelineError(f"{data_dir} has an empty test split: prepare again with --test-size above 0")
     model = load_keras_model(model_dir)
     check_model_fits(
-        model, X.shape[1:], len(classes), f"{data_dir}/{paths.images_file('test')}", f"{model_dir}/{paths.CLASSES_FILE}"
+        keras_model_io(model),
+        X.shape[1:],
+        len(classes),
+        f"{data_dir}/{paths.images_file('test')}",
+        f"{model_dir}/{paths.CLASSES_FILE}",
     )
     probabilities = predict_probabilities(model, X)
     metrics = compute_metrics(y, probabilities, classes)

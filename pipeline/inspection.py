@@ -7,7 +7,6 @@ of image sizes, and which files would be skipped or ignored and why. Writes noth
 
 from __future__ import annotations
 
-import multiprocessing
 from collections import Counter
 from pathlib import Path
 
@@ -109,19 +108,8 @@ def _look(path: str) -> tuple[str | None, str | None, tuple[int, int] | None, st
 def _look_at_all(paths: list[str], workers: int):
     if workers < 0:
         raise PipelineError(f"--workers must be 0 (all cores) or more, got {workers}")
-    from pipeline.dataset import available_cores
+    from pipeline.dataset import WorkerPool, available_cores
 
     processes = min(workers or available_cores(), max(1, len(paths) // POOL_FROM))
-    if processes <= 1:
-        return list(progress.track(map(_look, paths), len(paths), "decoding images"))
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else None)
-    with context.Pool(processes, initializer=_quiet_worker_signals) as pool:
+    with WorkerPool(processes) as pool:
         return list(progress.track(pool.imap(_look, paths, chunksize=16), len(paths), "decoding images"))
-
-
-def _quiet_worker_signals() -> None:
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the CLI's handler would print a traceback on terminate()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -56,19 +56,29 @@ def load_keras_model(model_dir: Path):
 
 
 def check_model_fits(
-    model, input_shape: tuple[int, ...], num_classes: int, where: str, classes_where: str = paths.CLASSES_FILE
+    model_io: tuple[tuple[int, ...], int],
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    where: str,
+    classes_where: str = paths.CLASSES_FILE,
+    model_name: str = "the model",
 ) -> None:
     """The model, the arrays and classes.json must agree on image shape and class count.
 
-    `where` names what gave `input_shape`, `classes_where` what gave `num_classes`.
+    `model_io` is (image shape, class count) as the model declares them; `where` names what
+    gave `input_shape`, `classes_where` what gave `num_classes`.
     """
-    model_input = tuple(model.input_shape[1:])
-    model_classes = model.output_shape[-1]
+    model_input, model_classes = tuple(model_io[0]), int(model_io[1])
     if model_input != tuple(input_shape):
         raise PipelineError(
-            f"the model expects images of shape {model_input} but {where} holds {tuple(input_shape)}: prepare and train again with the same --size and --color"
+            f"{model_name} expects images of shape {model_input} but {where} holds {tuple(input_shape)}: "
+            "prepare and train again with the same --size and --color"
         )
     if model_classes != num_classes:
         raise PipelineError(
-            f"the model predicts {model_classes} classes but {classes_where} lists {num_classes}: train again on this data"
+            f"{model_name} predicts {model_classes} classes but {classes_where} lists {num_classes}: train again on this data"
         )
+
+
+def keras_model_io(model) -> tuple[tuple[int, ...], int]:
+    return tuple(model.input_shape[1:]), model.output_shape[-1]

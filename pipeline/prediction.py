@@ -22,6 +22,7 @@ from pipeline.errors import PipelineError
 from pipeline.images import UnreadableImage, channels, load_image
 from pipeline.model_files import (
     check_model_fits,
+    keras_model_io,
     load_keras_model,
     load_model_classes,
     load_preprocess,
@@ -105,7 +106,11 @@ def load_predictor(model_dir: Path, engine: str, input_shape: tuple[int, int, in
         raise PipelineError(f"{tflite} not found: {'train again to export it'}")
     model = load_keras_model(model_dir)
     check_model_fits(
-        model, input_shape, num_classes, f"{model_dir / paths.PREPROCESS_FILE}", f"{model_dir / paths.CLASSES_FILE}"
+        keras_model_io(model),
+        input_shape,
+        num_classes,
+        f"{model_dir / paths.PREPROCESS_FILE}",
+        f"{model_dir / paths.CLASSES_FILE}",
     )
     return lambda batch: np.asarray(model.predict_on_batch(batch), dtype=np.float64)
 
@@ -117,15 +122,10 @@ def _litert_predictor(Interpreter, path: Path, input_shape, num_classes):
         raise PipelineError(f"could not load {path}: {e}") from None
     source = interpreter.get_input_details()[0]
     target = interpreter.get_output_details()[0]
-    model_input, model_classes = tuple(int(n) for n in source["shape"][1:]), int(target["shape"][-1])
-    if model_input != tuple(input_shape):
-        raise PipelineError(
-            f"{path} expects images of shape {model_input} but {paths.PREPROCESS_FILE} gives {tuple(input_shape)}: train again"
-        )
-    if model_classes != num_classes:
-        raise PipelineError(
-            f"{path} predicts {model_classes} classes but {paths.CLASSES_FILE} lists {num_classes}: train again"
-        )
+    model_io = (tuple(int(n) for n in source["shape"][1:]), int(target["shape"][-1]))
+    check_model_fits(
+        model_io, input_shape, num_classes, paths.PREPROCESS_FILE, paths.CLASSES_FILE, model_name=str(path)
+    )
 
     def run(batch: np.ndarray) -> np.ndarray:
         interpreter.resize_tensor_input(source["index"], batch.shape)
