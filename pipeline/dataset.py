@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from pipeline import __version__, augment, dedup, paths, progress
 from pipeline.artifacts import atomic_dir, check_out_dir, load_array, read_json, write_json
@@ -152,7 +153,11 @@ def _decode_file(path: str, size: int, color: str) -> tuple[np.ndarray | None, s
     except Exception as e:  # a decoder bug must not end the whole run: skip and say why
         return None, f"could not decode ({type(e).__name__}: {e})", None, 0
     digest = hashlib.blake2b(image.mode.encode() + repr(image.size).encode() + image.tobytes(), digest_size=16)
-    return to_array(image, size), None, digest.digest(), dedup.perceptual_hash(image)
+    array = to_array(image, size)
+    # Near-duplicates are judged at the resolution the model sees, when that is at least the
+    # hash's own 32x32; hashing the smaller array is also cheaper than the decoded image.
+    hashed = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array) if size >= dedup.PHASH_SIDE else image
+    return array, None, digest.digest(), dedup.perceptual_hash(hashed)
 
 
 def _decode_chunk(args: tuple[str, int, int, list[str], int, str]) -> list[tuple[str | None, bytes | None, int]]:
