@@ -62,7 +62,9 @@ def wait_for(predicate, process: subprocess.Popen, timeout: float = 120) -> None
 @pytest.fixture(scope="module")
 def big_folder(tmp_path_factory) -> Path:
     """Enough images that prepare takes a couple of seconds on two cores."""
-    return write_image_folder(tmp_path_factory.mktemp("big") / "images", per_class=500, size=48)  # long enough to be killed mid-run
+    return write_image_folder(
+        tmp_path_factory.mktemp("big") / "images", per_class=500, size=48
+    )  # long enough to be killed mid-run
 
 
 def prepare_args(images: Path, out: Path) -> list:
