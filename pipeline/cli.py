@@ -18,6 +18,7 @@ from rich.table import Table
 
 from pipeline import paths, progress
 from pipeline.errors import PipelineError
+from pipeline.settings import PrepareSettings, TrainSettings
 
 app = typer.Typer(
     help="Turn a folder of class-named image folders into a trained image classifier.\n\n"
@@ -26,6 +27,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+PREPARE, TRAIN = PrepareSettings(), TrainSettings()  # option defaults come from the settings
 out = Console(highlight=False, soft_wrap=True)  # results go to stdout; progress and notes go to stderr
 
 
@@ -56,21 +58,23 @@ ModelDir = Annotated[Path, typer.Option("--model", help="Model folder (from trai
 def prepare(
     images_dir: Annotated[Path, typer.Argument(help="Folder with one sub-folder of images per class.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Where to write the arrays.")] = paths.DATA_DIR,
-    size: Annotated[int, typer.Option(help="Square side in pixels.")] = 32,
-    color: Annotated[str, typer.Option(help="rgb or grayscale.")] = "rgb",
-    test_size: Annotated[float, typer.Option(help="Fraction of each class for the test split.")] = 0.2,
-    val_size: Annotated[float, typer.Option(help="Fraction of each class for validation (0: none).")] = 0.1,
-    augment: Annotated[int, typer.Option(help="Augmented copies per training image.")] = 1,
+    size: Annotated[int, typer.Option(help="Square side in pixels.")] = PREPARE.size,
+    color: Annotated[str, typer.Option(help="rgb or grayscale.")] = PREPARE.color,
+    test_size: Annotated[float, typer.Option(help="Fraction of each class for the test split.")] = PREPARE.test_size,
+    val_size: Annotated[
+        float, typer.Option(help="Fraction of each class for validation (0: none).")
+    ] = PREPARE.val_size,
+    augment: Annotated[int, typer.Option(help="Augmented copies per training image.")] = PREPARE.augment,
     flip: Annotated[
         bool, typer.Option("--flip/--no-flip", help="Mirror left-right when augmenting (--no-flip for digits, text).")
-    ] = True,
-    seed: Annotated[int, typer.Option(help="Seed for the split and augmentation.")] = 42,
-    workers: Annotated[int, typer.Option(help="Decoding processes (0: all cores).")] = 0,
-    strict: Annotated[bool, typer.Option("--strict", help="Fail on any skipped file or warning.")] = False,
+    ] = PREPARE.flip,
+    seed: Annotated[int, typer.Option(help="Seed for the split and augmentation.")] = PREPARE.seed,
+    workers: Annotated[int, typer.Option(help="Decoding processes (0: all cores).")] = PREPARE.workers,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail on any skipped file or warning.")] = PREPARE.strict,
     quiet: Quiet = False,
 ) -> None:
     """Scan IMAGES_DIR, decode, resize, de-duplicate, split and augment into .npy arrays."""
-    from pipeline.dataset import PrepareSettings, prepare_dataset
+    from pipeline.dataset import prepare_dataset
 
     progress.set_quiet(quiet)
     settings = PrepareSettings(
@@ -112,19 +116,21 @@ def inspect(
 def train(
     data_dir: DataDir = paths.DATA_DIR,
     out_dir: Annotated[Path, typer.Option("--out", help="Where to write the model.")] = paths.MODEL_DIR,
-    epochs: Annotated[int, typer.Option(help="Most epochs to train (early stopping may end sooner).")] = 30,
-    batch_size: Annotated[int, typer.Option(help="Images per training step.")] = 128,
-    seed: Annotated[int, typer.Option(help="Seed for weights and shuffling.")] = 42,
-    patience: Annotated[int, typer.Option(help="Epochs without validation improvement before stopping.")] = 5,
+    epochs: Annotated[int, typer.Option(help="Most epochs to train (early stopping may end sooner).")] = TRAIN.epochs,
+    batch_size: Annotated[int, typer.Option(help="Images per training step.")] = TRAIN.batch_size,
+    seed: Annotated[int, typer.Option(help="Seed for weights and shuffling.")] = TRAIN.seed,
+    patience: Annotated[
+        int, typer.Option(help="Epochs without validation improvement before stopping.")
+    ] = TRAIN.patience,
     tensorboard: Annotated[
         bool, typer.Option("--tensorboard", help="Write TensorBoard logs to the model folder.")
-    ] = False,
+    ] = TRAIN.tensorboard,
     quiet: Quiet = False,
 ) -> None:
     """Train the CIFAR-style CNN on the prepared arrays, keeping the best epoch on validation."""
     progress.set_quiet(quiet)
     progress.say("loading TensorFlow...")
-    from pipeline.training import TrainSettings, train_model
+    from pipeline.training import train_model
 
     settings = TrainSettings(
         epochs=epochs, batch_size=batch_size, seed=seed, patience=patience, tensorboard=tensorboard
@@ -231,18 +237,20 @@ def _print_prepare_summary(report: dict, out_dir: Path) -> None:
         f"{totals['found']} image files, {totals['skipped']} skipped, {totals['ignored']} ignored, "
         f"{totals['duplicates_removed']} duplicates removed, {len(report['near_duplicate_groups'])} near-duplicate groups kept together"
     )
-    for item in report["skipped"][:20]:
-        out.print(f"skipped {item['path']}: {item['reason']}", markup=False)
-    if len(report["skipped"]) > 20:
-        out.print(
-            f"... and {len(report['skipped']) - 20} more skipped files: see {out_dir / paths.PREPARE_REPORT_FILE}"
-        )
+    _print_skipped(report["skipped"], "skipped", f"see {out_dir / paths.PREPARE_REPORT_FILE}")
     for warning in report["warnings"]:
         out.print(f"warning: {warning}", markup=False)
     imbalance = class_imbalance(usable_counts(report))
     if imbalance:
         out.print(f"warning: {imbalance}", markup=False)
     out.print(f"sample grid: {out_dir / paths.SAMPLES_PNG}")
+
+
+def _print_skipped(items: list[dict], verb: str, more_hint: str, shown: int = 20) -> None:
+    for item in items[:shown]:
+        out.print(f"{verb} {item['path']}: {item['reason']}", markup=False)
+    if len(items) > shown:
+        out.print(f"... and {len(items) - shown} more: {more_hint}")
 
 
 def _print_inspection(found: dict) -> None:
@@ -269,10 +277,7 @@ def _print_inspection(found: dict) -> None:
             f"width  min {w['min']}  median {w['median']:g}  max {w['max']}\n"
             f"height min {h['min']}  median {h['median']:g}  max {h['max']}"
         )
-    for item in found["skipped"][:20]:
-        out.print(f"would skip {item['path']}: {item['reason']}", markup=False)
-    if len(found["skipped"]) > 20:
-        out.print(f"... and {len(found['skipped']) - 20} more: see --json")
+    _print_skipped(found["skipped"], "would skip", "see --json")
     reasons: dict[str, list[str]] = {}
     for item in found["ignored"]:
         reasons.setdefault(item["reason"], []).append(item["path"])

@@ -19,6 +19,7 @@ import math
 import multiprocessing
 import os
 import signal
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,7 +30,6 @@ from pipeline import __version__, augment, dedup, paths, progress
 from pipeline.artifacts import atomic_dir, check_out_dir, load_array, read_json, write_json
 from pipeline.errors import PipelineError
 from pipeline.images import (
-    COLOR_MODES,
     FolderScan,
     UnreadableImage,
     channels,
@@ -37,37 +37,10 @@ from pipeline.images import (
     scan_folder,
     to_array,
 )
+from pipeline.settings import PrepareSettings
 
 DECODE_CHUNK = 32  # files per task a worker takes: few messages, and the last tasks still balance
 COPY_BYTES = 16 * 2**20  # pixels moved per step from the decode buffer to the outputs
-
-
-@dataclass
-class PrepareSettings:
-    size: int = 32  # square side in pixels; the CIFAR-style CNN was designed for 32x32
-    color: str = "rgb"  # "rgb" or "grayscale"
-    test_size: float = 0.2  # fraction of each class's source images kept for evaluate
-    val_size: float = 0.1  # fraction for validation (early stopping); 0 turns it off
-    augment: int = 1  # augmented copies added per training image (train split only)
-    flip: bool = True  # mirror left-right when augmenting; off for digits, text, or left/right classes
-    seed: int = 42  # same seed, same folder: byte-identical arrays and manifest
-    workers: int = 0  # decoding processes; 0 = every available core
-    strict: bool = False  # any skipped file or warning fails the run
-    near_duplicate_distance: int = dedup.NEAR_DUPLICATE_DISTANCE  # perceptual-hash bits; -1 = off
-
-    def check(self) -> None:
-        if not 10 <= self.size <= 1024:  # the two conv-pool stages need 10 pixels
-            raise PipelineError(f"--size must be between 10 and 1024, got {self.size}")
-        if self.color not in COLOR_MODES:
-            raise PipelineError(f"--color must be one of {', '.join(COLOR_MODES)}, got {self.color!r}")
-        if not 0 < self.test_size < 1:
-            raise PipelineError(f"--test-size must be between 0 and 1, got {self.test_size}")
-        if not 0 <= self.val_size < 1 or self.test_size + self.val_size >= 1:
-            raise PipelineError("--val-size must be at least 0 and --test-size + --val-size below 1")
-        if self.augment < 0:
-            raise PipelineError(f"--augment must be 0 or more, got {self.augment}")
-        if self.workers < 0:
-            raise PipelineError(f"--workers must be 0 (all cores) or more, got {self.workers}")
 
 
 def available_cores() -> int:
@@ -339,7 +312,7 @@ def _build_dataset(scan: FolderScan, decoded: _Decoded, s: PrepareSettings, buff
             "train_rows": int((split_of == "train").sum()) * (1 + s.augment),
         },
         "skipped": skipped,
-        "ignored": {"counts": _count_reasons(scan.ignored), "items": scan.ignored},
+        "ignored": {"counts": dict(Counter(item["reason"] for item in scan.ignored)), "items": scan.ignored},
         "duplicates": [{"kept": path_of(g[0]), "removed": [path_of(r) for r in g[1:]]} for g in duplicate_groups],
         "label_conflicts": [
             {
@@ -447,13 +420,6 @@ def _near_duplicate_groups(groups: np.ndarray, group_paths: list[str], split_of:
         if len(members) > 1:
             found.append({"paths": [group_paths[m] for m in members], "split": str(split_of[members[0]])})
     return found
-
-
-def _count_reasons(items: list[dict]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for item in items:
-        counts[item["reason"]] = counts.get(item["reason"], 0) + 1
-    return counts
 
 
 def load_classes(folder: Path, missing_hint: str) -> list[str]:

@@ -18,7 +18,8 @@ from collections import defaultdict
 import numpy as np
 from PIL import Image
 
-NEAR_DUPLICATE_DISTANCE = 4  # bits of 64: resized or re-encoded copies land well inside
+from pipeline.settings import NEAR_DUPLICATE_DISTANCE
+
 PHASH_SIDE = 32  # the picture is shrunk to 32x32 grey, and its 8x8 lowest frequencies kept
 _k, _n = np.arange(8)[:, None], np.arange(PHASH_SIDE)[None, :]
 _DCT = 2.0 * np.cos(np.pi * _k * (2 * _n + 1) / (2 * PHASH_SIDE))  # scipy.fftpack.dct type II rows 0-7

@@ -23,7 +23,6 @@ from pipeline.errors import PipelineError
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini", ".ds_store"})
 METADATA_DIRS = frozenset({"__MACOSX"})
-COLOR_MODES = ("rgb", "grayscale")
 BACKGROUND = 255  # transparent pixels become white, whatever colour they hid
 # Antialiased bilinear, as Keras' own image loaders default to: on a JPEG already shrunk in
 # the DCT domain it looks the same as Lanczos at half the cost.

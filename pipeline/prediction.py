@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +42,7 @@ class Prediction:
     top_k: list[dict]
 
     def as_dict(self) -> dict:
-        return {
-            "file": self.file,
-            "label": self.label,
-            "confidence": self.confidence,
-            "top_k": self.top_k,
-        }
+        return asdict(self)
 
 
 def predict_files(

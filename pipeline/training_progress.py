@@ -1,8 +1,8 @@
-"""Live rich bars for `train` when stderr is a terminal: one for all epochs, one for the batches of this epoch.
+"""Progress of `train`: live rich bars when stderr is a terminal (one for all epochs, one for
+the batches of this epoch), else one line per epoch.
 
-Each finished epoch still leaves its one line (loss, accuracy, val loss, val accuracy,
-seconds) above the bars, the same line `training.EpochLine` prints when stderr is not a
-terminal, so a scrolled-back terminal reads like a log.
+Either way each finished epoch leaves the same line (loss, accuracy, val loss, val
+accuracy, seconds), so a scrolled-back terminal reads like a log.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ class EpochBars(keras.callbacks.Callback):
         super().__init__()
         self.epochs = epochs
         self.bars = None
-        self.last: dict = {}
 
     def on_train_begin(self, logs=None):
         self.bars = progress.bar(TextColumn("{task.fields[metrics]}"), transient=True)
@@ -68,3 +67,21 @@ class EpochBars(keras.callbacks.Callback):
         if self.bars is not None:
             self.bars.stop()
             self.bars = None
+
+
+class EpochLine(keras.callbacks.Callback):
+    """One line per epoch, for logs and pipes."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        progress.say(epoch_summary(epoch, self.epochs, logs or {}, time.perf_counter() - self.started))
+
+
+def epoch_progress(epochs: int) -> keras.callbacks.Callback:
+    return EpochBars(epochs) if progress.enabled() else EpochLine(epochs)
