@@ -73,6 +73,15 @@ def paired_ratio(runs_a, runs_b, key: str) -> float:
     return statistics.median(a[key] / b[key] for a, b in zip(runs_a, runs_b))
 
 
+def wall_and_memory(ra: list[dict], rb: list[dict]) -> str:
+    """The table's last three cells: median wall seconds, peak process and tree memory, A / B."""
+    return (
+        f"| {median(ra, 'wall'):.2f} / {median(rb, 'wall'):.2f} "
+        f"| {median(ra, 'max_rss_mb'):.0f} / {median(rb, 'max_rss_mb'):.0f} "
+        f"| {median(ra, 'tree_pss_mb'):.0f} / {median(rb, 'tree_pss_mb'):.0f} |"
+    )
+
+
 def bench_prepare(folder: Path, n: int, size: int, repeats: int) -> list[str]:
     a = [PIPELINE, "prepare", folder, "--out", WORK / "pipeline_data", "--size", size, "--augment", 0, "--quiet"]
     b = [PY, SHARED / "seed_style_prepare.py", folder, WORK / "seed_data", "--size", size]
@@ -80,9 +89,7 @@ def bench_prepare(folder: Path, n: int, size: int, repeats: int) -> list[str]:
     speedup = 1 / paired_ratio(ra, rb, "wall")
     return [
         f"| prepare {n} photos, {size} px, --augment 0 | {n / median(ra, 'wall'):.0f} | {n / median(rb, 'wall'):.0f} "
-        f"| **{speedup:.2f}x** | {median(ra, 'wall'):.2f} / {median(rb, 'wall'):.2f} "
-        f"| {median(ra, 'max_rss_mb'):.0f} / {median(rb, 'max_rss_mb'):.0f} "
-        f"| {median(ra, 'tree_pss_mb'):.0f} / {median(rb, 'tree_pss_mb'):.0f} |"
+        f"| **{speedup:.2f}x** {wall_and_memory(ra, rb)}"
     ]
 
 
@@ -143,9 +150,7 @@ def bench_predict(folder: Path, repeats: int) -> list[str]:
     ra, rb = pairs(a, b, repeats)
     speedup = 1 / paired_ratio(ra, rb, "wall")
     return [
-        f"| predict 1 photo, cold process (LiteRT; reference: Keras load_model + call) | | | **{speedup:.2f}x** "
-        f"| {median(ra, 'wall'):.2f} / {median(rb, 'wall'):.2f} | {median(ra, 'max_rss_mb'):.0f} / {median(rb, 'max_rss_mb'):.0f} "
-        f"| {median(ra, 'tree_pss_mb'):.0f} / {median(rb, 'tree_pss_mb'):.0f} |"
+        f"| predict 1 photo, cold process (LiteRT; reference: Keras load_model + call) | | | **{speedup:.2f}x** {wall_and_memory(ra, rb)}"
     ]
 
 
