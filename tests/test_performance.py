@@ -30,6 +30,7 @@ def imported_modules(*args: str) -> set[str]:
         text=True,
         timeout=120,
     )
+    assert done.returncode == 0, done.stderr[-2000:]
     names = re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s*([\w.]+)", done.stderr, flags=re.M)
     assert names, done.stderr[-2000:]
     return {name.split(".")[0] for name in names}
@@ -51,9 +52,8 @@ def test_predict_through_litert_imports_no_heavy_module(trained):
 
 def test_phash_matches_imagehash(images):
     for path in sorted(images.rglob("*.*")):
-        for draft in (None, 16):
-            image = decode_image(path, "rgb", draft_size=draft)
-            assert dedup.perceptual_hash(image) == int(str(imagehash.phash(image)), 16), path
+        image = decode_image(path, "rgb")
+        assert dedup.perceptual_hash(image) == int(str(imagehash.phash(image)), 16), path
 
 
 def test_litert_agrees_with_keras_on_a_batch(trained):
@@ -74,13 +74,15 @@ def test_trained_model_is_float32_whatever_the_precision(trained):
 
 
 def test_memory_mapped_path_trains_the_same_network(trained, tmp_path: Path):
-    """Arrays above the in-memory limit stream from their memory maps; float32 on request."""
+    """Arrays above the in-memory limit stream from their memory maps; bfloat16 training (asked for
+    explicitly, so the float32 rebuild runs on any CPU) still saves a float32 model."""
     out = tmp_path / "model"
-    settings = TrainSettings(epochs=2, batch_size=16, precision="float32", in_memory_mb=0)
+    settings = TrainSettings(epochs=2, batch_size=16, precision="bfloat16", in_memory_mb=0)
     summary = train_model(trained["data"], out, settings)
-    assert summary["input"] == "memory-mapped batches" and summary["precision"] == "float32"
+    assert summary["input"] == "memory-mapped batches" and summary["precision"] == "bfloat16"
+    assert {layer.dtype_policy.name for layer in load_keras_model(out).layers} == {"float32"}
     assert summary["epochs_run"] == 2 and summary["train_images_per_s"] > 0
     saved = json.loads((out / "settings.json").read_text())
-    assert saved["train"]["in_memory_mb"] == 0 and saved["summary"]["precision"] == "float32"
+    assert saved["train"]["in_memory_mb"] == 0 and saved["summary"]["precision"] == "bfloat16"
     result = run_cli("evaluate", "--data", trained["data"], "--model", out, "--out", tmp_path / "r", "--json", "-q")
     assert json.loads(result.stdout)["accuracy"] > 0.5  # three colour classes
