@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,11 @@ def write_image_folder(
             suffix = ".png" if i % 2 == 0 else ".jpg"
             Image.fromarray(pixels).save(folder / f"{name}_{i:03d}{suffix}")
     return root
+
+
+def read_manifest(folder: Path) -> list[dict]:
+    with open(folder / "manifest.csv", newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def run_cli(*args: str, expect: int | None = 0):

@@ -1,18 +1,12 @@
 """prepare through the CLI: splits, augmentation, manifest, determinism, user errors."""
 
-import csv
 import json
 
 import numpy as np
 import pytest
 
 from pipeline.images import load_image
-from tests.conftest import run_cli, write_image_folder
-
-
-def read_manifest(folder):
-    with open(folder / "manifest.csv", newline="") as f:
-        return list(csv.DictReader(f))
+from tests.conftest import read_manifest, run_cli, write_image_folder
 
 
 def test_prepare_writes_the_contract(images, tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 from pathlib import Path
@@ -13,12 +12,7 @@ from PIL import Image
 
 from pipeline import dedup
 from pipeline.dataset import split_by_group
-from tests.conftest import run_cli, write_image_folder
-
-
-def read_manifest(folder: Path) -> list[dict]:
-    with open(folder / "manifest.csv", newline="") as f:
-        return list(csv.DictReader(f))
+from tests.conftest import read_manifest, run_cli, write_image_folder
 
 
 def textured(seed: int, size: int = 48) -> Image.Image:

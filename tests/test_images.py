@@ -5,7 +5,6 @@ Every bad file is built here under tmp_path; most cases run through the CLI.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -19,12 +18,7 @@ import pytest
 from PIL import Image
 
 from pipeline.images import UnreadableImage, decode_image, load_image, scan_folder
-from tests.conftest import run_cli, write_image_folder
-
-
-def read_manifest(folder: Path) -> list[dict]:
-    with open(folder / "manifest.csv", newline="") as f:
-        return list(csv.DictReader(f))
+from tests.conftest import read_manifest, run_cli, write_image_folder
 
 
 def source_rows(out: Path, size: int) -> dict[str, np.ndarray]:
