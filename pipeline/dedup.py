@@ -1,18 +1,20 @@
 """Exact and near-duplicate source images, found before the split so none leaks across it.
 
-Exact duplicates share identical decoded pixels (a digest computed while decoding), so a
-PNG and a BMP of the same picture match whatever their names. Near-duplicates share a
+Exact duplicates share identical pixels once resized to --size (a digest of the row the
+model would see), so a PNG and a BMP of the same picture match whatever their names. Near-duplicates share a
 64-bit perceptual hash within a small Hamming distance; they are grouped without an
 all-pairs loop by multi-index hashing: split the hash into distance+1 blocks, and any two
 hashes within the distance agree exactly on at least one block (pigeonhole), so only
 hashes that share a block value are compared.
 
-The perceptual hash is imagehash's `phash` (same bits), computed with a precomputed 8x32
-DCT matrix instead of scipy.fftpack: importing scipy cost each decoding process 0.4 s.
+The perceptual hash is imagehash's `phash`, computed for a whole batch at once with
+matrices (Pillow's LANCZOS coefficients, an 8x32 DCT) instead of per-picture Pillow calls
+and scipy.fftpack (importing scipy cost each decoding process 0.4 s).
 """
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 
 import numpy as np
@@ -25,12 +27,68 @@ _k, _n = np.arange(8)[:, None], np.arange(PHASH_SIDE)[None, :]
 _DCT = 2.0 * np.cos(np.pi * _k * (2 * _n + 1) / (2 * PHASH_SIDE))  # scipy.fftpack.dct type II rows 0-7
 
 
+@functools.lru_cache(maxsize=64)
+def _lanczos_matrix(in_size: int, out_size: int = PHASH_SIDE) -> np.ndarray:
+    """Pillow's LANCZOS resize along one axis as an (out, in) matrix (Resample.c's coefficients)."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 3.0 * filterscale
+    matrix = np.zeros((out_size, in_size))
+    for out in range(out_size):
+        center = (out + 0.5) * scale
+        lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), in_size)
+        x = (np.arange(lo, hi) - center + 0.5) / filterscale
+        weights = np.where(np.abs(x) < 3.0, np.sinc(x) * np.sinc(x / 3.0), 0.0)
+        matrix[out, lo:hi] = weights / weights.sum() if weights.sum() else weights
+    return matrix
+
+
+def _round8(values: np.ndarray) -> np.ndarray:
+    return np.clip(np.floor(values + 0.5), 0, 255)  # Pillow rounds and clips after each pass
+
+
+def _resize_rows(grey: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """N x H x W -> N x H x out: each row times matrix.T, as one matrix product for the batch."""
+    n, height, width = grey.shape
+    return _round8(grey.reshape(n * height, width) @ matrix.T).reshape(n, height, len(matrix))
+
+
+def perceptual_hashes(pixels: np.ndarray) -> np.ndarray:
+    """imagehash's `phash` of each picture in a batch, as uint64 (bits row-major, first bit highest).
+
+    `pixels`: uint8, N x H x W (grey) or N x H x W x 1|3. Pillow's steps as matrix products over
+    the whole batch: grey by Pillow's integer luma, LANCZOS to 32x32 (width, then height,
+    rounded in between as Pillow does), the 8x8 lowest DCT frequencies, bits above their
+    median. Per-picture Pillow calls cost more than decoding the picture's thumbnail did.
+    """
+    pixels = np.asarray(pixels)
+    if pixels.ndim == 4:
+        if pixels.shape[-1] == 3:  # Pillow's own grey, for the batch as one tall picture
+            n, height, width, _ = pixels.shape
+            tall = Image.fromarray(np.ascontiguousarray(pixels).reshape(n * height, width, 3))
+            pixels = np.asarray(tall.convert("L")).reshape(n, height, width)
+        else:
+            pixels = pixels[..., 0]
+    if len(pixels) == 0:
+        return np.zeros(0, dtype=np.uint64)
+    grey = pixels.astype(np.float64)
+    if grey.shape[2] != PHASH_SIDE:
+        grey = _resize_rows(grey, _lanczos_matrix(grey.shape[2]))
+    grey = grey.transpose(0, 2, 1)  # columns as rows: the height pass is the same product
+    if grey.shape[2] != PHASH_SIDE:
+        grey = _resize_rows(np.ascontiguousarray(grey), _lanczos_matrix(grey.shape[2]))
+    # grey is the 32x32 thumbnail T transposed (G); with D the DCT rows, D T D' = (G D')' D'.
+    n = len(grey)
+    half = (grey.reshape(n * PHASH_SIDE, PHASH_SIDE) @ _DCT.T).reshape(n, PHASH_SIDE, 8)
+    low = (np.ascontiguousarray(half.transpose(0, 2, 1)).reshape(n * 8, PHASH_SIDE) @ _DCT.T).reshape(n, 64)
+    bits = low > np.median(low, axis=1, keepdims=True)
+    return np.packbits(bits, axis=1).view(">u8").ravel().astype(np.uint64)
+
+
 def perceptual_hash(image: Image.Image) -> int:
-    """imagehash.phash(image) as a 64-bit integer (bits row-major, first bit highest)."""
-    pixels = np.asarray(image.convert("L").resize((PHASH_SIDE, PHASH_SIDE), Image.Resampling.LANCZOS), np.float64)
-    low = _DCT @ pixels @ _DCT.T
-    bits = low.ravel() > np.median(low)
-    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+    """imagehash.phash(image) as a 64-bit integer: `perceptual_hashes` of one picture."""
+    grey = np.asarray(image.convert("L"))
+    return int(perceptual_hashes(grey[None])[0])
 
 
 def find_exact_duplicates(
@@ -79,14 +137,8 @@ def group_near_duplicates(hashes: np.ndarray, max_distance: int = NEAR_DUPLICATE
     for row, u in enumerate(inverse):  # identical hashes: one group without comparing
         union(row, first[u])
     if max_distance >= 0 and len(unique) > 1:
-        for block in _blocks(unique, max_distance + 1):
-            order = np.argsort(block, kind="stable")
-            sorted_block = block[order]
-            starts = np.flatnonzero(np.r_[True, sorted_block[1:] != sorted_block[:-1]])
-            ends = np.r_[starts[1:], len(order)]
-            for s, e in zip(starts, ends):
-                if e - s > 1:
-                    _union_close(unique, order[s:e], max_distance, first, union)
+        for a, b in _close_pairs(unique, max_distance):
+            union(int(first[a]), int(first[b]))
     roots = np.array([find(i) for i in range(len(hashes))])
     _, group = np.unique(roots, return_inverse=True)
     return group
@@ -101,9 +153,21 @@ def _blocks(values: np.ndarray, count: int) -> list[np.ndarray]:
     return blocks
 
 
-def _union_close(unique: np.ndarray, members: np.ndarray, max_distance: int, first, union) -> None:
-    values = unique[members]
-    for i in range(len(members) - 1):  # a bucket holds few hashes unless data is degenerate
-        distance = np.bitwise_count(values[i + 1 :] ^ values[i])
-        for j in np.flatnonzero(distance <= max_distance):
-            union(int(first[members[i]]), int(first[members[i + 1 + j]]))
+def _close_pairs(unique: np.ndarray, max_distance: int) -> list[tuple[int, int]]:
+    """Index pairs of distinct hashes within `max_distance` bits that share a block value.
+
+    Sorted by block value, hashes sharing it sit next to each other: compare each with the
+    one k places on, for k = 1, 2, ... while any such pair still shares the value.
+    """
+    pairs = set()
+    for block in _blocks(unique, max_distance + 1):
+        order = np.argsort(block, kind="stable")
+        values = block[order]
+        for k in range(1, len(order)):
+            same = np.flatnonzero(values[:-k] == values[k:])
+            if not len(same):
+                break
+            a, b = order[same], order[same + k]
+            close = np.bitwise_count(unique[a] ^ unique[b]) <= max_distance
+            pairs.update(zip(a[close].tolist(), b[close].tolist()))
+    return sorted(pairs)

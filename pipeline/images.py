@@ -130,15 +130,15 @@ def _rel(root: Path, path: str) -> str:
     return Path(os.path.relpath(path, root)).as_posix()
 
 
-def decode_image(path: Path, color: str, draft_size: int | None = None) -> Image.Image:
+def decode_image(path: Path | str, color: str, draft_size: int | None = None) -> Image.Image:
     """Decode for real: EXIF orientation, alpha on a fixed background, 8-bit RGB or L."""
-    path = Path(path)
     try:
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that; refuse both,
             # before any pixel is allocated.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(path.read_bytes()))  # one read, not dozens of small ones
+            with open(path, "rb") as f:
+                image = Image.open(io.BytesIO(f.read()))  # one read, not dozens of small ones
             image.seek(0)  # animated GIF/WebP: the first frame
             if draft_size and image.format == "JPEG":
                 image.draft(image.mode, (draft_size, draft_size))  # DCT-domain downscale
@@ -150,7 +150,7 @@ def decode_image(path: Path, color: str, draft_size: int | None = None) -> Image
             f"too many pixels: refused as a possible decompression bomb (limit {Image.MAX_IMAGE_PIXELS:,} pixels)"
         ) from None
     except UnidentifiedImageError:
-        if path.stat().st_size == 0:
+        if os.stat(path).st_size == 0:
             raise UnreadableImage("empty file (0 bytes)") from None
         raise UnreadableImage("not an image Pillow can read (corrupt, or wrong extension)") from None
     except FileNotFoundError:
