@@ -81,7 +81,8 @@ def perceptual_hashes(pixels: np.ndarray) -> np.ndarray:
     n = len(grey)
     half = (grey.reshape(n * PHASH_SIDE, PHASH_SIDE) @ _DCT.T).reshape(n, PHASH_SIDE, 8)
     low = (np.ascontiguousarray(half.transpose(0, 2, 1)).reshape(n * 8, PHASH_SIDE) @ _DCT.T).reshape(n, 64)
-    bits = low > np.median(low, axis=1, keepdims=True)
+    middle = np.partition(low, (31, 32), axis=1)[:, 31:33]  # np.median's two middle values;
+    bits = low > middle.mean(axis=1, keepdims=True)  # np.median itself imports numpy.ma, 15 ms
     return np.packbits(bits, axis=1).view(">u8").ravel().astype(np.uint64)
 
 
