@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 from pathlib import Path
 from typing import Annotated
@@ -48,6 +49,13 @@ def user_errors(command):
     return run
 
 
+def one_blas_thread() -> None:
+    """For commands that run one decoding process per core: numpy's OpenBLAS, told before
+    it loads, starts no threads of its own, which otherwise spun on the cores the decoding
+    processes needed (5% of prepare's CPU time, measured with perf)."""
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes on stderr.")]
 DataDir = Annotated[Path, typer.Option("--data", help="Prepared data folder (from prepare).")]
 ModelDir = Annotated[Path, typer.Option("--model", help="Model folder (from train).")]
@@ -74,6 +82,7 @@ def prepare(
     quiet: Quiet = False,
 ) -> None:
     """Scan IMAGES_DIR, decode, resize, de-duplicate, split and augment into .npy arrays."""
+    one_blas_thread()
     from pipeline.dataset import prepare_dataset
 
     progress.set_quiet(quiet)
@@ -101,6 +110,7 @@ def inspect(
     quiet: Quiet = False,
 ) -> None:
     """What prepare would find in IMAGES_DIR (classes, formats, sizes, problem files), writing nothing."""
+    one_blas_thread()
     from pipeline.inspection import inspect_folder
 
     progress.set_quiet(quiet)
