@@ -139,7 +139,6 @@ def train(
 ) -> None:
     """Train the CIFAR-style CNN on the prepared arrays, keeping the best epoch on validation."""
     progress.set_quiet(quiet)
-    progress.say("loading TensorFlow...")
     from pipeline.training import train_model
 
     settings = TrainSettings(

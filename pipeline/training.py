@@ -17,27 +17,23 @@ On CPUs with native bfloat16 (AVX512-BF16 or AMX) the layers compute in mixed bf
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
+import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.native import quiet_native_stderr
-
-with quiet_native_stderr():
-    import keras
-
-from pipeline import paths, plots  # noqa: E402
-from pipeline.artifacts import atomic_dir, check_out_dir, read_json, write_json  # noqa: E402
-from pipeline.dataset import load_classes, load_split  # noqa: E402
-from pipeline.errors import PipelineError, TrainingInterrupted  # noqa: E402
-from pipeline.images import RESIZE_METHOD  # noqa: E402
-from pipeline.model import build_model, compile_model  # noqa: E402
-from pipeline.settings import TrainSettings  # noqa: E402
-from pipeline.training_progress import epoch_progress  # noqa: E402
+from pipeline import paths, plots, progress
+from pipeline.artifacts import atomic_dir, check_out_dir, read_json, write_json
+from pipeline.dataset import load_classes, load_split
+from pipeline.errors import PipelineError, TrainingInterrupted
+from pipeline.images import RESIZE_METHOD
+from pipeline.native import import_keras
+from pipeline.settings import TrainSettings
 
 PREPARE_HINT = "run `pipeline prepare IMAGES_DIR` first"
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # CPU flags for native bfloat16 matrix arithmetic
@@ -59,6 +55,12 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
         )
     prepare_report = read_json(data_dir / paths.PREPARE_REPORT_FILE, PREPARE_HINT)
 
+    # TensorFlow takes seconds to load: only once the inputs are known to be usable.
+    progress.say("loading TensorFlow...")
+    keras = import_keras()
+    from pipeline.model import compile_model
+    from pipeline.training_progress import epoch_progress
+
     keras.utils.set_random_seed(settings.seed)
     precision = resolve_precision(settings.precision)
     model = compile_model(_build(X_train.shape[1:], len(classes), precision), settings.learning_rate)
@@ -69,11 +71,14 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
         monitor=monitor, patience=settings.patience, restore_best_weights=True
     )
 
-    with atomic_dir(out_dir) as tmp:
+    with ctrl_c_noted() as ctrl_c, atomic_dir(out_dir) as tmp:
         callbacks = [
             early_stopping,
             keras.callbacks.CSVLogger(str(tmp / paths.HISTORY_FILE)),
             epoch_progress(settings.epochs),
+            keras.callbacks.LambdaCallback(
+                on_train_begin=ctrl_c.check, on_train_batch_end=ctrl_c.check, on_test_batch_end=ctrl_c.check
+            ),
         ]
         if settings.tensorboard:
             from pipeline.tensorboard_logs import EpochScalars
@@ -100,6 +105,7 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
             interrupted = True
             if early_stopping.best_weights is None:  # no epoch finished: nothing to keep
                 raise  # the temporary folder goes, the CLI says so and exits 130
+        interrupted = interrupted or ctrl_c.pressed  # pressed as fit ended, and swallowed
         seconds = time.perf_counter() - started
         if early_stopping.best_weights is not None:
             model.set_weights(early_stopping.best_weights)
@@ -126,6 +132,37 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
             f"training interrupted after {summary['epochs_run']} epoch(s); the best model so far (epoch {summary['best_epoch']}) is saved in {out_dir}"
         )
     return summary
+
+
+class _CtrlC:
+    pressed = False
+
+    def check(self, *args, **kwargs) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def ctrl_c_noted():
+    """Ctrl-C raises KeyboardInterrupt as usual and is also noted, so that `check` (a
+    callback at every batch) raises it again if TensorFlow swallowed it: one that landed
+    while the first graph was built was, now and then, lost, and training ran on to exit 0.
+    """
+    ctrl_c = _CtrlC()
+
+    def on_sigint(signum, frame):
+        ctrl_c.pressed = True
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread: signals are not ours to handle
+        previous = None
+    try:
+        yield ctrl_c
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _write_model_folder(tmp: Path, model, classes, data_dir, prepare_report, settings, summary) -> None:
@@ -179,8 +216,11 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def _build(input_shape, num_classes: int, precision: str) -> keras.Model:
+def _build(input_shape, num_classes: int, precision: str):
     """The model under this precision's dtype policy; the global policy is restored at once."""
+    from pipeline.model import build_model
+
+    keras = import_keras()
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
     try:

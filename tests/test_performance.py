@@ -3,7 +3,6 @@ a light predict path, the same hashes as imagehash without scipy, both training 
 and float32 artifacts that agree with each other whatever precision trained them."""
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,18 +21,27 @@ from tests.conftest import run_cli
 HEAVY = ("tensorflow", "keras", "sklearn", "scipy", "albumentations", "matplotlib", "imagehash")
 
 
-def imported_modules(*args: str) -> set[str]:
-    """Top-level modules a fresh `python -m pipeline ARGS` imports (from -X importtime)."""
+# Runs the CLI in a fresh interpreter and lists sys.modules at the end: not -X importtime,
+# which misses imports made while native stderr is pointed away (TensorFlow's are).
+_RUN_AND_LIST_MODULES = """
+import json, sys
+from typer.testing import CliRunner
+from pipeline.cli import app
+result = CliRunner().invoke(app, sys.argv[1:])
+print(json.dumps({"exit_code": result.exit_code, "output": result.output,
+                  "modules": sorted({m.split(".")[0] for m in sys.modules})}))
+"""
+
+
+def imported_modules(*args: str, expect: int = 0) -> set[str]:
+    """Top-level modules a fresh interpreter has imported after running `pipeline ARGS`."""
     done = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "pipeline", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [sys.executable, "-c", _RUN_AND_LIST_MODULES, *args], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    names = re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s*([\w.]+)", done.stderr, flags=re.M)
-    assert names, done.stderr[-2000:]
-    return {name.split(".")[0] for name in names}
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["exit_code"] == expect, found["output"][-2000:]
+    return set(found["modules"])
 
 
 @pytest.mark.parametrize("command", [[], ["prepare"], ["train"], ["evaluate"], ["predict"]])
@@ -41,6 +49,12 @@ def test_help_imports_no_heavy_module(command):
     modules = imported_modules(*command, "--help")
     assert "pipeline" in modules
     assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
+
+
+def test_train_without_prepared_data_fails_before_loading_tensorflow(tmp_path):
+    modules = imported_modules("train", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "m"), expect=1)
+    assert "pipeline" in modules and not modules & {"tensorflow", "keras"}
+    assert not (tmp_path / "m").exists()
 
 
 def test_predict_through_litert_imports_no_heavy_module(trained):
