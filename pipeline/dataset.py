@@ -133,7 +133,7 @@ def _decode_file(path: str, size: int, color: str) -> tuple[np.ndarray | None, s
     digest = hashlib.blake2b(array.data, digest_size=16).digest()
     # Near-duplicates are judged at the resolution the model sees (hashed for the whole
     # chunk at once), unless that is below the hash's own 32x32: then on the decoded image.
-    phash = 0 if size >= dedup.PHASH_SIDE else int(dedup.perceptual_hashes(np.asarray(image)[None])[0])
+    phash = 0 if size >= dedup.PHASH_SIDE else dedup.perceptual_hash(image)
     return array, None, digest, phash
 
 

@@ -1,11 +1,11 @@
 """Exact and near-duplicate source images, found before the split so none leaks across it.
 
 Exact duplicates share identical pixels once resized to --size (a digest of the row the
-model would see), so a PNG and a BMP of the same picture match whatever their names. Near-duplicates share a
-64-bit perceptual hash within a small Hamming distance; they are grouped without an
-all-pairs loop by multi-index hashing: split the hash into distance+1 blocks, and any two
-hashes within the distance agree exactly on at least one block (pigeonhole), so only
-hashes that share a block value are compared.
+model would see), so a PNG and a BMP of the same picture match whatever their names.
+Near-duplicates share a 64-bit perceptual hash within a small Hamming distance; they are
+grouped without an all-pairs loop by multi-index hashing: split the hash into distance+1
+blocks, and any two hashes within the distance agree exactly on at least one block
+(pigeonhole), so only hashes that share a block value are compared.
 
 The perceptual hash is imagehash's `phash`, computed for a whole batch at once with
 matrices (Pillow's LANCZOS coefficients, an 8x32 DCT) instead of per-picture Pillow calls
@@ -56,10 +56,11 @@ def _resize_rows(grey: np.ndarray, matrix: np.ndarray) -> np.ndarray:
 def perceptual_hashes(pixels: np.ndarray) -> np.ndarray:
     """imagehash's `phash` of each picture in a batch, as uint64 (bits row-major, first bit highest).
 
-    `pixels`: uint8, N x H x W (grey) or N x H x W x 1|3. Pillow's steps as matrix products over
-    the whole batch: grey by Pillow's integer luma, LANCZOS to 32x32 (width, then height,
-    rounded in between as Pillow does), the 8x8 lowest DCT frequencies, bits above their
-    median. Per-picture Pillow calls cost more than decoding the picture's thumbnail did.
+    `pixels`: uint8, N x H x W (grey) or N x H x W x 1|3. imagehash's steps for the whole
+    batch at once: Pillow's grey (one call for the batch), LANCZOS to 32x32 as matrix
+    products (width, then height, rounded in between as Pillow does), the 8x8 lowest DCT
+    frequencies, bits above their median. Per-picture Pillow calls cost more than decoding
+    the picture's thumbnail did.
     """
     pixels = np.asarray(pixels)
     if pixels.ndim == 4:

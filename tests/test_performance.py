@@ -10,9 +10,10 @@ from pathlib import Path
 import imagehash
 import numpy as np
 import pytest
+from PIL import Image
 
 from pipeline import dedup
-from pipeline.images import decode_image
+from pipeline.images import decode_image, to_array
 from pipeline.model_files import load_keras_model
 from pipeline.prediction import load_predictor
 from pipeline.training import TrainSettings, train_model
@@ -65,9 +66,13 @@ def test_predict_through_litert_imports_no_heavy_module(trained):
 
 
 def test_phash_matches_imagehash(images):
-    for path in sorted(images.rglob("*.*")):
-        image = decode_image(path, "rgb")
-        assert dedup.perceptual_hash(image) == int(str(imagehash.phash(image)), 16), path
+    decoded = [decode_image(path, "rgb") for path in sorted(images.rglob("*.*"))]
+    for image in decoded:
+        assert dedup.perceptual_hash(image) == int(str(imagehash.phash(image)), 16)
+    for size in (32, 40, 64):  # a batch of RGB rows, as prepare hashes them
+        rows = np.stack([to_array(image, size) for image in decoded])
+        expected = [int(str(imagehash.phash(Image.fromarray(row))), 16) for row in rows]
+        assert dedup.perceptual_hashes(rows).tolist() == expected, size
 
 
 def test_litert_agrees_with_keras_on_a_batch(trained):
