@@ -124,59 +124,52 @@ def bench_memory(folder: Path, n: int, size: int) -> list[str]:
     return rows
 
 
-def bench_train(epochs: int, repeats: int) -> list[str]:
-    data = WORK / "pipeline_data"
-    model = WORK / "model"
-    a = [PIPELINE, "train", "--data", data, "--out", model, "--epochs", epochs, "--patience", epochs, "--quiet"]
-    b = [PY, SHARED / "seed_style_train.py", data, "--epochs", epochs]
+def train_pairs(data: Path, model: Path, options: list, repeats: int) -> tuple[list[dict], list[dict]]:
+    """`pipeline train OPTIONS`, then the reference on the same arrays for as many epochs as
+    pipeline ran, `repeats` times (no warm-up: each run is long, and both pay the same
+    start-up). Each run gets ips (training images/s), acc (test accuracy) and epochs."""
     ra, rb = [], []
-    for _ in range(repeats):  # no warm-up: each run is long, and both pay the same start-up
-        ra.append(run(a, tree=False))  # no /proc sampling: it slowed TensorFlow (see treemem)
+    for _ in range(repeats):
+        ra.append(run([PIPELINE, "train", "--data", data, "--out", model, *options, "--quiet"], tree=False))
         summary = json.loads((model / "settings.json").read_text())["summary"]
-        metrics = json.loads(
-            run([PIPELINE, "evaluate", "--data", data, "--model", model, "--json", "-q", "--out", WORK / "reports"])[
-                "stdout"
-            ]
+        evaluate = [PIPELINE, "evaluate", "--data", data, "--model", model, "--json", "-q", "--out", WORK / "reports"]
+        ra[-1].update(
+            ips=summary["train_images_per_s"],
+            acc=json.loads(run(evaluate)["stdout"])["accuracy"],
+            epochs=summary["epochs_run"],
+            precision=summary["precision"],
         )
-        ra[-1].update(ips=summary["train_images_per_s"], acc=metrics["accuracy"], precision=summary["precision"])
-        rb.append(run(b, tree=False))
+        rb.append(run([PY, SHARED / "seed_style_train.py", data, "--epochs", summary["epochs_run"]], tree=False))
         found = re.search(r"test_accuracy=([\d.]+) train_images_per_s=([\d.]+)", rb[-1]["stdout"])
         rb[-1].update(acc=float(found.group(1)), ips=float(found.group(2)))
+    return ra, rb
+
+
+def train_row(what: str, ra: list[dict], rb: list[dict]) -> str:
     ratio = statistics.median(x["ips"] / y["ips"] for x, y in zip(ra, rb))
-    return [
-        f"| train {epochs} epochs on the same arrays ({ra[0]['precision']}; seed: float64 input, batch 32) "
-        f"| {median(ra, 'ips'):.0f} | {median(rb, 'ips'):.0f} | **{ratio:.2f}x** "
+    return (
+        f"| {what} | {median(ra, 'ips'):.0f} | {median(rb, 'ips'):.0f} | **{ratio:.2f}x** "
         f"| {median(ra, 'wall'):.1f} / {median(rb, 'wall'):.1f} | {median(ra, 'max_rss_mb'):.0f} / {median(rb, 'max_rss_mb'):.0f} "
-        f"| test accuracy {median(ra, 'acc'):.3f} / {median(rb, 'acc'):.3f} |"
-    ]
+        f"| test accuracy {median(ra, 'acc'):.4f} / {median(rb, 'acc'):.4f} |"
+    )
+
+
+def bench_train(epochs: int, repeats: int) -> list[str]:
+    options = ["--epochs", epochs, "--patience", epochs]
+    ra, rb = train_pairs(WORK / "pipeline_data", WORK / "model", options, repeats)
+    what = f"train {epochs} epochs on the same arrays ({ra[0]['precision']}; seed: float64 input, batch 32)"
+    return [train_row(what, ra, rb)]
 
 
 def bench_train_accuracy(repeats: int) -> list[str]:
     """Training speed where accuracy means something: sample_data's digits, as `make all`
-    prepares them. The reference trains on the same arrays for as many epochs as pipeline's
-    early stopping ran, so both do the same work; each gets its own test accuracy."""
-    data, model = WORK / "digits_data", WORK / "digits_model"
+    prepares them, trained with the defaults (early stopping); the reference trains on the
+    same arrays for as many epochs, so both do the same work."""
+    data = WORK / "digits_data"
     run([PIPELINE, "prepare", ROOT / "sample_data", "--out", data, "--no-flip", "--quiet"])
-    ra, rb = [], []
-    for _ in range(repeats):
-        ra.append(run([PIPELINE, "train", "--data", data, "--out", model, "--quiet"], tree=False))
-        summary = json.loads((model / "settings.json").read_text())["summary"]
-        metrics = json.loads(
-            run([PIPELINE, "evaluate", "--data", data, "--model", model, "--json", "-q", "--out", WORK / "reports"])[
-                "stdout"
-            ]
-        )
-        ra[-1].update(ips=summary["train_images_per_s"], acc=metrics["accuracy"], epochs=summary["epochs_run"])
-        rb.append(run([PY, SHARED / "seed_style_train.py", data, "--epochs", summary["epochs_run"]], tree=False))
-        found = re.search(r"test_accuracy=([\d.]+) train_images_per_s=([\d.]+)", rb[-1]["stdout"])
-        rb[-1].update(acc=float(found.group(1)), ips=float(found.group(2)))
-    ratio = statistics.median(x["ips"] / y["ips"] for x, y in zip(ra, rb))
-    return [
-        f"| train on sample_data (digits, 32 px, {ra[-1]['epochs']} epochs by early stopping; reference: as many) "
-        f"| {median(ra, 'ips'):.0f} | {median(rb, 'ips'):.0f} | **{ratio:.2f}x** "
-        f"| {median(ra, 'wall'):.1f} / {median(rb, 'wall'):.1f} | {median(ra, 'max_rss_mb'):.0f} / {median(rb, 'max_rss_mb'):.0f} "
-        f"| test accuracy {median(ra, 'acc'):.4f} / {median(rb, 'acc'):.4f} |"
-    ]
+    ra, rb = train_pairs(data, WORK / "digits_model", [], repeats)
+    what = f"train on sample_data (digits, 32 px, {ra[-1]['epochs']} epochs by early stopping; reference: as many)"
+    return [train_row(what, ra, rb)]
 
 
 def bench_predict(folder: Path, repeats: int) -> list[str]:
