@@ -64,9 +64,7 @@ def prepare_dataset(images_dir: Path, out_dir: Path, settings: PrepareSettings) 
     if not scan.files:
         raise PipelineError(f"no image files found under {images_dir}")
     workers = settings.workers or available_cores()
-    # One process per core already: BLAS threads (the hashes' matrix products) on top of
-    # them only fought over the cores, doubling the CPU time. Forked workers inherit this.
-    with threadpool_limits(1), atomic_dir(out_dir) as tmp, _worker_pool(workers, len(scan.files), settings) as pool:
+    with atomic_dir(out_dir) as tmp, _worker_pool(workers, len(scan.files), settings) as pool:
         buffer_path = tmp / "_decoded.npy"
         decoded = _decode_all(scan, settings, buffer_path, pool)
         report = _build_dataset(scan, decoded, settings, buffer_path, tmp, pool)
@@ -80,6 +78,10 @@ class WorkerPool:
 
     def __init__(self, processes: int):
         self.pool = None
+        # One process per core already: BLAS threads (the hashes' matrix products) on top
+        # of them only fought over the cores, doubling the CPU time. Forked workers inherit
+        # the limit; it is lifted again on exit.
+        self.blas_limit = threadpool_limits(1)
         if processes > 1:
             methods = multiprocessing.get_all_start_methods()
             context = multiprocessing.get_context("fork" if "fork" in methods else None)
@@ -97,6 +99,7 @@ class WorkerPool:
         if self.pool is not None:
             self.pool.terminate()
             self.pool.join()
+        self.blas_limit.restore_original_limits()
 
 
 def _quiet_worker() -> None:
