@@ -1,7 +1,8 @@
 """The command line: each command gathers options and calls one stage function.
 
-The only module that imports Typer. TensorFlow is imported inside the commands that need
-it, so `pipeline --help` stays instant.
+The only module that imports Typer. Each stage module is imported inside its command, so
+`pipeline --help` stays instant. Every error a user can cause, a bad option included,
+ends with one line on stderr and exit code 1 (130 for Ctrl-C), never a traceback.
 """
 
 from __future__ import annotations
@@ -10,25 +11,65 @@ import functools
 import json
 import os
 import signal
+import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from pipeline import paths, progress
 from pipeline.errors import PipelineError
-from pipeline.settings import PrepareSettings, TrainSettings
+from pipeline.settings import (
+    COLOR_MODES,
+    ENGINES,
+    PRECISIONS,
+    InspectSettings,
+    PredictSettings,
+    PrepareSettings,
+    TrainSettings,
+)
+
+try:  # typer below 0.29 carries its own copy of click
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException, NoArgsIsHelpError
+
+
+class OneLineErrors(TyperGroup):
+    """A bad option or value (a usage error to click, exit 2 in a box) is one line and exit 1,
+    like every other error a user can cause."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except NoArgsIsHelpError as e:  # `pipeline` or `pipeline predict` alone: the help
+            e.show()
+            code = 0 if e.ctx is not None and e.ctx.parent is None else 1
+        except ClickException as e:
+            progress.console.print(f"error: {e.format_message()}", markup=False)
+            code = 1
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
+    cls=OneLineErrors,
     help="Turn a folder of class-named image folders into a trained image classifier.\n\n"
     "Run in order: prepare IMAGES_DIR, train, evaluate, predict FILE...",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-PREPARE, TRAIN = PrepareSettings(), TrainSettings()  # option defaults come from the settings
+# Option defaults come from the settings, the one place they are set.
+PREPARE, TRAIN, PREDICT, INSPECT = PrepareSettings(), TrainSettings(), PredictSettings(), InspectSettings()
+Color = Enum("Color", {mode: mode for mode in COLOR_MODES}, type=str)
+Precision = Enum("Precision", {p: p for p in PRECISIONS}, type=str)
+Engine = Enum("Engine", {e: e for e in ENGINES}, type=str)
 out = Console(highlight=False, soft_wrap=True)  # results go to stdout; progress and notes go to stderr
 
 
@@ -67,7 +108,7 @@ def prepare(
     images_dir: Annotated[Path, typer.Argument(help="Folder with one sub-folder of images per class.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Where to write the arrays.")] = paths.DATA_DIR,
     size: Annotated[int, typer.Option(help="Square side in pixels.")] = PREPARE.size,
-    color: Annotated[str, typer.Option(help="rgb or grayscale.")] = PREPARE.color,
+    color: Annotated[Color, typer.Option(help="Colour mode of the arrays.")] = Color[PREPARE.color],
     test_size: Annotated[float, typer.Option(help="Fraction of each class for the test split.")] = PREPARE.test_size,
     val_size: Annotated[
         float, typer.Option(help="Fraction of each class for validation (0: none).")
@@ -83,12 +124,12 @@ def prepare(
 ) -> None:
     """Scan IMAGES_DIR, decode, resize, de-duplicate, split and augment into .npy arrays."""
     one_blas_thread()
-    from pipeline.dataset import prepare_dataset
+    from pipeline.prepare import prepare_dataset
 
     progress.set_quiet(quiet)
     settings = PrepareSettings(
         size=size,
-        color=color,
+        color=color.value,
         test_size=test_size,
         val_size=val_size,
         augment=augment,
@@ -106,15 +147,15 @@ def prepare(
 def inspect(
     images_dir: Annotated[Path, typer.Argument(help="Folder with one sub-folder of images per class.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON to stdout.")] = False,
-    workers: Annotated[int, typer.Option(help="Decoding processes (0: all cores).")] = 0,
+    workers: Annotated[int, typer.Option(help="Decoding processes (0: all cores).")] = INSPECT.workers,
     quiet: Quiet = False,
 ) -> None:
     """What prepare would find in IMAGES_DIR (classes, formats, sizes, problem files), writing nothing."""
     one_blas_thread()
-    from pipeline.inspection import inspect_folder
+    from pipeline.inspect import inspect_folder
 
     progress.set_quiet(quiet)
-    found = inspect_folder(images_dir, workers=workers)
+    found = inspect_folder(images_dir, InspectSettings(workers=workers))
     if as_json:
         typer.echo(json.dumps(found, indent=2, ensure_ascii=False))
     else:
@@ -128,10 +169,14 @@ def train(
     out_dir: Annotated[Path, typer.Option("--out", help="Where to write the model.")] = paths.MODEL_DIR,
     epochs: Annotated[int, typer.Option(help="Most epochs to train (early stopping may end sooner).")] = TRAIN.epochs,
     batch_size: Annotated[int, typer.Option(help="Images per training step.")] = TRAIN.batch_size,
+    learning_rate: Annotated[float, typer.Option(help="Adam's learning rate.")] = TRAIN.learning_rate,
     seed: Annotated[int, typer.Option(help="Seed for weights and shuffling.")] = TRAIN.seed,
     patience: Annotated[
         int, typer.Option(help="Epochs without validation improvement before stopping.")
     ] = TRAIN.patience,
+    precision: Annotated[
+        Precision, typer.Option(help="auto: mixed bfloat16 on CPUs with native bfloat16, else float32.")
+    ] = Precision[TRAIN.precision],
     tensorboard: Annotated[
         bool, typer.Option("--tensorboard", help="Write TensorBoard logs to the model folder.")
     ] = TRAIN.tensorboard,
@@ -139,10 +184,16 @@ def train(
 ) -> None:
     """Train the CIFAR-style CNN on the prepared arrays, keeping the best epoch on validation."""
     progress.set_quiet(quiet)
-    from pipeline.training import train_model
+    from pipeline.train import train_model
 
     settings = TrainSettings(
-        epochs=epochs, batch_size=batch_size, seed=seed, patience=patience, tensorboard=tensorboard
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        seed=seed,
+        patience=patience,
+        tensorboard=tensorboard,
+        precision=precision.value,
     )
     summary = train_model(data_dir, out_dir, settings)
     out.print(
@@ -163,7 +214,7 @@ def evaluate(
 ) -> None:
     """Measure the model on the test split: accuracy, per-class report, confusion matrix."""
     progress.set_quiet(quiet)
-    from pipeline.evaluation import evaluate_model
+    from pipeline.evaluate import evaluate_model
 
     metrics = evaluate_model(data_dir, model_dir, out_dir)
     if as_json:
@@ -177,30 +228,32 @@ def evaluate(
 def predict(
     files: Annotated[list[Path], typer.Argument(help="Image files, or folders (all images inside, recursively).")],
     model_dir: ModelDir = paths.MODEL_DIR,
-    top_k: Annotated[int, typer.Option(help="Show the k most likely labels.")] = 1,
+    top_k: Annotated[int, typer.Option(help="Show the k most likely labels.")] = PREDICT.top_k,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of predictions to stdout.")] = False,
     csv_file: Annotated[
         Path | None, typer.Option("--csv", help="Also write file,label,confidence and the top k to this CSV.")
     ] = None,
     threshold: Annotated[
-        float, typer.Option(help="Below this confidence (0-1) the label is 'unknown'.", min=0.0, max=1.0)
-    ] = 0.0,
-    engine: Annotated[str, typer.Option(help="auto (LiteRT when installed), litert or keras.")] = "auto",
+        float, typer.Option(help="Below this confidence (0-1) the label is 'unknown'.")
+    ] = PREDICT.threshold,
+    engine: Annotated[Engine, typer.Option(help="auto: LiteRT when installed, else Keras.")] = Engine[PREDICT.engine],
     quiet: Quiet = False,
 ) -> None:
     """Label and confidence for each file, preprocessed exactly as the training images were."""
     progress.set_quiet(quiet)
-    from pipeline.images import collect_images
-    from pipeline.prediction import predict_files, write_csv
+    from pipeline.image_folder import collect_images
+    from pipeline.predict import predict_files, write_csv
 
+    settings = PredictSettings(top_k=top_k, threshold=threshold, engine=engine.value)
+    settings.check()  # before any file is read
     files, notes = collect_images(files)
     for note in notes:
         progress.say(f"note: {note}")
     if not files:
         raise PipelineError("no image files to predict")
-    results, errors = predict_files(files, model_dir, top_k=top_k, engine=engine, threshold=threshold)
+    results, errors = predict_files(files, model_dir, settings)
     if csv_file is not None:
-        write_csv(csv_file, results, errors, top_k)
+        write_csv(csv_file, results, errors, settings.top_k)
         progress.say(f"predictions written to {csv_file}")
     for error in errors:
         progress.console.print(f"error: {error['file']}: {error['error']}", markup=False)
@@ -219,8 +272,6 @@ def predict(
 
 
 def _print_prepare_summary(report: dict, out_dir: Path) -> None:
-    from pipeline.dataset import class_imbalance, usable_counts
-
     table = Table(title=f"Prepared {out_dir}", title_justify="left")
     for column in ("class", "found", "skipped", "duplicates", "train", "val", "test", "+augmented"):
         table.add_column(column, justify="left" if column == "class" else "right")
@@ -247,11 +298,8 @@ def _print_prepare_summary(report: dict, out_dir: Path) -> None:
         f"{totals['duplicates_removed']} duplicates removed, {len(report['near_duplicate_groups'])} near-duplicate groups kept together"
     )
     _print_skipped(report["skipped"], "skipped", f"see {out_dir / paths.PREPARE_REPORT_FILE}")
-    for warning in report["warnings"]:
+    for warning in report["warnings"]:  # imbalance included: the one list --strict reads too
         out.print(f"warning: {warning}", markup=False)
-    imbalance = class_imbalance(usable_counts(report))
-    if imbalance:
-        out.print(f"warning: {imbalance}", markup=False)
     out.print(f"sample grid: {out_dir / paths.SAMPLES_PNG}")
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pipeline.native import quiet_native_stderr
+from pipeline.native_stderr import import_keras
 
-with quiet_native_stderr():
-    import keras
-from keras import layers  # noqa: E402
+keras = import_keras()
+layers = keras.layers
 
 
 def build_model(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:

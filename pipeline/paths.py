@@ -28,7 +28,12 @@ TENSORBOARD_DIR = "logs"
 METRICS_FILE = "metrics.json"
 CONFUSION_PNG = "confusion_matrix.png"
 MISCLASSIFIED_PNG = "misclassified.png"
+PREDICTIONS_FILE = "predictions.csv"
 REPORT_HTML = "report.html"
+
+# What to run when an input folder is missing: said the same way by every stage.
+PREPARE_HINT = "run `pipeline prepare IMAGES_DIR` first"
+TRAIN_HINT = "run `pipeline train` first"
 
 
 def images_file(split: str) -> str:

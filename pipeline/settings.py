@@ -12,7 +12,10 @@ from pipeline.errors import PipelineError
 
 COLOR_MODES = ("rgb", "grayscale")
 NEAR_DUPLICATE_DISTANCE = 4  # bits of 64: resized or re-encoded copies land well inside
+IMBALANCE_RATIO = 3.0  # largest/smallest class above this is a warning (prepare, inspect)
 PRECISIONS = ("auto", "float32", "bfloat16")
+ENGINES = ("auto", "litert", "keras")
+INFERENCE_BATCH = 256  # images per model call in evaluate and predict
 
 
 @dataclass
@@ -57,9 +60,35 @@ class TrainSettings:
     def check(self) -> None:
         if self.epochs < 1:
             raise PipelineError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.learning_rate <= 0:
+            raise PipelineError(f"--learning-rate must be above 0, got {self.learning_rate}")
         if self.batch_size < 1:
             raise PipelineError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.patience < 1:
             raise PipelineError(f"--patience must be at least 1, got {self.patience}")
         if self.precision not in PRECISIONS:
-            raise PipelineError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise PipelineError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+
+@dataclass
+class PredictSettings:
+    top_k: int = 1  # how many of the most likely labels to show
+    threshold: float = 0.0  # below this top probability the label is "unknown"
+    engine: str = "auto"  # auto: LiteRT when installed and model.tflite exists, else Keras
+
+    def check(self) -> None:
+        if self.top_k < 1:
+            raise PipelineError(f"--top-k must be at least 1, got {self.top_k}")
+        if not 0 <= self.threshold <= 1:
+            raise PipelineError(f"--threshold must be between 0 and 1, got {self.threshold}")
+        if self.engine not in ENGINES:
+            raise PipelineError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+
+
+@dataclass
+class InspectSettings:
+    workers: int = 0  # decoding processes; 0 = every available core
+
+    def check(self) -> None:
+        if self.workers < 0:
+            raise PipelineError(f"--workers must be 0 (all cores) or more, got {self.workers}")

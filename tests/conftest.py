@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,18 @@ def read_manifest(folder: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every file and folder under root: content hash (files), size and modification time."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            digest = hashlib.sha256(Path(path).read_bytes()).hexdigest() if name in filenames else None
+            found[os.path.relpath(path, root)] = (digest, st.st_size, st.st_mtime_ns)
+    return found
+
+
 def run_cli(*args: str, expect: int | None = 0):
     result = CliRunner().invoke(app, [str(a) for a in args])
     if expect is not None:
@@ -52,10 +66,25 @@ def images(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> dict[str, Path]:
-    """prepare + a 3-epoch train on 3 classes of 16x16 images, shared by the slower tests."""
+    """prepare + a 3-epoch train on 3 classes of 16x16 images, shared by the slower tests.
+
+    float32, so that the accuracy tests built on it do not depend on the CPU's bfloat16."""
     root = tmp_path_factory.mktemp("trained")
     images = write_image_folder(root / "images", per_class=20)
     data, model = root / "data", root / "model"
     run_cli("prepare", images, "--out", data, "--size", "16", "--quiet")
-    run_cli("train", "--data", data, "--out", model, "--epochs", "3", "--batch-size", "16", "--quiet")
+    run_cli(
+        "train",
+        "--data",
+        data,
+        "--out",
+        model,
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--precision",
+        "float32",
+        "--quiet",
+    )
     return {"root": root, "images": images, "data": data, "model": model}

@@ -7,7 +7,6 @@ pickled arrays, Lambda-layer and HDF5 models, and mismatched data/model folders.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -22,15 +21,7 @@ import numpy as np
 import pytest
 
 from pipeline import artifacts
-from tests.conftest import run_cli, write_image_folder
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
+from tests.conftest import run_cli, snapshot, write_image_folder
 
 
 def leftovers(parent: Path) -> list[str]:
@@ -346,7 +337,7 @@ def test_ctrl_c_during_train_keeps_the_best_model_as_a_complete_folder(trained, 
     assert len((out / "history.csv").read_text().splitlines()) == epochs_run + 1
     for name in ("model.keras", "model.tflite", "classes.json", "preprocess.json"):
         assert (out / name).is_file(), name
-    from pipeline.model_files import load_keras_model
+    from pipeline.model_folder import load_keras_model
 
     model = load_keras_model(out)
     assert model.output_shape[-1] == 3

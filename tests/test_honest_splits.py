@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipeline import dedup
-from pipeline.dataset import split_by_group
+from pipeline.splits import split_by_group
 from tests.conftest import read_manifest, run_cli, write_image_folder
 
 

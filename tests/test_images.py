@@ -5,7 +5,6 @@ Every bad file is built here under tmp_path; most cases run through the CLI.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -17,8 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import UnreadableImage, decode_image, load_image, scan_folder
-from tests.conftest import read_manifest, run_cli, write_image_folder
+from pipeline.image_folder import scan_folder
+from pipeline.images import UnreadableImage, decode_image, preprocess
+from tests.conftest import read_manifest, run_cli, snapshot, write_image_folder
 
 
 def source_rows(out: Path, size: int) -> dict[str, np.ndarray]:
@@ -107,10 +107,10 @@ def test_decompression_bomb_is_refused_before_its_pixels_exist(tmp_path, size):
     script = textwrap.dedent(
         f"""
         import resource, sys
-        from pipeline.images import UnreadableImage, load_image
+        from pipeline.images import UnreadableImage, preprocess
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         try:
-            load_image({str(path)!r}, 16, "rgb")
+            preprocess({str(path)!r}, 16, "rgb").pixels
         except UnreadableImage as e:
             print("refused:", e)
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -140,7 +140,7 @@ def test_exif_orientation_is_applied(tmp_path):
     array = np.asarray(image).astype(int)
     assert array[:18].mean(axis=(0, 1)).round().tolist()[0] > 200  # red on top
     assert array[22:].max() < 40  # black below
-    small = load_image(path, 16, "rgb").astype(int)
+    small = preprocess(path, 16, "rgb").pixels.astype(int)
     assert small[:6, :, 0].min() > 200 and small[10:, :, 0].max() < 60
 
 
@@ -179,7 +179,7 @@ def _hidden_colour(path: Path, mode: str) -> None:
 def test_modes_come_out_as_8bit_rgb_on_white(tmp_path, maker, expected):
     path = tmp_path / "image.png"
     maker(path)
-    array = load_image(path, 16, "rgb")
+    array = preprocess(path, 16, "rgb").pixels
     assert array.dtype == np.uint8 and array.shape == (16, 16, 3)
     assert np.all(array == np.array(expected, dtype=np.uint8)), array[0, 0]
 
@@ -199,11 +199,11 @@ def test_cmyk_jpeg_is_converted(tmp_path):
     path = tmp_path / "print.jpg"
     Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(path, quality=95)  # full magenta+yellow = red
     assert Image.open(path).mode == "CMYK"
-    array = load_image(path, 16, "rgb").astype(int)
+    array = preprocess(path, 16, "rgb").pixels.astype(int)
     assert abs(array - [255, 0, 0]).max() <= 8
     white = tmp_path / "white.jpg"
     Image.new("CMYK", (16, 16), (0, 0, 0, 0)).save(white, quality=95)
-    assert load_image(white, 16, "rgb").min() >= 247
+    assert preprocess(white, 16, "rgb").pixels.min() >= 247
 
 
 def test_16bit_png_is_scaled_not_clipped(tmp_path):
@@ -225,7 +225,7 @@ def test_animation_gives_its_first_frame(tmp_path, suffix):
     options = {"lossless": True} if suffix == ".webp" else {}
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0, **options)
     assert getattr(Image.open(path), "n_frames", 1) == 3
-    array = load_image(path, 16, "rgb").astype(int)
+    array = preprocess(path, 16, "rgb").pixels.astype(int)
     assert abs(array - [255, 0, 0]).max() <= 2
 
 
@@ -373,14 +373,6 @@ def test_symbolic_link_loops_never_hang_or_leak_between_classes(tmp_path):
 
 
 # --- --strict, too few images, the user's folder -----------------------------------------
-
-
-def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
-    return {
-        str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 @pytest.mark.parametrize("problem", ["corrupt file", "empty class", "label conflict"])

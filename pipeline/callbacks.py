@@ -1,22 +1,29 @@
-"""Progress of `train`: live rich bars when stderr is a terminal (one for all epochs, one for
-the batches of this epoch), else one line per epoch.
+"""The Keras callbacks `train` adds to fit: progress on the terminal and TensorBoard logs.
 
-Either way each finished epoch leaves the same line (loss, accuracy, val loss, val
-accuracy, seconds), so a scrolled-back terminal reads like a log.
+Progress: live rich bars when stderr is a terminal (one for all epochs, one for the
+batches of this epoch), else one line per epoch. Either way each finished epoch leaves the
+same line (loss, accuracy, val loss, val accuracy, seconds), so a scrolled-back terminal
+reads like a log.
+
+TensorBoard (`train --tensorboard`): Keras' own callback needs the `tensorboard` pip
+package even to write logs; `EpochScalars` writes the same per-epoch scalars
+(epoch_loss, epoch_accuracy, ...) under logs/train and logs/validation with TensorFlow's
+core summary writer, so `--tensorboard` works on a bare install and
+`tensorboard --logdir MODEL_DIR/logs` reads them wherever it is installed.
 """
 
 from __future__ import annotations
 
 import atexit
 import time
+from pathlib import Path
 
 from rich.progress import TextColumn
 
 from pipeline import progress
-from pipeline.native import quiet_native_stderr
+from pipeline.native_stderr import import_keras, import_tensorflow
 
-with quiet_native_stderr():
-    import keras
+keras = import_keras()
 
 SHORT = {"loss": "loss", "accuracy": "acc", "val_loss": "val loss", "val_accuracy": "val acc"}
 
@@ -85,3 +92,42 @@ class EpochLine(keras.callbacks.Callback):
 
 def epoch_progress(epochs: int) -> keras.callbacks.Callback:
     return EpochBars(epochs) if progress.enabled() else EpochLine(epochs)
+
+
+def _scalar_metadata():
+    from tensorflow.core.framework import summary_pb2
+
+    metadata = summary_pb2.SummaryMetadata()
+    metadata.plugin_data.plugin_name = "scalars"  # what TensorBoard's scalar dashboard looks for
+    return metadata
+
+
+class EpochScalars(keras.callbacks.Callback):
+    """Per-epoch train and validation metrics as TensorBoard scalar events."""
+
+    def __init__(self, log_dir: Path):
+        super().__init__()
+        self.log_dir = Path(log_dir)
+        self.writers: dict[str, object] = {}
+        self.metadata = _scalar_metadata()
+
+    def _writer(self, split: str):
+        tf = import_tensorflow()
+        if split not in self.writers:
+            self.writers[split] = tf.summary.create_file_writer(str(self.log_dir / split))
+        return self.writers[split]
+
+    def on_epoch_end(self, epoch, logs=None):
+        tf = import_tensorflow()
+        for key, value in (logs or {}).items():
+            split, name = ("validation", key[4:]) if key.startswith("val_") else ("train", key)
+            with self._writer(split).as_default():
+                tf.summary.write(
+                    f"epoch_{name}", tf.constant(float(value), tf.float32), step=epoch, metadata=self.metadata
+                )
+        for writer in self.writers.values():
+            writer.flush()
+
+    def on_train_end(self, logs=None):
+        for writer in self.writers.values():
+            writer.close()

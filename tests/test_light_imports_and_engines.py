@@ -1,6 +1,7 @@
-"""What keeps the tool fast, checked by behaviour (never by timing): light start-up imports,
-a light predict path, the same hashes as imagehash without scipy, both training input paths,
-and float32 artifacts that agree with each other whatever precision trained them."""
+"""Light imports and the engines behind them, checked by behaviour (never by timing): light
+start-up imports, a light predict path, the same hashes as imagehash without scipy, both
+training input paths, and float32 artifacts that agree with each other whatever precision
+trained them."""
 
 import json
 import subprocess
@@ -14,12 +15,14 @@ from PIL import Image
 
 from pipeline import dedup
 from pipeline.images import decode_image, to_array
-from pipeline.model_files import load_keras_model
-from pipeline.prediction import load_predictor
-from pipeline.training import TrainSettings, train_model
+from pipeline.model_folder import load_keras_model
+from pipeline.predict import load_classifier
+from pipeline.settings import TrainSettings
+from pipeline.train import resolve_precision, train_model
 from tests.conftest import run_cli
 
-HEAVY = ("tensorflow", "keras", "sklearn", "scipy", "albumentations", "matplotlib", "imagehash")
+# pydantic: typer 0.29 imports it to coerce every option (+0.1 s a command), hence typer<0.29
+HEAVY = ("tensorflow", "keras", "sklearn", "scipy", "albumentations", "matplotlib", "imagehash", "pydantic")
 
 
 # Runs the CLI in a fresh interpreter and lists sys.modules at the end: not -X importtime,
@@ -77,31 +80,44 @@ def test_phash_matches_imagehash(images):
 
 def test_litert_agrees_with_keras_on_a_batch(trained):
     X = np.load(trained["data"] / "X_test.npy")
-    shape, classes = X.shape[1:], len(json.loads((trained["model"] / "classes.json").read_text()))
-    litert = load_predictor(trained["model"], "litert", shape, classes)(X)
-    keras_ = load_predictor(trained["model"], "keras", shape, classes)(X)
+    classes = len(json.loads((trained["model"] / "classes.json").read_text()))
+    litert = load_classifier(trained["model"], "litert").run(X)
+    keras_ = load_classifier(trained["model"], "keras").run(X)
     assert litert.shape == keras_.shape == (len(X), classes)
     assert np.abs(litert - keras_).max() < 1e-4
     assert (litert.argmax(1) == keras_.argmax(1)).all()
 
 
-def test_trained_model_is_float32_whatever_the_precision(trained):
+def test_precision_auto_follows_the_cpu_and_float32_is_kept_when_asked(trained, tmp_path):
     summary = json.loads((trained["model"] / "settings.json").read_text())["summary"]
-    assert summary["precision"] in ("float32", "bfloat16") and summary["input"] == "memory (tf.data)"
-    model = load_keras_model(trained["model"])
-    assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
+    assert summary["precision"] == "float32" and summary["input"] == "memory (tf.data)"  # --precision float32
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    native_bf16 = bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert resolve_precision("auto") == ("bfloat16" if native_bf16 else "float32")
+    assert resolve_precision("float32") == "float32" and resolve_precision("bfloat16") == "bfloat16"
+
+
+def test_bfloat16_training_saves_float32_artifacts_that_agree(trained, tmp_path: Path):
+    """bfloat16 asked for explicitly, so the float32 rebuild runs on any CPU: model.keras and
+    model.tflite are float32 and agree with each other."""
+    out = tmp_path / "model"
+    run_cli("train", "--data", trained["data"], "--out", out, "--epochs", "1", "--precision", "bfloat16", "--quiet")
+    saved = json.loads((out / "settings.json").read_text())
+    assert saved["train"]["precision"] == saved["summary"]["precision"] == "bfloat16"
+    assert {layer.dtype_policy.name for layer in load_keras_model(out).layers} == {"float32"}
+    X = np.load(trained["data"] / "X_test.npy")
+    litert, keras_ = load_classifier(out, "litert").run(X), load_classifier(out, "keras").run(X)
+    assert np.abs(litert - keras_).max() < 1e-4
 
 
 def test_memory_mapped_path_trains_the_same_network(trained, tmp_path: Path):
-    """Arrays above the in-memory limit stream from their memory maps; bfloat16 training (asked for
-    explicitly, so the float32 rebuild runs on any CPU) still saves a float32 model."""
+    """Arrays above the in-memory limit stream from their memory maps, a batch at a time."""
     out = tmp_path / "model"
-    settings = TrainSettings(epochs=2, batch_size=16, precision="bfloat16", in_memory_mb=0)
+    settings = TrainSettings(epochs=2, batch_size=16, precision="float32", in_memory_mb=0)
     summary = train_model(trained["data"], out, settings)
-    assert summary["input"] == "memory-mapped batches" and summary["precision"] == "bfloat16"
-    assert {layer.dtype_policy.name for layer in load_keras_model(out).layers} == {"float32"}
+    assert summary["input"] == "memory-mapped batches" and summary["precision"] == "float32"
     assert summary["epochs_run"] == 2 and summary["train_images_per_s"] > 0
     saved = json.loads((out / "settings.json").read_text())
-    assert saved["train"]["in_memory_mb"] == 0 and saved["summary"]["precision"] == "bfloat16"
+    assert saved["train"]["in_memory_mb"] == 0
     result = run_cli("evaluate", "--data", trained["data"], "--model", out, "--out", tmp_path / "r", "--json", "-q")
     assert json.loads(result.stdout)["accuracy"] > 0.5  # three colour classes

@@ -15,22 +15,21 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from pipeline import paths, plots, progress
+from pipeline import paths, plots
 from pipeline.artifacts import atomic_dir, check_out_dir, write_json
-from pipeline.dataset import load_classes, load_split
+from pipeline.data_folder import load_classes, load_split, read_split_paths
 from pipeline.errors import PipelineError
-from pipeline.model_files import check_model_fits, keras_model_io, load_keras_model, load_model_classes
-from pipeline.report import write_report
-
-PREDICTIONS_FILE = "predictions.csv"
-BATCH = 256
+from pipeline.html_report import write_report
+from pipeline.images import channels
+from pipeline.model_folder import check_model_fits, load_model_classes
+from pipeline.predict import load_classifier
 
 
 def evaluate_model(data_dir: Path, model_dir: Path, out_dir: Path) -> dict:
     data_dir, model_dir, out_dir = Path(data_dir), Path(model_dir), Path(out_dir)
     check_out_dir(out_dir, paths.METRICS_FILE, {"data folder": data_dir, "model folder": model_dir})
     classes = load_model_classes(model_dir)
-    data_classes = load_classes(data_dir, "run `pipeline prepare IMAGES_DIR` first")
+    data_classes = load_classes(data_dir)
     if data_classes != classes:
         raise PipelineError(
             f"the model was trained on classes {classes} but {data_dir} has {data_classes}: train again on this data"
@@ -38,33 +37,24 @@ def evaluate_model(data_dir: Path, model_dir: Path, out_dir: Path) -> dict:
     X, y = load_split(data_dir, "test", len(classes))
     if len(X) == 0:
         raise PipelineError(f"{data_dir} has an empty test split: prepare again with --test-size above 0")
-    model = load_keras_model(model_dir)
+    classifier = load_classifier(model_dir, engine="keras")  # the saved model itself, not its export
     check_model_fits(
-        keras_model_io(model),
+        ((classifier.size, classifier.size, channels(classifier.color)), len(classifier.classes)),
         X.shape[1:],
         len(classes),
         f"{data_dir}/{paths.images_file('test')}",
         f"{model_dir}/{paths.CLASSES_FILE}",
     )
-    probabilities = predict_probabilities(model, X)
+    probabilities = classifier.probabilities(X, progress_label="evaluating")
     metrics = compute_metrics(y, probabilities, classes)
-    test_paths = _test_paths(data_dir, len(X))
+    test_paths = read_split_paths(data_dir, "test", len(X))
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / paths.METRICS_FILE, metrics)
-        _write_predictions(tmp / PREDICTIONS_FILE, test_paths, y, probabilities, classes)
+        _write_predictions(tmp / paths.PREDICTIONS_FILE, test_paths, y, probabilities, classes)
         plots.save_confusion_matrix(np.array(metrics["confusion_matrix"]), classes, tmp / paths.CONFUSION_PNG)
         plots.save_misclassified(X, y, probabilities, classes, test_paths, tmp / paths.MISCLASSIFIED_PNG)
         write_report(tmp / paths.REPORT_HTML, metrics, data_dir, model_dir, tmp)
     return metrics
-
-
-def predict_probabilities(model, X: np.ndarray) -> np.ndarray:
-    starts = range(0, len(X), BATCH)
-    out = [
-        np.asarray(model.predict_on_batch(np.asarray(X[i : i + BATCH])))
-        for i in progress.track(starts, len(starts), "evaluating")
-    ]
-    return np.concatenate(out).astype(np.float64)
 
 
 def compute_metrics(y: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict:
@@ -99,17 +89,6 @@ def most_confused(matrix: np.ndarray, classes: list[str], top: int = 5) -> list[
     pairs = [(int(off[i, j]), i, j) for i in range(len(classes)) for j in range(len(classes)) if off[i, j]]
     pairs.sort(key=lambda p: (-p[0], p[1], p[2]))
     return [{"true": classes[i], "predicted": classes[j], "count": n} for n, i, j in pairs[:top]]
-
-
-def _test_paths(data_dir: Path, n: int) -> list[str]:
-    manifest = data_dir / paths.MANIFEST_FILE
-    found = [""] * n
-    if manifest.is_file():
-        with open(manifest, newline="", encoding="utf-8") as f:
-            for row in csv.DictReader(f):
-                if row["split"] == "test" and int(row["index"]) < n:
-                    found[int(row["index"])] = row["path"]
-    return found
 
 
 def _write_predictions(

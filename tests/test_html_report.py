@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.evaluation import compute_metrics
-from pipeline.report import write_report
+from pipeline.evaluate import compute_metrics
+from pipeline.html_report import write_report
 from tests.conftest import run_cli
 
 CHROMIUM_FLAGS = [
@@ -92,11 +92,27 @@ def test_report_renders_in_a_browser(report, tmp_path):
         assert image.size == (1200, 2400)
         pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
     assert pixels.std() > 20  # not a blank page
-    r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
-    # the dark end of matplotlib's "Blues" (8,48,107)..(8,81,156): the confusion matrix's diagonal,
-    # not the page's own blue text (29,78,216) nor the curves' line (31,119,180)
-    deep_blue = (r < 40) & (g > 35) & (g < 100) & (b > 90) & (b < 170) & (b - g > 40)
-    assert deep_blue.sum() > 2000, deep_blue.sum()
+    # Every embedded figure decoded in the browser: a copy of the page that writes each
+    # image's decoded width into the DOM (not a pixel count tuned to one colormap and window).
+    probe = tmp_path / "probe.html"
+    probe.write_text(
+        report.read_text().replace(
+            "</body>",
+            "<script>window.addEventListener('load', () => { document.body.dataset.decoded = "
+            "Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0).join(','); });</script></body>",
+        )
+    )
+    probed = subprocess.run(
+        [*common[:-1], f"--user-data-dir={tmp_path / 'profile3'}", "--virtual-time-budget=10000", "--dump-dom"]
+        + [probe.resolve().as_uri()],
+        capture_output=True,
+        timeout=120,
+        text=True,
+    )
+    decoded = re.search(r'data-decoded="([\d,]*)"', probed.stdout)
+    assert decoded, probed.stdout[-2000:]
+    widths = [int(w) for w in decoded.group(1).split(",")]
+    assert len(widths) == 4 and min(widths) > 200, widths
 
     dom = subprocess.run(
         [*common[:-1], f"--user-data-dir={tmp_path / 'profile2'}", "--dump-dom", url],

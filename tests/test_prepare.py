@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.images import load_image
+from pipeline.images import preprocess
 from tests.conftest import read_manifest, run_cli, write_image_folder
 
 
@@ -76,7 +76,7 @@ def test_manifest_rows_match_array_rows_and_augmentation_is_train_only(images, t
             changed += not np.array_equal(X[i], sources[row["path"]])
         else:
             # the row is exactly the decoded source file
-            assert np.array_equal(X[i], load_image(images / row["path"], 16, "rgb"))
+            assert np.array_equal(X[i], preprocess(images / row["path"], 16, "rgb").pixels)
             sources[row["path"]] = X[i]
     assert changed >= 0.9 * copies  # a random augmentation may, now and then, change nothing
     per_split = {}
@@ -117,7 +117,7 @@ def test_grayscale_and_no_validation(images, tmp_path):
         (lambda p: write_image_folder(p, per_class=2), [], "needs at least 3 per class"),
         (lambda p: write_image_folder(p), ["--size", "4"], "--size must be between"),
         (lambda p: write_image_folder(p), ["--test-size", "0.7", "--val-size", "0.4"], "below 1"),
-        (lambda p: write_image_folder(p), ["--color", "sepia"], "--color must be one of"),
+        (lambda p: write_image_folder(p), ["--color", "sepia"], "'sepia' is not one of 'rgb', 'grayscale'"),
     ],
 )
 def test_user_errors_are_one_clear_line(tmp_path, setup, args, message):

@@ -14,20 +14,24 @@ import numpy as np
 from PIL import Image
 
 from pipeline import progress
-from pipeline.dataset import class_imbalance
-from pipeline.errors import PipelineError
-from pipeline.images import UnreadableImage, decode_image, scan_folder
+from pipeline.image_folder import class_imbalance, scan_folder
+from pipeline.images import UnreadableImage, decode_image
+from pipeline.settings import InspectSettings
+from pipeline.worker_pool import WorkerPool, available_cores
 
 POOL_FROM = 64  # files; below this a pool costs more than it saves
 DRAFT = 256  # JPEGs decode at a reduced scale: enough to prove the data is whole, much faster
 ORIENTATION = 0x0112  # EXIF tag
 
 
-def inspect_folder(images_dir: Path, workers: int = 0) -> dict:
+def inspect_folder(images_dir: Path, settings: InspectSettings | None = None) -> dict:
+    """What prepare would find, as a dict (the CLI prints it, or --json dumps it)."""
+    settings = settings or InspectSettings()
+    settings.check()
     images_dir = Path(images_dir)
     scan = scan_folder(images_dir)
     paths = [str(scan.root / rel) for rel, _ in scan.files]
-    looks = _look_at_all(paths, workers)
+    looks = _look_at_all(paths, settings.workers)
 
     classes = {
         name: {"files": 0, "usable": 0, "skipped": 0, "formats": Counter(), "modes": Counter()}
@@ -106,10 +110,6 @@ def _look(path: str) -> tuple[str | None, str | None, tuple[int, int] | None, st
 
 
 def _look_at_all(paths: list[str], workers: int):
-    if workers < 0:
-        raise PipelineError(f"--workers must be 0 (all cores) or more, got {workers}")
-    from pipeline.dataset import WorkerPool, available_cores
-
     processes = min(workers or available_cores(), max(1, len(paths) // POOL_FROM))
     with WorkerPool(processes) as pool:
         return list(progress.track(pool.imap(_look, paths, chunksize=16), len(paths), "decoding images"))

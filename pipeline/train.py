@@ -1,11 +1,15 @@
 """train: prepared arrays -> the CIFAR-style CNN, early-stopped on the validation split.
 
-Reads X_train/y_train, X_val/y_val and classes.json from the data folder (the test split
-is never touched here). Writes, atomically, into the model folder: model.keras (best
-weights by validation loss), model.tflite (the same model for the light interpreter),
-classes.json, preprocess.json (all predict needs to treat a new file as training did),
-history.csv and settings.json (this run's settings and prepare's, the precision used, and
-whether the arrays were trained from memory or streamed from disk).
+Reads X_train/y_train, X_val/y_val, classes.json and report.json from the data folder (the
+test split is never touched here). Writes, atomically, the model folder (see
+model_folder.py): model.keras (best weights by validation loss), model.tflite,
+classes.json, preprocess.json, history.csv, training_curves.png and settings.json (this
+run's settings and prepare's, the precision used, and whether the arrays were trained
+from memory or streamed from disk).
+
+The steps, in `train_model`'s order: check the inputs before TensorFlow loads
+(`load_training_data`); build the model under its precision; fit with early stopping,
+Ctrl-C noted at every batch (`fit_model`); write the model folder with float32 weights.
 
 Speed: arrays that fit in memory are fed as uint8 through tf.data (shuffled row indices,
 a gather per batch, prefetch), scaled inside the model, so there is no float copy of the
@@ -19,24 +23,42 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import signal
 import time
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import paths, plots, progress
-from pipeline.artifacts import atomic_dir, check_out_dir, read_json, write_json
-from pipeline.dataset import load_classes, load_split
+from pipeline.artifacts import atomic_dir, check_out_dir
+from pipeline.data_folder import load_classes, load_prepare_report, load_split
 from pipeline.errors import PipelineError, TrainingInterrupted
-from pipeline.images import RESIZE_METHOD
-from pipeline.native import import_keras
+from pipeline.model_folder import write_model_folder
+from pipeline.native_stderr import import_keras, import_tensorflow
 from pipeline.settings import TrainSettings
 
-PREPARE_HINT = "run `pipeline prepare IMAGES_DIR` first"
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # CPU flags for native bfloat16 matrix arithmetic
+
+
+@dataclass
+class TrainingData:
+    classes: list[str]
+    X_train: np.ndarray  # memory-mapped uint8 rows
+    y_train: np.ndarray
+    X_val: np.ndarray
+    y_val: np.ndarray
+    prepare_report: dict
+
+
+@dataclass
+class FitResult:
+    history: list[dict]  # one row per epoch, as history.csv
+    best_epoch: int  # 1-based; 0 when no epoch finished
+    monitor: str
+    best: float | None  # the monitored value at best_epoch; None when it was never finite
+    seconds: float
+    interrupted: bool
 
 
 def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
@@ -44,7 +66,53 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
     settings.check()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     check_out_dir(out_dir, paths.TRAIN_SETTINGS_FILE, {"data folder": data_dir})
-    classes = load_classes(data_dir, PREPARE_HINT)
+    data = load_training_data(data_dir)
+
+    # TensorFlow takes seconds to load: only once the inputs are known to be usable.
+    progress.say("loading TensorFlow...")
+    keras = import_keras()
+    from pipeline.model import compile_model
+
+    keras.utils.set_random_seed(settings.seed)
+    precision = resolve_precision(settings.precision)
+    input_shape, num_classes = data.X_train.shape[1:], len(data.classes)
+    model = compile_model(build_with_precision(input_shape, num_classes, precision), settings.learning_rate)
+    in_memory = data.X_train.nbytes + data.X_val.nbytes <= _in_memory_bytes(settings.in_memory_mb)
+
+    with ctrl_c_noted() as ctrl_c, atomic_dir(out_dir) as tmp:
+        fit = fit_model(model, data, settings, in_memory, tmp, ctrl_c)
+        if fit.best is None:
+            raise PipelineError(
+                f"training diverged: the {fit.monitor} was never a finite number in {len(fit.history)} epoch(s), "
+                "so there is no model to keep and nothing was written; try a lower --learning-rate"
+            )
+        summary = {
+            "epochs_run": len(fit.history),
+            "best_epoch": fit.best_epoch,
+            "monitor": fit.monitor,
+            "best": fit.best,
+            "seconds": round(fit.seconds, 2),
+            "train_images_per_s": round(len(fit.history) * len(data.X_train) / fit.seconds, 1) if fit.seconds else None,
+            "interrupted": fit.interrupted,
+            "precision": precision,
+            "input": "memory (tf.data)" if in_memory else "memory-mapped batches",
+        }
+        if precision != "float32":  # save and export float32 weights: they run the same everywhere
+            weights = model.get_weights()
+            model = build_with_precision(input_shape, num_classes, "float32")
+            model.set_weights(weights)
+        write_model_folder(tmp, model, data.classes, data_dir, data.prepare_report, settings, summary)
+        plots.save_training_curves(fit.history, fit.best_epoch, tmp / paths.CURVES_PNG)
+    if fit.interrupted:
+        raise TrainingInterrupted(
+            f"training interrupted after {summary['epochs_run']} epoch(s); the best model so far (epoch {summary['best_epoch']}) is saved in {out_dir}"
+        )
+    return summary
+
+
+def load_training_data(data_dir: Path) -> TrainingData:
+    """The train and val splits (memory-mapped) and the classes, checked before TensorFlow loads."""
+    classes = load_classes(data_dir)
     X_train, y_train = load_split(data_dir, "train", len(classes))
     X_val, y_val = load_split(data_dir, "val", len(classes))
     if len(X_train) == 0:
@@ -53,85 +121,70 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
         raise PipelineError(
             f"{data_dir}: train and val images differ in shape ({X_train.shape[1:]} vs {X_val.shape[1:]})"
         )
-    prepare_report = read_json(data_dir / paths.PREPARE_REPORT_FILE, PREPARE_HINT)
+    return TrainingData(classes, X_train, y_train, X_val, y_val, load_prepare_report(data_dir))
 
-    # TensorFlow takes seconds to load: only once the inputs are known to be usable.
-    progress.say("loading TensorFlow...")
+
+def fit_model(model, data: TrainingData, settings: TrainSettings, in_memory: bool, tmp: Path, ctrl_c) -> FitResult:
+    """Keras fit with early stopping on the validation loss (the training loss without a
+    validation split); the best epoch's weights are back in `model` when it returns."""
     keras = import_keras()
-    from pipeline.model import compile_model
-    from pipeline.training_progress import epoch_progress
+    from pipeline.callbacks import EpochScalars, epoch_progress
 
-    keras.utils.set_random_seed(settings.seed)
-    precision = resolve_precision(settings.precision)
-    model = compile_model(_build(X_train.shape[1:], len(classes), precision), settings.learning_rate)
-    in_memory = X_train.nbytes + X_val.nbytes <= _in_memory_bytes(settings.in_memory_mb)
-    has_val = len(X_val) > 0
+    has_val = len(data.X_val) > 0
     monitor = "val_loss" if has_val else "loss"
     early_stopping = keras.callbacks.EarlyStopping(
         monitor=monitor, patience=settings.patience, restore_best_weights=True
     )
-
-    with ctrl_c_noted() as ctrl_c, atomic_dir(out_dir) as tmp:
-        callbacks = [
-            early_stopping,
-            keras.callbacks.CSVLogger(str(tmp / paths.HISTORY_FILE)),
-            epoch_progress(settings.epochs),
-            keras.callbacks.LambdaCallback(
-                on_train_begin=ctrl_c.check, on_train_batch_end=ctrl_c.check, on_test_batch_end=ctrl_c.check
-            ),
-        ]
-        if settings.tensorboard:
-            from pipeline.tensorboard_logs import EpochScalars
-
-            callbacks.append(EpochScalars(tmp / paths.TENSORBOARD_DIR))
-        train_batches, train_steps = batches(X_train, y_train, settings.batch_size, settings.seed, True, in_memory)
-        val_batches, val_steps = (
-            batches(X_val, y_val, settings.batch_size, settings.seed, False, in_memory) if has_val else (None, None)
+    callbacks = [
+        early_stopping,
+        keras.callbacks.TerminateOnNaN(),  # a NaN loss never comes back: stop at once
+        keras.callbacks.CSVLogger(str(tmp / paths.HISTORY_FILE)),
+        epoch_progress(settings.epochs),
+        keras.callbacks.LambdaCallback(
+            on_train_begin=ctrl_c.check, on_train_batch_end=ctrl_c.check, on_test_batch_end=ctrl_c.check
+        ),
+    ]
+    if settings.tensorboard:
+        callbacks.append(EpochScalars(tmp / paths.TENSORBOARD_DIR))
+    train_batches, train_steps = batches(
+        data.X_train, data.y_train, settings.batch_size, settings.seed, True, in_memory
+    )
+    val_batches, val_steps = (
+        batches(data.X_val, data.y_val, settings.batch_size, settings.seed, False, in_memory)
+        if has_val
+        else (None, None)
+    )
+    started = time.perf_counter()
+    interrupted = False
+    try:
+        model.fit(
+            train_batches,
+            validation_data=val_batches,
+            epochs=settings.epochs,
+            steps_per_epoch=train_steps,
+            validation_steps=val_steps,
+            shuffle=False,  # the batches shuffle themselves, seeded
+            callbacks=callbacks,
+            verbose=0,
         )
-        started = time.perf_counter()
-        interrupted = False
-        try:
-            model.fit(
-                train_batches,
-                validation_data=val_batches,
-                epochs=settings.epochs,
-                steps_per_epoch=train_steps,
-                validation_steps=val_steps,
-                shuffle=False,  # the batches shuffle themselves, seeded
-                callbacks=callbacks,
-                verbose=0,
-            )
-        except KeyboardInterrupt:
-            interrupted = True
-            if early_stopping.best_weights is None:  # no epoch finished: nothing to keep
-                raise  # the temporary folder goes, the CLI says so and exits 130
-        interrupted = interrupted or ctrl_c.pressed  # pressed as fit ended, and swallowed
-        seconds = time.perf_counter() - started
-        if early_stopping.best_weights is not None:
-            model.set_weights(early_stopping.best_weights)
-        history = _read_history(tmp / paths.HISTORY_FILE)
-        summary = {
-            "epochs_run": len(history),
-            "best_epoch": early_stopping.best_epoch + 1 if history else 0,
-            "monitor": monitor,
-            "best": _finite(early_stopping.best),
-            "seconds": round(seconds, 2),
-            "train_images_per_s": round(len(history) * len(X_train) / seconds, 1) if seconds else None,
-            "interrupted": interrupted,
-            "precision": precision,
-            "input": "memory (tf.data)" if in_memory else "memory-mapped batches",
-        }
-        if precision != "float32":  # save and export float32 weights: they run the same everywhere
-            weights = model.get_weights()
-            model = _build(X_train.shape[1:], len(classes), "float32")
-            model.set_weights(weights)
-        _write_model_folder(tmp, model, classes, data_dir, prepare_report, settings, summary)
-        plots.save_training_curves(history, summary["best_epoch"], tmp / paths.CURVES_PNG)
-    if interrupted:
-        raise TrainingInterrupted(
-            f"training interrupted after {summary['epochs_run']} epoch(s); the best model so far (epoch {summary['best_epoch']}) is saved in {out_dir}"
-        )
-    return summary
+    except KeyboardInterrupt:
+        interrupted = True
+        if early_stopping.best_weights is None:  # no epoch finished: nothing to keep
+            raise  # the temporary folder goes, the CLI says so and exits 130
+    interrupted = interrupted or ctrl_c.pressed  # pressed as fit ended, and swallowed
+    seconds = time.perf_counter() - started
+    if early_stopping.best_weights is not None:
+        model.set_weights(early_stopping.best_weights)
+    history = _read_history(tmp / paths.HISTORY_FILE)
+    best = _finite(early_stopping.best) if early_stopping.best_weights is not None else None
+    return FitResult(
+        history=history,
+        best_epoch=early_stopping.best_epoch + 1 if history and best is not None else 0,
+        monitor=monitor,
+        best=best,
+        seconds=seconds,
+        interrupted=interrupted,
+    )
 
 
 class _CtrlC:
@@ -165,39 +218,6 @@ def ctrl_c_noted():
             signal.signal(signal.SIGINT, previous)
 
 
-def _write_model_folder(tmp: Path, model, classes, data_dir, prepare_report, settings, summary) -> None:
-    model.save(tmp / paths.MODEL_FILE)
-    export_tflite(model, tmp / paths.TFLITE_FILE)
-    shutil.copyfile(Path(data_dir) / paths.CLASSES_FILE, tmp / paths.CLASSES_FILE)
-    size, _, channels = model.input_shape[1:]
-    prep = prepare_report.get("settings", {})
-    write_json(
-        tmp / paths.PREPROCESS_FILE,
-        {
-            "size": int(size),
-            "color": "grayscale" if channels == 1 else "rgb",
-            "channels": int(channels),
-            "resize": RESIZE_METHOD,
-            "input": "uint8 pixels 0-255; scaling to 0-1 is inside the model",
-        },
-    )
-    write_json(
-        tmp / paths.TRAIN_SETTINGS_FILE,
-        {
-            "train": asdict(settings),
-            "summary": summary,
-            "data_dir": str(Path(data_dir).resolve()),
-            "prepare": prep,
-            "classes": classes,
-        },
-    )
-
-
-def export_tflite(model, path: Path) -> None:
-    """The same network for the LiteRT interpreter, which predicts without importing TensorFlow."""
-    model.export(str(path), format="litert", verbose=False)
-
-
 def cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -216,7 +236,7 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def _build(input_shape, num_classes: int, precision: str):
+def build_with_precision(input_shape, num_classes: int, precision: str):
     """The model under this precision's dtype policy; the global policy is restored at once."""
     from pipeline.model import build_model
 
@@ -251,8 +271,7 @@ def batches(X, y, batch_size: int, seed: int, shuffle: bool, in_memory: bool):
     by up to 2.5 s here (measured on the bench arrays); Keras still remakes the validation
     iterator every epoch, hence no autotuner (below).
     """
-    import tensorflow as tf
-
+    tf = import_tensorflow()
     rows = tf.data.Dataset.range(len(X))
     if shuffle:
         rows = rows.shuffle(len(X), seed=seed, reshuffle_each_iteration=True)

@@ -1,5 +1,8 @@
 """Keeping native libraries' start-up chatter off the terminal, without hiding Python's output.
 
+The one place that silences TensorFlow, Keras and LiteRT: every module that needs Keras or
+TensorFlow gets it from `import_keras()` / `import_tensorflow()` here.
+
 TensorFlow prints "WARNING: All log messages before absl::InitializeLog()..." and oneDNN
 "I0000 ... port.cc" lines straight to file descriptor 2 while it loads, whatever
 TF_CPP_MIN_LOG_LEVEL says; LiteRT prints "INFO: Created TensorFlow Lite XNNPACK delegate"
@@ -15,6 +18,10 @@ import io
 import os
 import sys
 from collections.abc import Iterator
+
+# TensorFlow's C++ log lines would bury our one-line messages; real errors still show.
+# Read once, when TensorFlow loads: set here, before any of the imports below can run.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 @contextlib.contextmanager
@@ -56,3 +63,10 @@ def import_keras():
     with quiet_native_stderr():
         import keras
     return keras
+
+
+def import_tensorflow():
+    """`import tensorflow` without the native start-up lines."""
+    with quiet_native_stderr():
+        import tensorflow
+    return tensorflow

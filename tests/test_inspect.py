@@ -1,22 +1,10 @@
 """inspect: the same scan as prepare, reported, with nothing written anywhere."""
 
 import json
-import os
 
 from PIL import Image
 
-from tests.conftest import run_cli, write_image_folder
-
-
-def snapshot(root):
-    """Every path under root with its size and modification time."""
-    found = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            found[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns)
-    return found
+from tests.conftest import run_cli, snapshot, write_image_folder
 
 
 def messy_folder(root):
@@ -54,7 +42,7 @@ def test_inspect_reports_and_writes_nothing(tmp_path, monkeypatch):
     assert set(ignored) == {"__MACOSX", "readme.md", "dog/notes.txt", "dog/.DS_Store"}
     assert any("imbalanced" in w and "'fox'" in w and "'cat'" in w for w in found["warnings"])
 
-    monkeypatch.setattr("pipeline.inspection.POOL_FROM", 8)  # 45 files: use the worker pool too
+    monkeypatch.setattr("pipeline.inspect.POOL_FROM", 8)  # 45 files: use the worker pool too
     pooled = json.loads(run_cli("inspect", images, "--json", "--workers", "2").stdout)
     assert pooled == found  # same findings, in the same order, from the worker processes
     text = run_cli("inspect", images, "--workers", "2").stdout

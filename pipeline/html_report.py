@@ -16,7 +16,6 @@ from html import escape
 from pathlib import Path
 
 from pipeline import __version__, paths
-from pipeline.dataset import class_imbalance, usable_counts
 
 MAX_SKIPPED_ROWS = 50
 
@@ -149,11 +148,7 @@ def _dataset_section(prepare: dict | None, samples: Path) -> str:
         f"{totals.get('ignored', 0)} ignored, {totals.get('duplicates_removed', 0)} duplicates removed, "
         f"{len(prepare.get('near_duplicate_groups', []))} near-duplicate groups kept in one split.</p>"
     )
-    warnings = list(prepare.get("warnings", []))
-    if prepare.get("counts"):
-        imbalance = class_imbalance(usable_counts(prepare))
-        if imbalance:
-            warnings.append(imbalance)
+    warnings = prepare.get("warnings", [])  # every warning prepare had, imbalance included
     parts.extend(f'<div class="warning">{escape(w)}</div>' for w in warnings)
     skipped = prepare.get("skipped", [])
     if skipped:

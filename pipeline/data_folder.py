@@ -1,0 +1,103 @@
+"""The data folder that prepare writes and train and evaluate read: its writers and readers.
+
+X_{split}.npy are uint8 rows (N x size x size x channels), y_{split}.npy int64 labels,
+classes.json the class names (index = label), manifest.csv one row per array row
+(split,index,path,label,augmented). Rows are written and read with plain file I/O or
+short-lived memory maps, so no process holds a whole array it does not need; arrays load
+without pickle.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import paths
+from pipeline.artifacts import load_array, read_json, write_json
+from pipeline.errors import PipelineError
+
+MANIFEST_COLUMNS = ["split", "index", "path", "label", "augmented"]
+
+
+def create_rows_file(path: Path, shape: tuple[int, ...]) -> int:
+    """Create a zero-filled uint8 .npy of `shape` (sparse on disk); return where its rows start."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": tuple(shape)})
+        offset = f.tell()
+        f.truncate(offset + math.prod(shape))
+    return offset
+
+
+def write_rows(path: Path, offset: int, start: int, rows: np.ndarray) -> None:
+    """Write consecutive rows from `start` with plain file I/O: the pages go to the OS cache,
+    not into this process's resident memory as a memory map's would."""
+    rows = np.ascontiguousarray(rows, dtype=np.uint8)
+    if rows.size:
+        with open(path, "r+b") as f:
+            f.seek(offset + start * (rows.size // len(rows)))
+            f.write(rows.data)
+
+
+def read_rows(path: Path, rows: np.ndarray) -> np.ndarray:
+    """The given rows of a .npy, copied out of a memory map that is closed again at once."""
+    array = np.load(path, mmap_mode="r", allow_pickle=False)
+    try:
+        return np.asarray(array[rows])
+    finally:
+        del array
+
+
+def write_manifest(path: Path, rows: list[tuple[str, int, str, str, int]]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(MANIFEST_COLUMNS)
+        writer.writerows(rows)
+
+
+def read_split_paths(data_dir: Path, split: str, n: int) -> list[str]:
+    """The source path of each of a split's first `n` rows ("" where the manifest is missing)."""
+    manifest = Path(data_dir) / paths.MANIFEST_FILE
+    found = [""] * n
+    if manifest.is_file():
+        with open(manifest, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                if row["split"] == split and int(row["index"]) < n:
+                    found[int(row["index"])] = row["path"]
+    return found
+
+
+def write_classes(folder: Path, classes: list[str]) -> None:
+    write_json(Path(folder) / paths.CLASSES_FILE, classes)
+
+
+def load_classes(folder: Path, missing_hint: str = paths.PREPARE_HINT) -> list[str]:
+    classes = read_json(Path(folder) / paths.CLASSES_FILE, missing_hint)
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
+        raise PipelineError(f"{Path(folder) / paths.CLASSES_FILE} must be a list of at least 2 class names")
+    return classes
+
+
+def load_split(data_dir: Path, split: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One split as prepare wrote it (memory-mapped, no pickle), checked for consistency."""
+    X = load_array(Path(data_dir) / paths.images_file(split), paths.PREPARE_HINT)
+    y = np.asarray(load_array(Path(data_dir) / paths.labels_file(split), paths.PREPARE_HINT))
+    if X.dtype != np.uint8 or X.ndim != 4 or X.shape[1] != X.shape[2] or X.shape[3] not in (1, 3):
+        raise PipelineError(
+            f"{data_dir}/{paths.images_file(split)} is not a prepared image array (uint8 N x size x size x 1|3), got {X.dtype} {X.shape}"
+        )
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or len(y) != len(X):
+        raise PipelineError(
+            f"{data_dir}/{paths.labels_file(split)} does not match {paths.images_file(split)} ({len(y)} labels for {len(X)} images)"
+        )
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise PipelineError(
+            f"{data_dir}/{paths.labels_file(split)} has labels outside the {num_classes} classes of classes.json"
+        )
+    return X, y.astype(np.int64)
+
+
+def load_prepare_report(data_dir: Path) -> dict:
+    return read_json(Path(data_dir) / paths.PREPARE_REPORT_FILE, paths.PREPARE_HINT)

@@ -1,0 +1,141 @@
+"""The model folder that train writes and evaluate, predict and serve read: written and read here.
+
+model.keras (float32, best weights), model.tflite (the same network for LiteRT),
+classes.json, preprocess.json (the preprocessing contract: its version, size, colour mode
+and resize), history.csv, settings.json and training_curves.png. The Keras model loads in
+safe mode; a folder whose preprocessing version is not this pipeline's is refused with one
+line, so an old model is never served with a different resize.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from pipeline import paths
+from pipeline.artifacts import read_json, write_json
+from pipeline.data_folder import load_classes
+from pipeline.errors import PipelineError
+from pipeline.images import PREPROCESS_VERSION, RESIZE_METHOD
+from pipeline.settings import COLOR_MODES
+
+# What preprocess.json said before it carried a version: its resize text names the version.
+_RESIZE_OF_VERSION = {
+    2: RESIZE_METHOD,
+}
+
+
+def write_model_folder(
+    folder: Path, model, classes: list[str], data_dir: Path, prepare_report: dict, settings, summary: dict
+) -> None:
+    """Everything but the curves and history: model.keras, model.tflite, classes.json,
+    preprocess.json and settings.json, into `folder` (a temporary one, swapped in later)."""
+    folder = Path(folder)
+    model.save(folder / paths.MODEL_FILE)
+    export_tflite(model, folder / paths.TFLITE_FILE)
+    shutil.copyfile(Path(data_dir) / paths.CLASSES_FILE, folder / paths.CLASSES_FILE)
+    size, _, channels = model.input_shape[1:]
+    write_json(
+        folder / paths.PREPROCESS_FILE,
+        {
+            "version": PREPROCESS_VERSION,
+            "size": int(size),
+            "color": "grayscale" if channels == 1 else "rgb",
+            "channels": int(channels),
+            "resize": RESIZE_METHOD,
+            "input": "uint8 pixels 0-255; scaling to 0-1 is inside the model",
+        },
+    )
+    write_json(
+        folder / paths.TRAIN_SETTINGS_FILE,
+        {
+            "train": asdict(settings),
+            "summary": summary,
+            "data_dir": str(Path(data_dir).resolve()),
+            "prepare": prepare_report.get("settings", {}),
+            "classes": classes,
+        },
+    )
+
+
+def export_tflite(model, path: Path) -> None:
+    """The same network for the LiteRT interpreter, which predicts without importing TensorFlow."""
+    model.export(str(path), format="litert", verbose=False)
+
+
+def load_preprocess(model_dir: Path) -> dict:
+    """preprocess.json, checked: the size and colour mode, and a version this pipeline speaks."""
+    where = Path(model_dir) / paths.PREPROCESS_FILE
+    info = read_json(where, paths.TRAIN_HINT)
+    if not isinstance(info, dict) or not isinstance(info.get("size"), int) or info.get("color") not in COLOR_MODES:
+        raise PipelineError(f"{where} must give an integer size and a color of {' or '.join(COLOR_MODES)}")
+    version = info.get("version")
+    if version is None:  # written before preprocess.json had a version: its resize says which
+        version = next((v for v, text in _RESIZE_OF_VERSION.items() if text == info.get("resize")), 1)
+    if version != PREPROCESS_VERSION:
+        raise PipelineError(
+            f"{where}: this model was trained with preprocessing version {version} "
+            f"(resize: {info.get('resize', 'unknown')}), but this pipeline preprocesses with version "
+            f"{PREPROCESS_VERSION} ({RESIZE_METHOD}); its predictions would be skewed: prepare and train again"
+        )
+    return info
+
+
+def load_model_classes(model_dir: Path) -> list[str]:
+    return load_classes(model_dir, paths.TRAIN_HINT)
+
+
+def load_keras_model(model_dir: Path):
+    """Load model.keras with Keras' safe mode: a model that carries code (a Lambda layer) is refused."""
+    model_dir = Path(model_dir)
+    path = model_dir / paths.MODEL_FILE
+    if not path.is_file():
+        legacy = sorted(model_dir.glob("*.h5")) if model_dir.is_dir() else []
+        if legacy:
+            raise PipelineError(
+                f"refusing {legacy[0]}: legacy HDF5 models are not loaded; train again to get {paths.MODEL_FILE}"
+            )
+        raise PipelineError(f"{path} not found: {paths.TRAIN_HINT}")
+    from pipeline.native_stderr import import_keras
+
+    keras = import_keras()
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as e:  # Keras raises ValueError, TypeError, zipfile errors... for bad files
+        message = str(e)
+        if "lambda" in message.lower() or "safe_mode" in message:
+            raise PipelineError(
+                f"refusing {path}: it contains Python code (a Lambda layer), which safe mode does not load"
+            ) from None
+        first_line = message.strip().splitlines()[0] if message.strip() else type(e).__name__
+        raise PipelineError(f"could not load the model {path}: {first_line}") from None
+
+
+def check_model_fits(
+    model_io: tuple[tuple[int, ...], int],
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    where: str,
+    classes_where: str = paths.CLASSES_FILE,
+    model_name: str = "the model",
+) -> None:
+    """The model, the arrays and classes.json must agree on image shape and class count.
+
+    `model_io` is (image shape, class count) as the model declares them; `where` names what
+    gave `input_shape`, `classes_where` what gave `num_classes`.
+    """
+    model_input, model_classes = tuple(model_io[0]), int(model_io[1])
+    if model_input != tuple(input_shape):
+        raise PipelineError(
+            f"{model_name} expects images of shape {model_input} but {where} holds {tuple(input_shape)}: "
+            "prepare and train again with the same --size and --color"
+        )
+    if model_classes != num_classes:
+        raise PipelineError(
+            f"{model_name} predicts {model_classes} classes but {classes_where} lists {num_classes}: train again on this data"
+        )
+
+
+def keras_model_io(model) -> tuple[tuple[int, ...], int]:
+    return tuple(model.input_shape[1:]), model.output_shape[-1]

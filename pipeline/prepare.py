@@ -1,0 +1,344 @@
+"""prepare: a folder of class folders -> resized, de-duplicated, split, augmented arrays.
+
+Reads IMAGES_DIR (never writes to it). Writes, atomically, into the output folder:
+X_{train,val,test}.npy (uint8, N x size x size x channels), y_{train,val,test}.npy
+(int64 labels), classes.json, manifest.csv (split,index,path,label,augmented: one row
+per array row), report.json (counts, skipped and ignored files, duplicates, warnings,
+settings) and samples.png.
+
+The steps, in `prepare_dataset`'s order: scan the folder; decode every file in worker
+processes (`decode_all`); choose the source images (`choose_sources`: exact duplicates,
+label conflicts, empty classes, warnings, --strict); split them (`splits.split_by_group`
+on near-duplicate groups); write the arrays and manifest (`write_splits`); write the
+report (`build_report`).
+
+Memory stays flat as the folder grows: workers write decoded rows straight into a buffer
+file (`_decoded.npy`, in the temporary output folder), and rows move from there to the
+outputs a bounded chunk at a time, by plain file reads and writes, so the pages stay in
+the OS cache rather than in any process's resident memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import __version__, augment, dedup, paths, progress
+from pipeline.artifacts import atomic_dir, check_out_dir, write_json
+from pipeline.data_folder import create_rows_file, read_rows, write_classes, write_manifest, write_rows
+from pipeline.errors import PipelineError
+from pipeline.image_folder import FolderScan, class_imbalance, scan_folder
+from pipeline.images import UnreadableImage, channels, preprocess
+from pipeline.settings import PrepareSettings
+from pipeline.splits import near_duplicate_groups, split_by_group
+from pipeline.worker_pool import WorkerPool, available_cores
+
+DECODE_CHUNK = 32  # files per task a worker takes: few messages, and the last tasks still balance
+COPY_BYTES = 16 * 2**20  # pixels moved per step from the decode buffer to the outputs
+COUNT_COLUMNS = ("found", "skipped", "duplicates", "train", "val", "test", "train_augmented")
+
+
+def prepare_dataset(images_dir: Path, out_dir: Path, settings: PrepareSettings) -> dict:
+    """Run the whole prepare stage; returns the report that is also written as report.json."""
+    settings.check()
+    images_dir, out_dir = Path(images_dir), Path(out_dir)
+    scan = scan_folder(images_dir)
+    check_out_dir(out_dir, paths.PREPARE_REPORT_FILE, {"images folder": images_dir})
+    if len(scan.class_names) < 2:
+        raise PipelineError(
+            f"{images_dir} has {len(scan.class_names)} class folder(s); a classifier needs at least 2 "
+            "(one sub-folder of images per class)"
+        )
+    if not scan.files:
+        raise PipelineError(f"no image files found under {images_dir}")
+    workers = settings.workers or available_cores()
+    with atomic_dir(out_dir) as tmp, _worker_pool(workers, len(scan.files), settings) as pool:
+        buffer_path = tmp / "_decoded.npy"
+        decoded = decode_all(scan, settings, buffer_path, pool)
+        sources = choose_sources(scan, decoded, settings)
+        groups = dedup.group_near_duplicates(decoded.phashes[sources.rows], settings.near_duplicate_distance)
+        split_of = split_by_group(
+            sources.labels, groups, settings.test_size, settings.val_size, settings.seed, sources.class_names
+        )
+        counts = write_splits(scan, sources, split_of, settings, buffer_path, tmp, pool)
+        report = build_report(scan, decoded, sources, groups, split_of, counts, settings)
+        write_json(tmp / paths.PREPARE_REPORT_FILE, report)
+        buffer_path.unlink()
+        _save_samples(tmp, report, settings)
+    return report
+
+
+def _worker_pool(workers: int, n_files: int, settings: PrepareSettings) -> WorkerPool:
+    if settings.augment:
+        augment.build_augmenter(0)  # import albumentations once, before the workers fork
+    return WorkerPool(min(workers, max(1, n_files // 16)))
+
+
+# --- decoding: one task per chunk of files, run in the worker processes -------------------
+
+
+@dataclass
+class Decoded:
+    ok: np.ndarray  # bool per scanned file
+    reasons: dict[int, str]  # why a file was skipped
+    digests: list[bytes | None]
+    phashes: np.ndarray  # uint64, 0 where not decoded
+
+
+def _decode_file(path: str, size: int, color: str) -> tuple[np.ndarray | None, str | None, bytes | None, int]:
+    """(row, skip reason, pixel digest, perceptual hash); the hash is 0 where the batch computes it."""
+    try:
+        image = preprocess(path, size, color)
+    except UnreadableImage as e:
+        return None, str(e), None, 0
+    except Exception as e:  # a decoder bug must not end the whole run: skip and say why
+        return None, f"could not decode ({type(e).__name__}: {e})", None, 0
+    # Exact duplicates are rows the model could not tell apart: identical pixels at --size.
+    digest = hashlib.blake2b(image.pixels.data, digest_size=16).digest()
+    # Near-duplicates are judged at the resolution the model sees (hashed for the whole
+    # chunk at once), unless that is below the hash's own 32x32: then on the decoded image.
+    phash = 0 if size >= dedup.PHASH_SIDE else dedup.perceptual_hash(image.decoded)
+    return image.pixels, None, digest, phash
+
+
+def _decode_chunk(args: tuple[str, int, int, list[str], int, str]) -> list[tuple[str | None, bytes | None, int]]:
+    """Decode consecutive files into their rows of the buffer file; return (reason, digest, phash) each.
+
+    The worker writes the pixels itself, so they never travel back through a pipe and the
+    parent never holds them.
+    """
+    buffer_path, offset, start, files, size, color = args
+    rows = np.zeros((len(files), size, size, channels(color)), dtype=np.uint8)
+    results = []
+    for i, path in enumerate(files):
+        array, reason, digest, phash = _decode_file(path, size, color)
+        if array is not None:
+            rows[i] = array
+        results.append((reason, digest, phash))
+    write_rows(Path(buffer_path), offset, start, rows)
+    if size >= dedup.PHASH_SIDE:
+        decoded = [i for i, (reason, _, _) in enumerate(results) if reason is None]
+        for i, phash in zip(decoded, dedup.perceptual_hashes(rows[decoded]).tolist()):
+            results[i] = (None, results[i][1], phash)
+    return results
+
+
+def decode_all(scan: FolderScan, s: PrepareSettings, buffer_path: Path, pool: WorkerPool) -> Decoded:
+    """Decode every scanned file into row i of the buffer file; keep only digests and hashes here."""
+    n = len(scan.files)
+    offset = create_rows_file(buffer_path, (n, s.size, s.size, channels(s.color)))
+    ok = np.zeros(n, dtype=bool)
+    reasons: dict[int, str] = {}
+    digests: list[bytes | None] = [None] * n
+    phashes = np.zeros(n, dtype=np.uint64)
+    tasks = [
+        (str(buffer_path), offset, start, [str(scan.root / rel) for rel, _ in scan.files[start : start + DECODE_CHUNK]])
+        + (s.size, s.color)
+        for start in range(0, n, DECODE_CHUNK)
+    ]
+    done = pool.imap(_decode_chunk, tasks)
+    i = 0
+    for results in progress.track(done, len(tasks), f"decoding {n} images"):
+        for reason, digest, phash in results:
+            if reason is None:
+                ok[i], digests[i], phashes[i] = True, digest, phash
+            else:
+                reasons[i] = reason
+            i += 1
+    return Decoded(ok, reasons, digests, phashes)
+
+
+# --- choosing the source images: duplicates, conflicts, empty classes, warnings ----------
+
+
+@dataclass
+class Sources:
+    """The decoded images that go into the split, and what was left out on the way."""
+
+    usable: np.ndarray  # indices into scan.files of every decoded file, in scan order
+    usable_labels: np.ndarray  # their class indices in scan.class_names
+    rows: np.ndarray  # the kept ones: indices into scan.files and the buffer file
+    labels: np.ndarray  # their labels, renumbered over class_names
+    class_names: list[str]  # classes with at least one kept image
+    duplicate_groups: list[list[int]]  # positions in `usable`; the first of each is kept
+    conflict_groups: list[list[int]]  # positions in `usable`; identical images in several classes
+    skipped: list[dict]
+    warnings: list[str]
+
+
+def choose_sources(scan: FolderScan, decoded: Decoded, s: PrepareSettings) -> Sources:
+    """Drop exact duplicates and label conflicts, leave out classes with no usable image,
+    collect every warning (the one list report.json, the CLI, report.html and --strict read)."""
+    files = scan.files
+    skipped = [{"path": files[i][0], "reason": r} for i, r in sorted(decoded.reasons.items())]
+    warnings = list(scan.warnings)
+
+    usable = np.flatnonzero(decoded.ok)
+    labels = np.array([files[i][1] for i in usable], dtype=np.int64)
+    drop, duplicate_groups, conflict_groups = dedup.find_exact_duplicates(
+        [decoded.digests[i] for i in usable], labels.tolist()
+    )
+    keep = np.ones(len(usable), dtype=bool)
+    keep[drop] = False
+    keep = np.flatnonzero(keep)  # (not np.setdiff1d: it imports numpy.ma, 30 ms)
+
+    # Classes left without a usable image are dropped and the rest renumbered.
+    found_per_class = np.bincount([label for _, label in files], minlength=len(scan.class_names))
+    kept_per_class = np.bincount(labels[keep], minlength=len(scan.class_names))
+    class_names = []
+    for label, name in enumerate(scan.class_names):
+        if kept_per_class[label] == 0:
+            if found_per_class[label]:
+                warnings.append(f"class folder '{name}' has no usable image and is left out")
+        else:
+            class_names.append(name)
+    if len(class_names) < 2:
+        raise PipelineError(f"only {len(class_names)} class(es) have usable images; a classifier needs at least 2")
+    for group in conflict_groups:
+        names = sorted({scan.class_names[labels[r]] for r in group})
+        warnings.append(f"{len(group)} identical images sit in different classes ({', '.join(names)}): all left out")
+    imbalance = class_imbalance(
+        {scan.class_names[label]: int(kept_per_class[label]) for label in range(len(scan.class_names))}
+    )
+    if imbalance:
+        warnings.append(imbalance)
+    if s.strict and (skipped or warnings):
+        problems = [f"{x['path']}: {x['reason']}" for x in skipped] + warnings
+        raise PipelineError(f"--strict: {len(problems)} problem(s), nothing written; first: {problems[0]}")
+
+    new_label = {scan.class_names.index(name): i for i, name in enumerate(class_names)}
+    return Sources(
+        usable=usable,
+        usable_labels=labels,
+        rows=usable[keep],
+        labels=np.array([new_label[label] for label in labels[keep]], dtype=np.int64),
+        class_names=class_names,
+        duplicate_groups=duplicate_groups,
+        conflict_groups=conflict_groups,
+        skipped=skipped,
+        warnings=warnings,
+    )
+
+
+# --- writing the splits: arrays, augmented copies, manifest, classes --------------------
+
+
+def write_splits(
+    scan: FolderScan, sources: Sources, split_of: np.ndarray, s: PrepareSettings, buffer_path: Path, tmp: Path, pool
+) -> dict[str, dict[str, int]]:
+    """Write X/y for each split (augmented copies after the originals, train only), the
+    manifest and classes.json; return the per-class counts."""
+    class_names = sources.class_names
+    row_shape = (s.size, s.size, channels(s.color))
+    chunk_rows = max(1, COPY_BYTES // math.prod(row_shape))
+    manifest: list[tuple[str, int, str, str, int]] = []
+    counts = {name: dict.fromkeys(COUNT_COLUMNS, 0) for name in class_names}
+    for split in paths.SPLITS:
+        members = np.flatnonzero(split_of == split)
+        split_sources, split_labels = sources.rows[members], sources.labels[members]
+        copies = s.augment if split == "train" else 0
+        n_rows = len(members) * (1 + copies)
+        X_path = tmp / paths.images_file(split)
+        offset = create_rows_file(X_path, (n_rows, *row_shape))
+        for start in range(0, len(members), chunk_rows):
+            write_rows(X_path, offset, start, read_rows(buffer_path, split_sources[start : start + chunk_rows]))
+        if copies:
+            _write_augmented(X_path, offset, buffer_path, split_sources, copies, s.seed, s.flip, pool)
+        y = np.tile(split_labels, 1 + copies)
+        np.save(tmp / paths.labels_file(split), y)
+        for index in range(n_rows):
+            source = index % len(members) if len(members) else 0
+            path = scan.files[split_sources[source]][0]
+            manifest.append((split, index, path, class_names[y[index]], int(index >= len(members))))
+        for label in split_labels:
+            counts[class_names[label]][split] += 1
+            counts[class_names[label]]["train_augmented"] += copies
+    write_manifest(tmp / paths.MANIFEST_FILE, manifest)
+    write_classes(tmp, class_names)
+    return counts
+
+
+def _write_augmented(
+    X_path: Path, offset: int, buffer_path: Path, sources: np.ndarray, copies: int, seed: int, flip: bool, pool
+) -> None:
+    n = len(sources)
+    chunks = [
+        (str(buffer_path), sources[start : start + augment.CHUNK_ROWS], copies, seed, k, flip)
+        for k, start in enumerate(range(0, n, augment.CHUNK_ROWS))
+    ]
+    results = pool.imap(_augment_task, chunks)
+    for (_, _, _, _, k, _), out in zip(chunks, progress.track(results, len(chunks), "augmenting training images")):
+        start = k * augment.CHUNK_ROWS
+        for c in range(copies):
+            write_rows(X_path, offset, n * (1 + c) + start, out[c])
+
+
+def _augment_task(args) -> np.ndarray:
+    buffer_path, sources, copies, seed, chunk, flip = args
+    return augment.augment_chunk(read_rows(Path(buffer_path), sources), copies, seed, chunk, flip)
+
+
+# --- the report ------------------------------------------------------------------------
+
+
+def build_report(
+    scan: FolderScan,
+    decoded: Decoded,
+    sources: Sources,
+    groups: np.ndarray,
+    split_of: np.ndarray,
+    counts: dict[str, dict[str, int]],
+    s: PrepareSettings,
+) -> dict:
+    """report.json: what was found, skipped, ignored, removed and split, every warning, the settings."""
+    files, class_of = scan.files, scan.class_names
+    for _, label in files:
+        if class_of[label] in counts:
+            counts[class_of[label]]["found"] += 1
+    for i in decoded.reasons:
+        if class_of[files[i][1]] in counts:
+            counts[class_of[files[i][1]]]["skipped"] += 1
+    for group in sources.duplicate_groups:
+        counts[class_of[sources.usable_labels[group[0]]]]["duplicates"] += len(group) - 1
+
+    path_of = lambda r: files[sources.usable[r]][0]  # noqa: E731  (position in `usable` -> relative path)
+    return {
+        "version": __version__,
+        "images_dir": str(scan.root.resolve()),
+        "classes": sources.class_names,
+        "counts": counts,
+        "totals": {
+            "found": len(files),
+            "skipped": len(sources.skipped),
+            "ignored": len(scan.ignored),
+            "duplicates_removed": sum(len(g) - 1 for g in sources.duplicate_groups),
+            "label_conflicts_removed": sum(len(g) for g in sources.conflict_groups),
+            **{split: int((split_of == split).sum()) for split in paths.SPLITS},
+            "train_rows": int((split_of == "train").sum()) * (1 + s.augment),
+        },
+        "skipped": sources.skipped,
+        "ignored": {"counts": dict(Counter(item["reason"] for item in scan.ignored)), "items": scan.ignored},
+        "duplicates": [
+            {"kept": path_of(g[0]), "removed": [path_of(r) for r in g[1:]]} for g in sources.duplicate_groups
+        ],
+        "label_conflicts": [
+            {"paths": [path_of(r) for r in g], "classes": sorted({class_of[sources.usable_labels[r]] for r in g})}
+            for g in sources.conflict_groups
+        ],
+        "near_duplicate_groups": near_duplicate_groups(groups, [files[r][0] for r in sources.rows], split_of),
+        "warnings": sources.warnings,
+        "settings": asdict(s),
+    }
+
+
+def _save_samples(tmp: Path, report: dict, s: PrepareSettings) -> None:
+    from pipeline import plots
+
+    X = np.load(tmp / paths.images_file("train"), mmap_mode="r", allow_pickle=False)
+    y = np.load(tmp / paths.labels_file("train"), allow_pickle=False)
+    plots.save_samples(X, y, report["totals"]["train"], s.augment, report["classes"], tmp / paths.SAMPLES_PNG)

@@ -1,0 +1,77 @@
+"""The train/val/test split of source images: stratified per class, seeded, and grouped.
+
+Near-duplicate groups (from dedup) go to one split as a whole, so no image is tested on
+after a near copy of it was trained on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+
+def split_by_group(
+    labels: np.ndarray,
+    groups: np.ndarray,
+    test_size: float,
+    val_size: float,
+    seed: int,
+    class_names: list[str],
+) -> np.ndarray:
+    """Stratified train/val/test split that never puts one group in two splits.
+
+    scikit-learn has group-aware splitters (GroupShuffleSplit, StratifiedGroupKFold) but
+    none that is stratified, grouped and takes fractions, hence this: per class, shuffle
+    its groups with the seed and fill test, then val, then train, by image count, never
+    overshooting a split's share by more than it would fall short without the group.
+    """
+    rng = np.random.default_rng(seed)
+    group_ids, first = np.unique(groups, return_index=True)
+    group_size = np.bincount(groups)
+    group_label = labels[first]  # a group belongs to the class of its first image
+    group_split = np.full(len(group_ids), "train", dtype=object)
+    for label, name in enumerate(class_names):
+        class_groups = rng.permutation(group_ids[group_label == label])
+        total = int(group_size[class_groups].sum())
+        wanted = {
+            "test": max(1, round(total * test_size)),
+            "val": max(1, round(total * val_size)) if val_size > 0 else 0,
+        }
+        if total - wanted["test"] - wanted["val"] < 1:
+            needed = 3 if val_size > 0 else 2
+            raise PipelineError(
+                f"class '{name}' has {total} usable image(s) (after duplicates); splitting into "
+                f"{'train, val and test' if val_size > 0 else 'train and test'} needs at least {needed} per class: "
+                "add images or lower --test-size/--val-size"
+            )
+        taken = {"test": 0, "val": 0}
+        for g in class_groups:
+            size = int(group_size[g])
+            # A group joins test (then val) only if that lands nearer the wanted count than
+            # leaving it out: one big near-duplicate group must not swell the test split.
+            split = next((s for s in ("test", "val") if size - (wanted[s] - taken[s]) < wanted[s] - taken[s]), "train")
+            if split != "train":
+                taken[split] += size
+            group_split[g] = split
+        for split in ("test", "val"):  # every group too big: the smallest still goes, if train keeps one
+            in_train = [g for g in class_groups if group_split[g] == "train"]
+            if wanted[split] and not taken[split] and len(in_train) > 1:
+                g = min(in_train, key=lambda g: group_size[g])
+                group_split[g], taken[split] = split, int(group_size[g])
+        if not np.any(group_split[class_groups] == "train"):
+            raise PipelineError(
+                f"class '{name}': its near-duplicate groups leave no image for training; add distinct images"
+            )
+    return group_split[groups]
+
+
+def near_duplicate_groups(groups: np.ndarray, group_paths: list[str], split_of: np.ndarray) -> list[dict]:
+    """The groups of two or more images, as report.json lists them: their paths and their split."""
+    order = np.argsort(groups, kind="stable")
+    bounds = np.flatnonzero(np.diff(groups[order])) + 1
+    found = []
+    for members in np.split(order, bounds):
+        if len(members) > 1:
+            found.append({"paths": [group_paths[m] for m in members], "split": str(split_of[members[0]])})
+    return found
