@@ -272,25 +272,13 @@ def predict(
 
 
 def _print_prepare_summary(report: dict, out_dir: Path) -> None:
+    from pipeline.prepare import COUNT_COLUMNS
+
     table = Table(title=f"Prepared {out_dir}", title_justify="left")
     for column in ("class", "found", "skipped", "duplicates", "train", "val", "test", "+augmented"):
         table.add_column(column, justify="left" if column == "class" else "right")
     for name, c in report["counts"].items():
-        table.add_row(
-            name,
-            *(
-                str(c[k])
-                for k in (
-                    "found",
-                    "skipped",
-                    "duplicates",
-                    "train",
-                    "val",
-                    "test",
-                    "train_augmented",
-                )
-            ),
-        )
+        table.add_row(name, *(str(c[k]) for k in COUNT_COLUMNS))
     out.print(table)
     totals = report["totals"]
     out.print(
