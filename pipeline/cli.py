@@ -30,6 +30,7 @@ from pipeline.settings import (
     InspectSettings,
     PredictSettings,
     PrepareSettings,
+    ServeSettings,
     TrainSettings,
 )
 
@@ -60,13 +61,14 @@ class OneLineErrors(TyperGroup):
 app = typer.Typer(
     cls=OneLineErrors,
     help="Turn a folder of class-named image folders into a trained image classifier.\n\n"
-    "Run in order: prepare IMAGES_DIR, train, evaluate, predict FILE...",
+    "Run in order: prepare IMAGES_DIR, train, evaluate, predict FILE... (or serve the model: serve)",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 # Option defaults come from the settings, the one place they are set.
 PREPARE, TRAIN, PREDICT, INSPECT = PrepareSettings(), TrainSettings(), PredictSettings(), InspectSettings()
+SERVE = ServeSettings()
 Color = Enum("Color", {mode: mode for mode in COLOR_MODES}, type=str)
 Precision = Enum("Precision", {p: p for p in PRECISIONS}, type=str)
 Engine = Enum("Engine", {e: e for e in ENGINES}, type=str)
@@ -269,6 +271,40 @@ def predict(
             )
     if errors:
         raise typer.Exit(code=1)
+
+
+@app.command()
+@user_errors
+def serve(
+    model_dir: ModelDir = paths.MODEL_DIR,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; the default, loopback, lets only this machine connect.")
+    ] = SERVE.host,
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free one).")] = SERVE.port,
+    max_upload_mb: Annotated[
+        float, typer.Option(help="Largest request body in MB; a larger upload gets 413.")
+    ] = SERVE.max_upload_mb,
+    max_files: Annotated[int, typer.Option(help="Most images in one request.")] = SERVE.max_files,
+    workers: Annotated[
+        int, typer.Option(help="Requests answered at once, each with its own model copy (0: one per core).")
+    ] = SERVE.workers,
+    reports_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--reports", help="evaluate's folder, for the test accuracy (default: reports beside the model folder)."
+        ),
+    ] = None,
+    engine: Annotated[Engine, typer.Option(help="auto: LiteRT when installed, else Keras.")] = Engine[SERVE.engine],
+    quiet: Quiet = False,
+) -> None:
+    """Serve the model over HTTP: POST /predict (the JSON of predict --json), a page at /, the API at /docs."""
+    progress.set_quiet(quiet)
+    from pipeline.serve import serve_model
+
+    settings = ServeSettings(
+        host=host, port=port, max_upload_mb=max_upload_mb, max_files=max_files, workers=workers, engine=engine.value
+    )
+    serve_model(model_dir, settings, reports_dir, say=progress.say)
 
 
 def _print_prepare_summary(report: dict, out_dir: Path) -> None:

@@ -80,8 +80,11 @@ class Classifier:
         return Prediction(name, label, top[0]["probability"], top)
 
 
-def load_classifier(model_dir: Path, engine: str = "auto") -> Classifier:
-    """Load a model folder once: LiteRT when possible (auto, litert), else Keras in safe mode."""
+def load_classifier(model_dir: Path, engine: str = "auto", threads: int | None = None) -> Classifier:
+    """Load a model folder once: LiteRT when possible (auto, litert), else Keras in safe mode.
+
+    `threads`: the LiteRT interpreter's threads (default: one per core); serve loads one
+    single-threaded copy per worker, since an interpreter must not be shared between threads."""
     model_dir = Path(model_dir)
     preprocess_info = load_preprocess(model_dir)
     classes = load_model_classes(model_dir)
@@ -97,7 +100,7 @@ def load_classifier(model_dir: Path, engine: str = "auto") -> Classifier:
                     "--engine litert needs the ai-edge-litert package: pip install ai-edge-litert"
                 ) from None
         else:
-            run = _litert_runner(Interpreter, tflite, input_shape, len(classes))
+            run = _litert_runner(Interpreter, tflite, input_shape, len(classes), threads or os.cpu_count() or 1)
             return Classifier(classes, size, color, "litert", run)
     elif engine == "litert":
         raise PipelineError(f"{tflite} not found: train again to export it")
@@ -136,9 +139,9 @@ def predict_files(
     return results, errors
 
 
-def _litert_runner(Interpreter, path: Path, input_shape, num_classes):
+def _litert_runner(Interpreter, path: Path, input_shape, num_classes, threads: int):
     try:
-        interpreter = Interpreter(model_path=str(path), num_threads=os.cpu_count() or 1)
+        interpreter = Interpreter(model_path=str(path), num_threads=threads)
     except (ValueError, RuntimeError) as e:
         raise PipelineError(f"could not load {path}: {e}") from None
     source = interpreter.get_input_details()[0]

@@ -92,3 +92,25 @@ class InspectSettings:
     def check(self) -> None:
         if self.workers < 0:
             raise PipelineError(f"--workers must be 0 (all cores) or more, got {self.workers}")
+
+
+@dataclass
+class ServeSettings:
+    host: str = "127.0.0.1"  # loopback: only this machine can connect; 0.0.0.0 opens it to the network
+    port: int = 8000  # 0: any free port (the one chosen is printed)
+    max_upload_mb: float = 20.0  # one request's whole body; a larger one gets 413 while it is still arriving
+    max_files: int = 64  # images in one request
+    workers: int = 0  # requests answered at once, each with its own copy of the model; 0 = one per core
+    engine: str = "auto"  # as predict: LiteRT when installed and model.tflite exists, else Keras
+
+    def check(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise PipelineError(f"--port must be between 0 and 65535, got {self.port}")
+        if not self.max_upload_mb > 0:
+            raise PipelineError(f"--max-upload-mb must be above 0, got {self.max_upload_mb}")
+        if self.max_files < 1:
+            raise PipelineError(f"--max-files must be at least 1, got {self.max_files}")
+        if self.workers < 0:
+            raise PipelineError(f"--workers must be 0 (one per core) or more, got {self.workers}")
+        if self.engine not in ENGINES:
+            raise PipelineError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")

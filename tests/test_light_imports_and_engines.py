@@ -21,8 +21,22 @@ from pipeline.settings import TrainSettings
 from pipeline.train import resolve_precision, train_model
 from tests.conftest import run_cli
 
-# pydantic: typer 0.29 imports it to coerce every option (+0.1 s a command), hence typer<0.29
-HEAVY = ("tensorflow", "keras", "sklearn", "scipy", "albumentations", "matplotlib", "imagehash", "pydantic")
+# pydantic: typer 0.29 imports it to coerce every option (+0.1 s a command), hence typer<0.29;
+# fastapi, starlette, uvicorn: only `pipeline serve` needs them
+HEAVY = (
+    "tensorflow",
+    "keras",
+    "sklearn",
+    "scipy",
+    "albumentations",
+    "matplotlib",
+    "imagehash",
+    "pydantic",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "python_multipart",
+)
 
 
 # Runs the CLI in a fresh interpreter and lists sys.modules at the end: not -X importtime,
@@ -48,7 +62,7 @@ def imported_modules(*args: str, expect: int = 0) -> set[str]:
     return set(found["modules"])
 
 
-@pytest.mark.parametrize("command", [[], ["prepare"], ["train"], ["evaluate"], ["predict"]])
+@pytest.mark.parametrize("command", [[], ["prepare"], ["train"], ["evaluate"], ["predict"], ["serve"]])
 def test_help_imports_no_heavy_module(command):
     modules = imported_modules(*command, "--help")
     assert "pipeline" in modules
