@@ -7,10 +7,10 @@ SAMPLE := sample_data
 ART := artifacts
 
 .DEFAULT_GOAL := help
-.PHONY: help install all prepare train evaluate predict test lint bench clean
+.PHONY: help install all prepare train evaluate predict serve test lint bench bench-serve clean
 
 help: ## Show every target with one line
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ evaluate: $(STAMP) ## Evaluate on the test split into artifacts/reports
 predict: $(STAMP) ## Predict a few sample images with the trained model
 	$(BIN)/pipeline predict $(SAMPLE)/3/digit_0003.png $(SAMPLE)/7/digit_0007.png --top-k 3
 
+serve: $(STAMP) ## Serve artifacts/model on http://127.0.0.1:8000 (the page at /, the API at /docs)
+	$(BIN)/pipeline serve
+
 test: $(STAMP) ## Run the test suite
 	$(BIN)/python -m pytest -q
 
@@ -43,6 +46,9 @@ lint: $(STAMP) ## Lint and check formatting with ruff
 
 bench: $(STAMP) ## Benchmark against the reference scripts in ../shared/bench (slow; not part of CI)
 	$(BIN)/python bench/run_bench.py
+
+bench-serve: $(STAMP) ## Load-test pipeline serve on loopback against cold predict processes (not part of CI)
+	$(BIN)/python bench/serve_load.py
 
 clean: ## Remove artifacts, caches and the virtual environment
 	rm -rf $(ART) $(VENV) .pytest_cache .ruff_cache bench/work *.egg-info

@@ -5,8 +5,8 @@ Builds real-photo JPEG folders with ../shared/bench/make_photo_folder.py into be
 processes and prints a table of median ratios: prepare (images/s, wall, peak memory),
 prepare's memory on a large folder, train (training images/s and test accuracy on the
 same arrays: the photos for speed, sample_data's digits for accuracy, since the photo
-classes mean nothing) and predict (one photo, cold process). Writes the table to
-bench/RESULTS.md.
+classes mean nothing), predict (one photo, cold process) and serve (serve_load.py: a
+load test of `pipeline serve` on loopback). Writes the tables to bench/RESULTS.md.
 
     python bench/run_bench.py            # 2,000 photos at 64 px, 10,000 at 128 px for memory
     python bench/run_bench.py --quick    # 400 photos, 2,000 for memory, 1 repeat: for iterating
@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_load import bench_serve, report  # noqa: E402
 from treemem import measure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -232,6 +233,7 @@ def main() -> None:
     rows += bench_train_accuracy(1 if a.quick else 2)
     rows += bench_predict(folder, repeats)
     rows += bench_memory(photos(n_memory), n_memory, 128)
+    served = bench_serve(WORK / "model", folder, requests=400 if a.quick else 2000, cold_runs=repeats + 2)
     command = "make bench" if not a.quick else "python bench/run_bench.py --quick"
     table = "\n".join(
         [
@@ -245,7 +247,9 @@ def main() -> None:
             *rows,
         ]
     )
-    table += "\n" + GROWTH
+    table += "\n\n## serve: `pipeline serve` under load on loopback (bench/serve_load.py)\n\n"
+    table += "16 client threads in the benchmark's process, on the same CPU as the server.\n\n"
+    table += "\n".join(report(served)) + "\n" + GROWTH
     print(table)
     if not a.quick:
         (ROOT / "bench" / "RESULTS.md").write_text(table)

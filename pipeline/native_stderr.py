@@ -17,15 +17,26 @@ import contextlib
 import io
 import os
 import sys
+import threading
 from collections.abc import Iterator
 
 # TensorFlow's C++ log lines would bury our one-line messages; real errors still show.
 # Read once, when TensorFlow loads: set here, before any of the imports below can run.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# fd 2 and sys.stderr belong to the whole process: two threads swapping them at once (serve's
+# workers allocating tensors together) restored each other's copies and left a closed
+# sys.stderr behind. One thread at a time; the same thread may nest.
+_one_at_a_time = threading.RLock()
+
 
 @contextlib.contextmanager
 def quiet_native_stderr() -> Iterator[None]:
+    with _one_at_a_time:
+        yield from _quiet_native_stderr()
+
+
+def _quiet_native_stderr() -> Iterator[None]:
     try:
         saved = os.dup(2)
     except OSError:

@@ -151,10 +151,14 @@ def _litert_runner(Interpreter, path: Path, input_shape, num_classes, threads: i
         model_io, input_shape, num_classes, paths.PREPROCESS_FILE, paths.CLASSES_FILE, model_name=str(path)
     )
 
+    allocated_for = []  # the batch shape the tensors were last allocated for
+
     def run(batch: np.ndarray) -> np.ndarray:
-        interpreter.resize_tensor_input(source["index"], batch.shape)
-        with quiet_native_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
-            interpreter.allocate_tensors()
+        if allocated_for != [batch.shape]:  # serve sends batches of one, again and again
+            interpreter.resize_tensor_input(source["index"], batch.shape)
+            with quiet_native_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+                interpreter.allocate_tensors()
+            allocated_for[:] = [batch.shape]
         interpreter.set_tensor(source["index"], batch.astype(source["dtype"]))
         interpreter.invoke()
         return np.asarray(interpreter.get_tensor(target["index"]), dtype=np.float64)

@@ -17,16 +17,17 @@ binds the socket and runs the app under uvicorn until Ctrl-C or SIGTERM.
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import os
 import queue
 import socket
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
 from fastapi import FastAPI, Query, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from python_multipart.exceptions import MultipartParseError
@@ -53,47 +54,46 @@ class RequestError(Exception):
         self.status, self.extra = status, extra
 
 
-class ClassifierPool:
-    """`size` single-threaded copies of one model, lent to one request at a time.
+class ModelWorkers:
+    """`size` threads, each with its own single-threaded copy of the model.
 
-    A LiteRT interpreter keeps its tensors between calls, so two threads must never run
-    the same one. Each request borrows a copy for its decoding and its model call, which
-    also bounds how many uploads are being decoded (and held in memory) at once."""
+    A LiteRT interpreter keeps its tensors between calls, so two threads must never run the
+    same one: each worker thread adopts one copy for good. Requests wait for the next free
+    worker, which also bounds how many uploads are decoded at once (a photo just under
+    Pillow's bomb limit decodes to 270 MB) and how many threads the server has."""
 
     def __init__(self, model_dir: Path, engine: str, size: int):
         self.copies = [load_classifier(model_dir, engine, threads=1) for _ in range(size)]
-        self._free: queue.SimpleQueue[Classifier] = queue.SimpleQueue()
+        self.model = self.copies[0]  # for what the copies share: classes, size, colour, engine
+        unclaimed: queue.SimpleQueue[Classifier] = queue.SimpleQueue()
         for classifier in self.copies:
-            self._free.put(classifier)
+            unclaimed.put(classifier)
+        self._mine = threading.local()
 
-    @property
-    def model(self) -> Classifier:
-        """Any copy, for what they share (classes, size, colour, engine); not for running."""
-        return self.copies[0]
+        def adopt() -> None:  # runs once in each worker thread, as it starts
+            self._mine.classifier = unclaimed.get_nowait()
 
-    @contextlib.contextmanager
-    def borrow(self) -> Iterator[Classifier]:
-        classifier = self._free.get()
-        try:
-            yield classifier
-        finally:
-            self._free.put(classifier)
+        self._threads = ThreadPoolExecutor(size, thread_name_prefix="model", initializer=adopt)
 
-    def predict(self, uploads: list[tuple[str, bytes]], top_k: int, threshold: float) -> list[dict]:
-        """predict --json's list for in-memory uploads; any unreadable one fails the request (422)."""
-        with self.borrow() as classifier:
-            pixels, unreadable = [], []
-            for name, data in uploads:
-                try:
-                    pixels.append(classifier.preprocess(data))
-                except UnreadableImage as e:
-                    unreadable.append({"file": name, "error": str(e)})
-            if unreadable:
-                reasons = "; ".join(f"{u['file']}: {u['error']}" for u in unreadable)
-                raise RequestError(
-                    422, f"{len(unreadable)} of {len(uploads)} file(s) unreadable: {reasons}", files=unreadable
-                )
-            probabilities = classifier.probabilities(pixels)
+    async def predict(self, uploads: list[tuple[str, bytes]], top_k: int, threshold: float) -> list[dict]:
+        """predict --json's list for in-memory uploads, computed by the next free worker."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._threads, self._predict, uploads, top_k, threshold)
+
+    def _predict(self, uploads: list[tuple[str, bytes]], top_k: int, threshold: float) -> list[dict]:
+        classifier: Classifier = self._mine.classifier
+        pixels, unreadable = [], []
+        for name, data in uploads:
+            try:
+                pixels.append(classifier.preprocess(data))
+            except UnreadableImage as e:
+                unreadable.append({"file": name, "error": str(e)})
+        if unreadable:  # any unreadable file fails the request, naming each
+            reasons = "; ".join(f"{u['file']}: {u['error']}" for u in unreadable)
+            raise RequestError(
+                422, f"{len(unreadable)} of {len(uploads)} file(s) unreadable: {reasons}", files=unreadable
+            )
+        probabilities = classifier.probabilities(pixels)
         return [classifier.label(name, p, top_k, threshold).as_dict() for (name, _), p in zip(uploads, probabilities)]
 
 
@@ -229,8 +229,8 @@ def create_app(model_dir: Path, settings: ServeSettings | None = None, reports_d
     settings = settings or ServeSettings()
     settings.check()
     workers = settings.workers or len(os.sched_getaffinity(0))
-    pool = ClassifierPool(Path(model_dir), settings.engine, workers)
-    model = pool.model
+    model_workers = ModelWorkers(Path(model_dir), settings.engine, workers)
+    model = model_workers.model
     metrics = find_metrics(model_dir, reports_dir, model.classes)
     max_bytes = int(settings.max_upload_mb * 2**20)
     page = resources.files("pipeline").joinpath("serve_page.html").read_text(encoding="utf-8")
@@ -293,7 +293,7 @@ def create_app(model_dir: Path, settings: ServeSettings | None = None, reports_d
     ) -> list[dict]:
         """Label, confidence and top k for each image, exactly as `pipeline predict --json` gives them."""
         uploads = await read_uploads(request, max_bytes, settings.max_files)
-        return await run_in_threadpool(pool.predict, uploads, top_k, threshold)
+        return await model_workers.predict(uploads, top_k, threshold)
 
     return app
 

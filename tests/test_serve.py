@@ -316,3 +316,25 @@ def test_the_page_in_a_real_browser_labels_two_dropped_photos(live_server, serve
         assert image.format == "PNG" and image.size[0] >= 1000
         pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
     assert pixels.std() > 20  # not a blank page
+
+
+def test_workers_silencing_native_stderr_at_once_leave_stderr_whole(capfd):
+    """Each worker's first model call allocates tensors with fd 2 pointed away; two at once
+    once restored each other's copies and left a closed sys.stderr (a server that could not
+    say "server stopped")."""
+    from pipeline.native_stderr import quiet_native_stderr
+
+    before, stream = os.fstat(2), sys.stderr
+
+    def swap(_):
+        for _ in range(50):
+            with quiet_native_stderr():
+                time.sleep(0.0005)
+
+    with ThreadPoolExecutor(8) as threads:
+        list(threads.map(swap, range(8)))
+    after = os.fstat(2)
+    assert sys.stderr is stream and not sys.stderr.closed
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+    print("still heard", file=sys.stderr)
+    assert "still heard" in capfd.readouterr().err
