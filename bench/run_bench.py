@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import bench_serve, report  # noqa: E402
+from serve_load import bench_serve, build_model, report  # noqa: E402
 from treemem import measure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,7 +233,8 @@ def main() -> None:
     rows += bench_train_accuracy(1 if a.quick else 2)
     rows += bench_predict(folder, repeats)
     rows += bench_memory(photos(n_memory), n_memory, 128)
-    served = bench_serve(WORK / "model", folder, requests=400 if a.quick else 2000, cold_runs=repeats + 2)
+    # serve: a model at the default size (32 px, 1 epoch) on 200 photos, as make bench-serve
+    served = bench_serve(*build_model(200), requests=400 if a.quick else 2000, cold_runs=repeats + 2)
     command = "make bench" if not a.quick else "python bench/run_bench.py --quick"
     table = "\n".join(
         [
