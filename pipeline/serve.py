@@ -228,7 +228,8 @@ def create_app(model_dir: Path, settings: ServeSettings | None = None, reports_d
     """Load the model (`settings.workers` copies) and build the app that serves it."""
     settings = settings or ServeSettings()
     settings.check()
-    workers = settings.workers or len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = settings.workers or cores
     model_workers = ModelWorkers(Path(model_dir), settings.engine, workers)
     model = model_workers.model
     metrics = find_metrics(model_dir, reports_dir, model.classes)
