@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from pipeline.image_folder import FolderScan, class_imbalance, scan_folder
 from pipeline.images import UnreadableImage, channels, preprocess
 from pipeline.settings import PrepareSettings
 from pipeline.splits import near_duplicate_groups, split_by_group
-from pipeline.worker_pool import WorkerPool, available_cores
+from pipeline.worker_pool import WorkerPool, available_cores, open_pool
 
 DECODE_CHUNK = 32  # files per task a worker takes: few messages, and the last tasks still balance
 COPY_BYTES = 16 * 2**20  # pixels moved per step from the decode buffer to the outputs
@@ -58,6 +59,7 @@ def prepare_dataset(images_dir: Path, out_dir: Path, settings: PrepareSettings) 
         raise PipelineError(f"no image files found under {images_dir}")
     workers = settings.workers or available_cores()
     with atomic_dir(out_dir) as tmp, _worker_pool(workers, len(scan.files), settings) as pool:
+        pool.check_storage(scan.root / scan.files[0][0], tmp)  # a cluster's workers must see both
         buffer_path = tmp / "_decoded.npy"
         decoded = decode_all(scan, settings, buffer_path, pool)
         sources = choose_sources(scan, decoded, settings)
@@ -74,9 +76,9 @@ def prepare_dataset(images_dir: Path, out_dir: Path, settings: PrepareSettings) 
 
 
 def _worker_pool(workers: int, n_files: int, settings: PrepareSettings) -> WorkerPool:
-    if settings.augment:
+    if settings.augment and not settings.scheduler:
         augment.build_augmenter(0)  # import albumentations once, before the workers fork
-    return WorkerPool(min(workers, max(1, n_files // 16)))
+    return open_pool(min(workers, max(1, n_files // 16)), settings.scheduler)
 
 
 # --- decoding: one task per chunk of files, run in the worker processes -------------------
@@ -136,8 +138,14 @@ def decode_all(scan: FolderScan, s: PrepareSettings, buffer_path: Path, pool: Wo
     reasons: dict[int, str] = {}
     digests: list[bytes | None] = [None] * n
     phashes = np.zeros(n, dtype=np.uint64)
+    root = os.path.abspath(scan.root)  # the same file for a cluster's worker, whatever its working folder
     tasks = [
-        (str(buffer_path), offset, start, [str(scan.root / rel) for rel, _ in scan.files[start : start + DECODE_CHUNK]])
+        (
+            os.path.abspath(buffer_path),
+            offset,
+            start,
+            [os.path.join(root, rel) for rel, _ in scan.files[start : start + DECODE_CHUNK]],
+        )
         + (s.size, s.color)
         for start in range(0, n, DECODE_CHUNK)
     ]
@@ -268,19 +276,22 @@ def _write_augmented(
 ) -> None:
     n = len(sources)
     chunks = [
-        (str(buffer_path), sources[start : start + augment.CHUNK_ROWS], copies, seed, k, flip)
+        (os.path.abspath(buffer_path), sources[start : start + augment.CHUNK_ROWS], copies, seed, k, flip)
+        + (os.path.abspath(X_path), offset, n)
         for k, start in enumerate(range(0, n, augment.CHUNK_ROWS))
     ]
-    results = pool.imap(_augment_task, chunks)
-    for (_, _, _, _, k, _), out in zip(chunks, progress.track(results, len(chunks), "augmenting training images")):
-        start = k * augment.CHUNK_ROWS
-        for c in range(copies):
-            write_rows(X_path, offset, n * (1 + c) + start, out[c])
+    for _ in progress.track(pool.imap(_augment_task, chunks), len(chunks), "augmenting training images"):
+        pass
 
 
-def _augment_task(args) -> np.ndarray:
-    buffer_path, sources, copies, seed, chunk, flip = args
-    return augment.augment_chunk(read_rows(Path(buffer_path), sources), copies, seed, chunk, flip)
+def _augment_task(args) -> None:
+    """Augment one chunk of source rows and write each copy into its rows of X_train: the
+    worker writes them itself, as decoding does, so they never travel back to the parent."""
+    buffer_path, sources, copies, seed, chunk, flip, X_path, offset, n = args
+    out = augment.augment_chunk(read_rows(Path(buffer_path), sources), copies, seed, chunk, flip)
+    start = chunk * augment.CHUNK_ROWS
+    for c in range(copies):
+        write_rows(Path(X_path), offset, n * (1 + c) + start, out[c])
 
 
 # --- the report ------------------------------------------------------------------------
@@ -332,8 +343,14 @@ def build_report(
         ],
         "near_duplicate_groups": near_duplicate_groups(groups, [files[r][0] for r in sources.rows], split_of),
         "warnings": sources.warnings,
-        "settings": asdict(s),
+        "settings": recorded_settings(s),
     }
+
+
+def recorded_settings(s: PrepareSettings) -> dict:
+    """The settings that shape the output; where the work ran (the scheduler) does not, so a
+    cluster run's report is byte-identical to a local run's."""
+    return {k: v for k, v in asdict(s).items() if k != "scheduler"}
 
 
 def _save_samples(tmp: Path, report: dict, s: PrepareSettings) -> None:

@@ -22,7 +22,18 @@ from pipeline.train import resolve_precision, train_model
 from tests.conftest import run_cli
 
 # pydantic: typer 0.29 imports it to coerce every option (+0.1 s a command), hence typer<0.29
-HEAVY = ("tensorflow", "keras", "sklearn", "scipy", "albumentations", "matplotlib", "imagehash", "pydantic")
+HEAVY = (
+    "tensorflow",
+    "keras",
+    "sklearn",
+    "scipy",
+    "albumentations",
+    "matplotlib",
+    "imagehash",
+    "pydantic",
+    "dask",
+    "distributed",
+)
 
 
 # Runs the CLI in a fresh interpreter and lists sys.modules at the end: not -X importtime,
