@@ -253,8 +253,15 @@ def write_splits(
         n_rows = len(members) * (1 + copies)
         X_path = tmp / paths.images_file(split)
         offset = create_rows_file(X_path, (n_rows, *row_shape))
-        for start in range(0, len(members), chunk_rows):
-            write_rows(X_path, offset, start, read_rows(buffer_path, split_sources[start : start + chunk_rows]))
+        # The rows move in the workers too, a bounded chunk per task: on a cluster, through
+        # the shared storage's many clients rather than this one process.
+        moves = [
+            (os.path.abspath(buffer_path), split_sources[start : start + chunk_rows], os.path.abspath(X_path), offset)
+            + (start,)
+            for start in range(0, len(members), chunk_rows)
+        ]
+        for _ in pool.imap(_copy_task, moves):
+            pass
         if copies:
             _write_augmented(X_path, offset, buffer_path, split_sources, copies, s.seed, s.flip, pool)
         y = np.tile(split_labels, 1 + copies)
@@ -269,6 +276,12 @@ def write_splits(
     write_manifest(tmp / paths.MANIFEST_FILE, manifest)
     write_classes(tmp, class_names)
     return counts
+
+
+def _copy_task(args) -> None:
+    """Copy some rows of the decode buffer into consecutive rows of an output array."""
+    buffer_path, sources, X_path, offset, start = args
+    write_rows(Path(X_path), offset, start, read_rows(Path(buffer_path), sources))
 
 
 def _write_augmented(
