@@ -139,7 +139,8 @@ def decode_all(scan: FolderScan, s: PrepareSettings, buffer_path: Path, pool: Wo
     digests: list[bytes | None] = [None] * n
     phashes = np.zeros(n, dtype=np.uint64)
     root = os.path.abspath(scan.root)  # the same file for a cluster's worker, whatever its working folder
-    tasks = [
+    # Made as they are taken: a list of every task would hold a second copy of every path.
+    tasks = (
         (
             os.path.abspath(buffer_path),
             offset,
@@ -148,10 +149,10 @@ def decode_all(scan: FolderScan, s: PrepareSettings, buffer_path: Path, pool: Wo
         )
         + (s.size, s.color)
         for start in range(0, n, DECODE_CHUNK)
-    ]
-    done = pool.imap(_decode_chunk, tasks)
+    )
+    done = progress.track(pool.imap(_decode_chunk, tasks), -(-n // DECODE_CHUNK), f"decoding {n} images")
     i = 0
-    for results in progress.track(done, len(tasks), f"decoding {n} images"):
+    for results in done:
         for reason, digest, phash in results:
             if reason is None:
                 ok[i], digests[i], phashes[i] = True, digest, phash
