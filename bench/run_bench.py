@@ -260,7 +260,7 @@ def main() -> None:
             *cluster_rows,
             "\n`python bench/global_step.py 1000000 10000000`: the client's steps on synthetic hashes",
             "(1% exact and 5% near copies planted); `-`: stopped after 900 s.\n",
-            "| step | images | seconds | peak MB (tracemalloc) | found |\n|---|---:|---:|---:|---|",
+            global_step.HEADER,
             *global_rows,
         ]
     )
