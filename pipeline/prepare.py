@@ -7,15 +7,16 @@ per array row), report.json (counts, skipped and ignored files, duplicates, warn
 settings) and samples.png.
 
 The steps, in `prepare_dataset`'s order: scan the folder; decode every file in worker
-processes (`decode_all`); choose the source images (`choose_sources`: exact duplicates,
+processes, local or a Dask cluster's (`decode_all`, through `worker_pool.open_pool`); choose the source images (`choose_sources`: exact duplicates,
 label conflicts, empty classes, warnings, --strict); split them (`splits.split_by_group`
 on near-duplicate groups); write the arrays and manifest (`write_splits`); write the
 report (`build_report`).
 
 Memory stays flat as the folder grows: workers write decoded rows straight into a buffer
 file (`_decoded.npy`, in the temporary output folder), and rows move from there to the
-outputs a bounded chunk at a time, by plain file reads and writes, so the pages stay in
-the OS cache rather than in any process's resident memory.
+outputs a bounded chunk per worker task, by plain file reads and writes, so the pages stay
+in the OS cache rather than in any process's resident memory. This process holds digests,
+hashes, labels and paths only; on a cluster, it is the only part that is not distributed.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def prepare_dataset(images_dir: Path, out_dir: Path, settings: PrepareSettings) 
     return report
 
 
-def _worker_pool(workers: int, n_files: int, settings: PrepareSettings) -> WorkerPool:
+def _worker_pool(workers: int, n_files: int, settings: PrepareSettings):
     if settings.augment and not settings.scheduler:
         augment.build_augmenter(0)  # import albumentations once, before the workers fork
     return open_pool(min(workers, max(1, n_files // 16)), settings.scheduler)
