@@ -82,13 +82,14 @@ class KillOnce(WorkerPlugin):
             os._exit(1)
 
 
-def test_a_worker_killed_mid_run_changes_no_byte(cluster, mixed, local_run, tmp_path):
+def test_a_worker_killed_mid_run_changes_no_byte(cluster, mixed, local_run, tmp_path, monkeypatch):
     marker = tmp_path / "killed"
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", cluster.scheduler_address)  # as --scheduler
     with distributed.Client(cluster.scheduler_address) as client:
         client.register_plugin(KillOnce(str(marker)), name="kill-once")
         try:
             out = tmp_path / "data"
-            run_cli("prepare", mixed, "--out", out, "--scheduler", cluster.scheduler_address, *ARGS)
+            run_cli("prepare", mixed, "--out", out, *ARGS)
         finally:
             client.unregister_worker_plugin("kill-once")
     assert marker.exists(), "no worker was killed"
