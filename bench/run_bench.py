@@ -30,6 +30,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dask_bench  # noqa: E402
+import global_step  # noqa: E402
 from serve_load import bench_serve, build_model, report  # noqa: E402
 from treemem import measure  # noqa: E402
 
@@ -235,6 +237,10 @@ def main() -> None:
     rows += bench_memory(photos(n_memory), n_memory, 128)
     # serve: a model at the default size (32 px, 1 epoch) on 200 photos, as make bench-serve
     served = bench_serve(*build_model(200), requests=400 if a.quick else 2000, cold_runs=repeats + 2)
+    # The cluster: its overhead on this machine, and the client's global step at scale.
+    cluster_rows = dask_bench.compare(folder, 64, 0, repeats)
+    sizes = [100_000, 1_000_000] if a.quick else [1_000_000, 10_000_000]
+    global_rows = global_step.rows(sizes, list(global_step.STEPS), timeout=900)
     command = "make bench" if not a.quick else "python bench/run_bench.py --quick"
     table = "\n".join(
         [
@@ -251,6 +257,18 @@ def main() -> None:
     table += "\n\n## serve: `pipeline serve` under load on loopback (bench/serve_load.py)\n\n"
     table += "16 client threads in the benchmark's process, on the same CPU as the server.\n\n"
     table += "\n".join(report(served)) + "\n" + GROWTH
+    table += "\n".join(
+        [
+            "\n## prepare on a Dask cluster\n",
+            "`python bench/dask_bench.py FOLDER`: a 2-worker LocalCluster on this machine (overhead, not speed-up).\n",
+            dask_bench.HEADER,
+            *cluster_rows,
+            "\n`python bench/global_step.py 1000000 10000000`: the client's steps on synthetic hashes",
+            "(1% exact and 5% near copies planted); `-`: stopped after 900 s.\n",
+            global_step.HEADER,
+            *global_rows,
+        ]
+    )
     print(table)
     if not a.quick:
         (ROOT / "bench" / "RESULTS.md").write_text(table)

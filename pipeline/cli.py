@@ -122,6 +122,13 @@ def prepare(
     seed: Annotated[int, typer.Option(help="Seed for the split and augmentation.")] = PREPARE.seed,
     workers: Annotated[int, typer.Option(help="Decoding processes (0: all cores).")] = PREPARE.workers,
     strict: Annotated[bool, typer.Option("--strict", help="Fail on any skipped file or warning.")] = PREPARE.strict,
+    scheduler: Annotated[
+        str,
+        typer.Option(
+            envvar="DASK_SCHEDULER_ADDRESS",
+            help="Dask scheduler (tcp://host:8786) whose workers decode; images and --out on storage they share.",
+        ),
+    ] = PREPARE.scheduler,
     quiet: Quiet = False,
 ) -> None:
     """Scan IMAGES_DIR, decode, resize, de-duplicate, split and augment into .npy arrays."""
@@ -139,6 +146,7 @@ def prepare(
         seed=seed,
         workers=workers,
         strict=strict,
+        scheduler=scheduler,
     )
     report = prepare_dataset(images_dir, out_dir, settings)
     _print_prepare_summary(report, out_dir)

@@ -120,9 +120,15 @@ def find_exact_duplicates(
 
 
 def group_near_duplicates(hashes: np.ndarray, max_distance: int = NEAR_DUPLICATE_DISTANCE) -> np.ndarray:
-    """Connected groups of hashes within `max_distance` bits; returns a group id per row."""
+    """Connected groups of hashes within `max_distance` bits; returns a group id per row.
+
+    Groups are numbered in the order of their first row. Identical hashes are one group
+    without comparing; only the distinct hashes' close pairs are joined (union-find over
+    those few), so the per-row work is numpy's, not a Python loop over every row.
+    """
     hashes = np.asarray(hashes, dtype=np.uint64)
-    parent = np.arange(len(hashes))
+    unique, inverse = np.unique(hashes, return_inverse=True)
+    parent = np.arange(len(unique))
 
     def find(i: int) -> int:
         while parent[i] != i:
@@ -130,19 +136,20 @@ def group_near_duplicates(hashes: np.ndarray, max_distance: int = NEAR_DUPLICATE
             i = parent[i]
         return i
 
-    def union(a: int, b: int) -> None:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-
-    unique, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
-    for row, u in enumerate(inverse):  # identical hashes: one group without comparing
-        union(row, first[u])
     if max_distance >= 0 and len(unique) > 1:
         for a, b in _close_pairs(unique, max_distance):
-            union(int(first[a]), int(first[b]))
-    roots = np.array([find(i) for i in range(len(hashes))])
-    _, group = np.unique(roots, return_inverse=True)
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+    while True:  # every distinct hash straight to its root
+        grand = parent[parent]
+        if np.array_equal(grand, parent):
+            break
+        parent = grand
+    component = parent[inverse.ravel()]
+    first_row = np.full(len(unique), len(hashes))
+    np.minimum.at(first_row, component, np.arange(len(hashes)))
+    _, group = np.unique(first_row[component], return_inverse=True)
     return group
 
 

@@ -49,7 +49,7 @@ def decode_image(source: Path | str | bytes, color: str, draft_size: int | None 
             if draft_size and image.format == "JPEG":
                 image.draft(image.mode, (draft_size, draft_size))  # DCT-domain downscale
             image.load()
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # no copy when upright (most photos)
             return _normalise_mode(image, color)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UnreadableImage(

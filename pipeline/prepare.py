@@ -7,21 +7,23 @@ per array row), report.json (counts, skipped and ignored files, duplicates, warn
 settings) and samples.png.
 
 The steps, in `prepare_dataset`'s order: scan the folder; decode every file in worker
-processes (`decode_all`); choose the source images (`choose_sources`: exact duplicates,
+processes, local or a Dask cluster's (`decode_all`, through `worker_pool.open_pool`); choose the source images (`choose_sources`: exact duplicates,
 label conflicts, empty classes, warnings, --strict); split them (`splits.split_by_group`
 on near-duplicate groups); write the arrays and manifest (`write_splits`); write the
 report (`build_report`).
 
 Memory stays flat as the folder grows: workers write decoded rows straight into a buffer
 file (`_decoded.npy`, in the temporary output folder), and rows move from there to the
-outputs a bounded chunk at a time, by plain file reads and writes, so the pages stay in
-the OS cache rather than in any process's resident memory.
+outputs a bounded chunk per worker task, by plain file reads and writes, so the pages stay
+in the OS cache rather than in any process's resident memory. This process holds digests,
+hashes, labels and paths only; on a cluster, it is the only part that is not distributed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +38,7 @@ from pipeline.image_folder import FolderScan, class_imbalance, scan_folder
 from pipeline.images import UnreadableImage, channels, preprocess
 from pipeline.settings import PrepareSettings
 from pipeline.splits import near_duplicate_groups, split_by_group
-from pipeline.worker_pool import WorkerPool, available_cores
+from pipeline.worker_pool import WorkerPool, available_cores, open_pool
 
 DECODE_CHUNK = 32  # files per task a worker takes: few messages, and the last tasks still balance
 COPY_BYTES = 16 * 2**20  # pixels moved per step from the decode buffer to the outputs
@@ -58,6 +60,7 @@ def prepare_dataset(images_dir: Path, out_dir: Path, settings: PrepareSettings) 
         raise PipelineError(f"no image files found under {images_dir}")
     workers = settings.workers or available_cores()
     with atomic_dir(out_dir) as tmp, _worker_pool(workers, len(scan.files), settings) as pool:
+        pool.check_storage(scan.root / scan.files[0][0], tmp)  # a cluster's workers must see both
         buffer_path = tmp / "_decoded.npy"
         decoded = decode_all(scan, settings, buffer_path, pool)
         sources = choose_sources(scan, decoded, settings)
@@ -73,10 +76,10 @@ def prepare_dataset(images_dir: Path, out_dir: Path, settings: PrepareSettings) 
     return report
 
 
-def _worker_pool(workers: int, n_files: int, settings: PrepareSettings) -> WorkerPool:
-    if settings.augment:
+def _worker_pool(workers: int, n_files: int, settings: PrepareSettings):
+    if settings.augment and not settings.scheduler:
         augment.build_augmenter(0)  # import albumentations once, before the workers fork
-    return WorkerPool(min(workers, max(1, n_files // 16)))
+    return open_pool(min(workers, max(1, n_files // 16)), settings.scheduler)
 
 
 # --- decoding: one task per chunk of files, run in the worker processes -------------------
@@ -136,14 +139,21 @@ def decode_all(scan: FolderScan, s: PrepareSettings, buffer_path: Path, pool: Wo
     reasons: dict[int, str] = {}
     digests: list[bytes | None] = [None] * n
     phashes = np.zeros(n, dtype=np.uint64)
-    tasks = [
-        (str(buffer_path), offset, start, [str(scan.root / rel) for rel, _ in scan.files[start : start + DECODE_CHUNK]])
+    root = os.path.abspath(scan.root)  # the same file for a cluster's worker, whatever its working folder
+    # Made as they are taken: a list of every task would hold a second copy of every path.
+    tasks = (
+        (
+            os.path.abspath(buffer_path),
+            offset,
+            start,
+            [os.path.join(root, rel) for rel, _ in scan.files[start : start + DECODE_CHUNK]],
+        )
         + (s.size, s.color)
         for start in range(0, n, DECODE_CHUNK)
-    ]
-    done = pool.imap(_decode_chunk, tasks)
+    )
+    done = progress.track(pool.imap(_decode_chunk, tasks), -(-n // DECODE_CHUNK), f"decoding {n} images")
     i = 0
-    for results in progress.track(done, len(tasks), f"decoding {n} images"):
+    for results in done:
         for reason, digest, phash in results:
             if reason is None:
                 ok[i], digests[i], phashes[i] = True, digest, phash
@@ -245,8 +255,15 @@ def write_splits(
         n_rows = len(members) * (1 + copies)
         X_path = tmp / paths.images_file(split)
         offset = create_rows_file(X_path, (n_rows, *row_shape))
-        for start in range(0, len(members), chunk_rows):
-            write_rows(X_path, offset, start, read_rows(buffer_path, split_sources[start : start + chunk_rows]))
+        # The rows move in the workers too, a bounded chunk per task: on a cluster, through
+        # the shared storage's many clients rather than this one process.
+        moves = [
+            (os.path.abspath(buffer_path), split_sources[start : start + chunk_rows], os.path.abspath(X_path), offset)
+            + (start,)
+            for start in range(0, len(members), chunk_rows)
+        ]
+        for _ in pool.imap(_copy_task, moves):
+            pass
         if copies:
             _write_augmented(X_path, offset, buffer_path, split_sources, copies, s.seed, s.flip, pool)
         y = np.tile(split_labels, 1 + copies)
@@ -263,24 +280,33 @@ def write_splits(
     return counts
 
 
+def _copy_task(args) -> None:
+    """Copy some rows of the decode buffer into consecutive rows of an output array."""
+    buffer_path, sources, X_path, offset, start = args
+    write_rows(Path(X_path), offset, start, read_rows(Path(buffer_path), sources))
+
+
 def _write_augmented(
     X_path: Path, offset: int, buffer_path: Path, sources: np.ndarray, copies: int, seed: int, flip: bool, pool
 ) -> None:
     n = len(sources)
     chunks = [
-        (str(buffer_path), sources[start : start + augment.CHUNK_ROWS], copies, seed, k, flip)
+        (os.path.abspath(buffer_path), sources[start : start + augment.CHUNK_ROWS], copies, seed, k, flip)
+        + (os.path.abspath(X_path), offset, n)
         for k, start in enumerate(range(0, n, augment.CHUNK_ROWS))
     ]
-    results = pool.imap(_augment_task, chunks)
-    for (_, _, _, _, k, _), out in zip(chunks, progress.track(results, len(chunks), "augmenting training images")):
-        start = k * augment.CHUNK_ROWS
-        for c in range(copies):
-            write_rows(X_path, offset, n * (1 + c) + start, out[c])
+    for _ in progress.track(pool.imap(_augment_task, chunks), len(chunks), "augmenting training images"):
+        pass
 
 
-def _augment_task(args) -> np.ndarray:
-    buffer_path, sources, copies, seed, chunk, flip = args
-    return augment.augment_chunk(read_rows(Path(buffer_path), sources), copies, seed, chunk, flip)
+def _augment_task(args) -> None:
+    """Augment one chunk of source rows and write each copy into its rows of X_train: the
+    worker writes them itself, as decoding does, so they never travel back to the parent."""
+    buffer_path, sources, copies, seed, chunk, flip, X_path, offset, n = args
+    out = augment.augment_chunk(read_rows(Path(buffer_path), sources), copies, seed, chunk, flip)
+    start = chunk * augment.CHUNK_ROWS
+    for c in range(copies):
+        write_rows(Path(X_path), offset, n * (1 + c) + start, out[c])
 
 
 # --- the report ------------------------------------------------------------------------
@@ -332,8 +358,14 @@ def build_report(
         ],
         "near_duplicate_groups": near_duplicate_groups(groups, [files[r][0] for r in sources.rows], split_of),
         "warnings": sources.warnings,
-        "settings": asdict(s),
+        "settings": recorded_settings(s),
     }
+
+
+def recorded_settings(s: PrepareSettings) -> dict:
+    """The settings that shape the output; where the work ran (the scheduler) does not, so a
+    cluster run's report is byte-identical to a local run's."""
+    return {k: v for k, v in asdict(s).items() if k != "scheduler"}
 
 
 def _save_samples(tmp: Path, report: dict, s: PrepareSettings) -> None:

@@ -30,6 +30,7 @@ class PrepareSettings:
     workers: int = 0  # decoding processes; 0 = every available core
     strict: bool = False  # any skipped file or warning fails the run
     near_duplicate_distance: int = NEAR_DUPLICATE_DISTANCE  # perceptual-hash bits; -1 = off
+    scheduler: str = ""  # Dask scheduler address (tcp://host:8786) for the per-file work; "" = local processes
 
     def check(self) -> None:
         if not 10 <= self.size <= 1024:  # the two conv-pool stages need 10 pixels

@@ -46,19 +46,21 @@ def split_by_group(
                 "add images or lower --test-size/--val-size"
             )
         taken = {"test": 0, "val": 0}
-        for g in class_groups:
-            size = int(group_size[g])
+        chosen = []
+        for size in group_size[class_groups].tolist():  # plain ints: 10 million groups in seconds
             # A group joins test (then val) only if that lands nearer the wanted count than
             # leaving it out: one big near-duplicate group must not swell the test split.
             split = next((s for s in ("test", "val") if size - (wanted[s] - taken[s]) < wanted[s] - taken[s]), "train")
             if split != "train":
                 taken[split] += size
-            group_split[g] = split
+            chosen.append(split)
+        group_split[class_groups] = np.array(chosen, dtype=object)
         for split in ("test", "val"):  # every group too big: the smallest still goes, if train keeps one
-            in_train = [g for g in class_groups if group_split[g] == "train"]
-            if wanted[split] and not taken[split] and len(in_train) > 1:
-                g = min(in_train, key=lambda g: group_size[g])
-                group_split[g], taken[split] = split, int(group_size[g])
+            if wanted[split] and not taken[split]:
+                in_train = class_groups[group_split[class_groups] == "train"]
+                if len(in_train) > 1:
+                    g = in_train[np.argmin(group_size[in_train])]  # the first of the smallest, as min() took
+                    group_split[g], taken[split] = split, int(group_size[g])
         if not np.any(group_split[class_groups] == "train"):
             raise PipelineError(
                 f"class '{name}': its near-duplicate groups leave no image for training; add distinct images"

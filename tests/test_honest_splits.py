@@ -212,3 +212,38 @@ def test_split_by_group_never_splits_a_group_and_stays_stratified(seed):
         share = np.mean(split[labels == label] == "test")
         assert 0.1 <= share <= 0.3
         assert np.any(split[labels == label] == "train") and np.any(split[labels == label] == "val")
+
+
+def test_grouping_equals_all_pairs_union_find_numbered_by_first_row():
+    """The numpy grouping against the plainest one: every pair compared, groups numbered in
+    the order of their first row (report.json and the split depend on the numbering)."""
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 2**63, 40, dtype=np.int64).astype(np.uint64)
+    hashes = base[rng.integers(0, 40, 150)]
+    for _ in range(3):
+        hashes ^= (np.uint64(1) << rng.integers(0, 64, 150).astype(np.uint64)) * (rng.random(150) < 0.5)
+    for distance in (-1, 0, 2, 4, 8):
+        parent = list(range(len(hashes)))
+
+        def find(i, parent=parent):
+            while parent[i] != i:
+                i = parent[i]
+            return i
+
+        for a in range(len(hashes)):
+            for b in range(a):
+                close = hashes[a] == hashes[b] or bin(int(hashes[a] ^ hashes[b])).count("1") <= distance
+                if close and find(a) != find(b):
+                    parent[max(find(a), find(b))] = min(find(a), find(b))
+        _, expected = np.unique([find(i) for i in range(len(hashes))], return_inverse=True)
+        assert dedup.group_near_duplicates(hashes, distance).tolist() == expected.tolist(), distance
+
+
+def test_split_by_group_is_pinned():
+    """Same labels, groups and seed: the same split as every earlier version wrote."""
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 3, 500)
+    _, groups = np.unique(rng.integers(0, 300, 500), return_inverse=True)
+    split = split_by_group(labels, groups, 0.2, 0.1, 3, ["a", "b", "c"])
+    digest = hashlib.sha256(",".join(split.tolist()).encode()).hexdigest()
+    assert digest == "b72b6d3788b12175fc8c54bc4249c5ab18fb87289217a3f2beab9a960259c5f2"

@@ -22,7 +22,7 @@ from pipeline.train import resolve_precision, train_model
 from tests.conftest import run_cli
 
 # pydantic: typer 0.29 imports it to coerce every option (+0.1 s a command), hence typer<0.29;
-# fastapi, starlette, uvicorn: only `pipeline serve` needs them
+# fastapi, starlette, uvicorn: only `pipeline serve` needs them; dask: only `prepare --scheduler`
 HEAVY = (
     "tensorflow",
     "keras",
@@ -36,6 +36,8 @@ HEAVY = (
     "starlette",
     "uvicorn",
     "python_multipart",
+    "dask",
+    "distributed",
 )
 
 
