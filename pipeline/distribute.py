@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -276,19 +277,19 @@ def _deadline(seconds: float, cluster: Cluster) -> Iterator[None]:
 
 
 def lost_peer_message(error: Exception, what: str) -> str:
-    """One line for a collective that failed: what went wrong, while doing what, and that
-    this worker writes nothing."""
+    """One line for a collective that failed: which peer, while doing what, and that this
+    worker writes nothing."""
     text = " ".join(str(error).split())
-    detail = "a peer stopped answering"
-    for marker in ("Collective ops is aborted by:", "are unhealthy", "is down"):
-        if marker in text:
-            start = text.find(marker) + (len(marker) if marker.endswith(":") else 0)
-            detail = text[start:].split(" The error could be")[0].split(" [[")[0].strip(" .;")
-            detail = detail.replace("Error reported from", "reported by")
-            break
+    peer = re.search(r"stopped sending heartbeats\): (/job:\w+/replica:\d+/task:\d+)", text) or re.search(
+        r"remote target (/job:\w+/replica:\d+/task:\d+)", text
+    )
+    name = type(error).__name__
+    if "Deadline" in name or "timed out" in text.lower():
+        detail = f"an all-reduce waited longer than {COLLECTIVE_TIMEOUT_ENV} seconds for the other workers"
+    elif peer or "Unavailable" in name:
+        who = peer.group(1) if peer else "another worker"
+        detail = f"lost contact with {who} (it crashed, was killed, or cannot be reached)"
     else:
-        if "Deadline" in type(error).__name__ or "deadline" in text.lower() or "timed out" in text.lower():
-            detail = f"an all-reduce waited longer than {COLLECTIVE_TIMEOUT_ENV} seconds for the other workers"
-    if len(detail) > 300:
-        detail = detail[:300] + "..."
+        first = text.split(" The error could be")[0].split(" [[")[0]
+        detail = first[:300] + ("..." if len(first) > 300 else "")
     return f"the cluster failed while {what}: {detail}; this worker stops and writes nothing"
