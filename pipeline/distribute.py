@@ -16,7 +16,7 @@ Every strategy with more than one replica trains through the custom step of trai
 (Keras 3's `fit` fails under MultiWorkerMirroredStrategy: keras-team/keras#20585).
 
 Nothing waits for ever: forming the cluster has a deadline (PIPELINE_CLUSTER_TIMEOUT,
-seconds, default 300), after which the process prints one `error:` line and exits 1;
+seconds, default 300), after which the process prints one `error:` line and ends (137);
 every collective has one too (PIPELINE_COLLECTIVE_TIMEOUT, default 300), and TensorFlow's
 coordination service notices a peer that stopped sending heartbeats within seconds.
 """
@@ -28,9 +28,9 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,10 +204,9 @@ def timeout_from_env(name: str, default: float) -> float:
     return value
 
 
-def plan_training(environ=None) -> Plan:
-    """Read TF_CONFIG and the GPUs, build the strategy, and (in a cluster) wait for every
+def plan_training(cluster: Cluster | None) -> Plan:
+    """Count the GPUs, build the strategy, and (in a cluster, `read_cluster`'s) wait for every
     worker, at most PIPELINE_CLUSTER_TIMEOUT seconds."""
-    cluster = read_cluster(environ)  # checked before TensorFlow starts a server
     cluster_timeout = timeout_from_env(CLUSTER_TIMEOUT_ENV, DEFAULT_CLUSTER_TIMEOUT)
     collective_timeout = timeout_from_env(COLLECTIVE_TIMEOUT_ENV, DEFAULT_COLLECTIVE_TIMEOUT)
     from pipeline.native_stderr import import_tensorflow
@@ -252,28 +251,38 @@ def _multi_worker_strategy(tf, cluster: Cluster, collective_timeout: float):
     return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
 
 
+# Sleeps, then (if its parent is still the training process) says why and ends it.
+_WATCHDOG = """
+import os, sys, time
+pid, seconds, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+time.sleep(seconds)
+if os.getppid() == pid:
+    os.write(2, (message + "\\n").encode())
+    os.kill(pid, 9)
+"""
+
+
 @contextlib.contextmanager
 def _deadline(seconds: float, cluster: Cluster) -> Iterator[None]:
-    """TensorFlow waits for missing workers inside C++, where neither a timeout nor Ctrl-C
-    reaches it: a watchdog thread ends the process with one line when the cluster is late."""
-
-    def give_up() -> None:
-        others = ", ".join(a for i, a in enumerate(cluster.workers) if i != cluster.rank)
-        sys.stderr.write(
-            f"error: the cluster did not form within {seconds:g}s: worker {cluster.rank} "
-            f"({cluster.workers[cluster.rank]}) could not reach every other worker ({others}); start "
-            f"`pipeline train` on each of them with the same TF_CONFIG cluster, or raise {CLUSTER_TIMEOUT_ENV}\n"
-        )
-        sys.stderr.flush()
-        os._exit(1)
-
-    timer = threading.Timer(seconds, give_up)
-    timer.daemon = True
-    timer.start()
+    """TensorFlow waits for missing workers inside one C++ call that holds the GIL, where
+    neither a Python thread, a timeout nor Ctrl-C reaches it: a tiny watchdog process ends
+    this one with one line when the cluster has not formed in time (exit status 137)."""
+    others = ", ".join(a for i, a in enumerate(cluster.workers) if i != cluster.rank)
+    message = (
+        f"error: the cluster did not form within {seconds:g}s: worker {cluster.rank} "
+        f"({cluster.workers[cluster.rank]}) could not reach every other worker ({others}); start "
+        f"`pipeline train` on each of them with the same TF_CONFIG cluster, or raise {CLUSTER_TIMEOUT_ENV}"
+    )
+    watchdog = subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(seconds), message],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
     try:
         yield
     finally:
-        timer.cancel()
+        watchdog.kill()
+        watchdog.wait()
 
 
 def lost_peer_message(error: Exception, what: str) -> str:

@@ -70,13 +70,14 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     check_out_dir(out_dir, paths.TRAIN_SETTINGS_FILE, {"data folder": data_dir})
     data = load_training_data(data_dir)
+    cluster = distribute.read_cluster()  # TF_CONFIG, checked before TensorFlow loads
 
     # TensorFlow takes seconds to load: only once the inputs are known to be usable.
     progress.say("loading TensorFlow...")
     keras = import_keras()
     from pipeline.model import compile_model
 
-    plan = distribute.plan_training()  # TF_CONFIG and the GPUs: one process, every GPU, or a cluster
+    plan = distribute.plan_training(cluster)  # one process, every local GPU, or the cluster
     keras.utils.set_random_seed(settings.seed)
     precision = resolve_precision(settings.precision, plan)
     input_shape, num_classes = data.X_train.shape[1:], len(data.classes)
