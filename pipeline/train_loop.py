@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
-import time
 
 import numpy as np
 
@@ -76,12 +75,18 @@ def fit_replicated(model, data, settings, plan, callbacks, ctrl_c, in_memory_byt
             tf.data.Dataset.range(settings.epochs)
             .map(lambda e: tf.ensure_shape(tf.numpy_function(rows, [e], tf.int64, stateful=False), [None, per_replica]))
             .unbatch()
+            # endless (the loop counts the steps), so the distributed iterator needs no
+            # partial-batch handling: its get_next-as-optional cond failed under MirroredStrategy
+            .repeat()
         )
         return _gather(tf, index, X_share, y_share, in_memory).prefetch(2)
 
     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
     loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction="none")
     optimizer = model.optimizer
+    if not optimizer.built:  # its slots made here, not on the step's first call, where the
+        with strategy.scope():  # variable-creating trace failed under MirroredStrategy
+            optimizer.build(model.trainable_variables)
 
     def replica_step(batch, stop_flag):
         images, labels = batch
@@ -247,20 +252,3 @@ def _signals_noted(ctrl_c):
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-
-
-def timed_all_reduce(strategy, n_floats: int, repeats: int = 20) -> float:
-    """Seconds one all-reduce of `n_floats` float32 numbers takes across the workers (bench)."""
-    tf = import_tensorflow()
-    value = tf.zeros([n_floats], tf.float32)
-
-    @tf.function
-    def reduce_once():
-        return strategy.run(lambda v: tf.distribute.get_replica_context().all_reduce("SUM", v), args=(value,))
-
-    reduce_once()
-    started = time.perf_counter()
-    for _ in range(repeats):
-        result = reduce_once()
-    strategy.experimental_local_results(result)[0].numpy()
-    return (time.perf_counter() - started) / repeats

@@ -294,3 +294,38 @@ def test_a_cluster_that_never_forms_ends_with_one_line(trained, tmp_path):
     last = alone.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the cluster did not form within 5s") and addresses[1] in last, last
     assert not (tmp_path / "model").exists() and leftovers(tmp_path) == []
+
+
+# Several GPUs of one machine, stood in for by two logical CPU devices: the MirroredStrategy
+# that plan_training builds for them, through the same custom step.
+_TWO_LOGICAL_CPUS = """
+import json, sys
+from pathlib import Path
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from pipeline import distribute, train
+from pipeline.settings import TrainSettings
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+distribute.plan_training = lambda cluster: distribute.Plan("mirrored", strategy, None, 2, 2)
+settings = TrainSettings(epochs=2, batch_size=16, precision="auto")
+print(json.dumps(train.train_model(Path(sys.argv[1]), Path(sys.argv[2]), settings)))
+"""
+
+
+def test_mirrored_strategy_on_two_devices_trains_through_the_custom_step(trained, tmp_path):
+    out = tmp_path / "model"
+    done = subprocess.run(
+        [sys.executable, "-c", _TWO_LOGICAL_CPUS, str(trained["data"]), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PIPELINE_PROGRESS": "never"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["strategy"] == "mirrored" and summary["replicas"] == 2 and summary["workers"] == 1
+    assert summary["precision"] == "float32"  # several GPUs: float32 until loss scaling there is measured
+    assert summary["per_replica_batch"] == 8 and summary["epochs_run"] == 2
+    result = run_cli("evaluate", "--data", trained["data"], "--model", out, "--out", tmp_path / "r", "--json")
+    assert json.loads(result.stdout)["accuracy"] > 0.6
