@@ -168,7 +168,9 @@ def train(
     data_dir: DataDir = paths.DATA_DIR,
     out_dir: Annotated[Path, typer.Option("--out", help="Where to write the model.")] = paths.MODEL_DIR,
     epochs: Annotated[int, typer.Option(help="Most epochs to train (early stopping may end sooner).")] = TRAIN.epochs,
-    batch_size: Annotated[int, typer.Option(help="Images per training step.")] = TRAIN.batch_size,
+    batch_size: Annotated[
+        int, typer.Option(help="Images per training step (over every GPU and TF_CONFIG worker).")
+    ] = TRAIN.batch_size,
     learning_rate: Annotated[float, typer.Option(help="Adam's learning rate.")] = TRAIN.learning_rate,
     seed: Annotated[int, typer.Option(help="Seed for weights and shuffling.")] = TRAIN.seed,
     patience: Annotated[

@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -219,8 +220,11 @@ def plan_training(cluster: Cluster | None) -> Plan:
     if kind == "mirrored":
         strategy = tf.distribute.MirroredStrategy()
         return Plan(kind, strategy, None, gpus, strategy.num_replicas_in_sync)
+    sigterm = signal.getsignal(signal.SIGTERM)
     with _deadline(cluster_timeout, cluster):
         strategy = _multi_worker_strategy(tf, cluster, collective_timeout)
+        with contextlib.suppress(ValueError, TypeError):  # TensorFlow's server took SIGTERM: ours again
+            signal.signal(signal.SIGTERM, sigterm)
         plan = Plan(kind, strategy, cluster, gpus, strategy.num_replicas_in_sync)
         plan.barrier("forming the cluster")  # every worker has its server up and its model code loaded
     return plan
