@@ -231,7 +231,7 @@ def bench_workers(epochs: int, repeats: int) -> list[str]:
     if not (data / "classes.json").exists():
         run([PIPELINE, "prepare", ROOT / "sample_data", "--out", data, "--no-flip", "--quiet"])
     options = ["--data", data, "--epochs", epochs, "--patience", epochs, "--quiet"]
-    rows = []
+    rows, load_before = [], os.getloadavg()[0]
     for n in (1, 2):
         for _ in range(repeats):
             out = WORK / f"workers{n}_model"
@@ -247,13 +247,15 @@ def bench_workers(epochs: int, repeats: int) -> list[str]:
                 f"| {summary['train_images_per_s']:.0f} | {wall:.1f} | {summary['seconds']:.1f} | {accuracy:.4f} |"
             )
     _, results = run_cluster([PY, ROOT / "bench" / "allreduce.py"], 2)
+    load = f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     costs = json.loads(results[0].stdout.strip().splitlines()[-1])["seconds"]
     lines = [
         "\n## One worker against two (TF_CONFIG on 127.0.0.1)\n",
         f"`pipeline train` on sample_data's digits, {epochs} epochs, defaults otherwise; two workers are two",
         "processes on the same cores, so no speed-up is to be expected: this is the cost of the",
         "cluster machinery. images/s counts every training image of the run over training time",
-        "(the first epoch, which traces the step, included).\n",
+        "(the first epoch, which traces the step, included). Load average on this machine (other jobs",
+        f"share its cores, so every figure here is noisy): {load}.\n",
         "| workers | strategy | global batch | train images/s | wall s | training s | test accuracy |",
         "|---:|---|---:|---:|---:|---:|---:|",
         *rows,
