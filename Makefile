@@ -2,7 +2,11 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+GPU ?= 0
+# GPU=1: the [gpu] extra (tensorflow[and-cuda]) in place of tensorflow-cpu, in its own stamp
+STAMP := $(VENV)/.installed$(if $(filter 1,$(GPU)),-gpu,)
+comma := ,
+EXTRAS := dev$(if $(filter 1,$(GPU)),$(comma)gpu,)
 SAMPLE := sample_data
 ART := artifacts
 
@@ -15,10 +19,15 @@ help: ## Show every target with one line
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
+ifeq ($(GPU),1)
+	# tensorflow-cpu and tensorflow share their files: remove the CPU one, then lay the GPU one down again
+	$(BIN)/python -m pip uninstall -q -y tensorflow-cpu || true
+	$(BIN)/python -m pip install -q --force-reinstall --no-deps "tensorflow==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("tensorflow"))')"
+endif
 	touch $(STAMP)
 
-install: $(STAMP) ## Create .venv and install the package with its dev tools
+install: $(STAMP) ## Create .venv and install the package with its dev tools (GPU=1: with CUDA TensorFlow)
 
 all: prepare train evaluate predict ## Run the whole pipeline on sample_data/ (prepare, train, evaluate, predict)
 

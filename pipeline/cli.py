@@ -178,14 +178,17 @@ def train(
     data_dir: DataDir = paths.DATA_DIR,
     out_dir: Annotated[Path, typer.Option("--out", help="Where to write the model.")] = paths.MODEL_DIR,
     epochs: Annotated[int, typer.Option(help="Most epochs to train (early stopping may end sooner).")] = TRAIN.epochs,
-    batch_size: Annotated[int, typer.Option(help="Images per training step.")] = TRAIN.batch_size,
+    batch_size: Annotated[
+        int, typer.Option(help="Images per training step (over every GPU and TF_CONFIG worker).")
+    ] = TRAIN.batch_size,
     learning_rate: Annotated[float, typer.Option(help="Adam's learning rate.")] = TRAIN.learning_rate,
     seed: Annotated[int, typer.Option(help="Seed for weights and shuffling.")] = TRAIN.seed,
     patience: Annotated[
         int, typer.Option(help="Epochs without validation improvement before stopping.")
     ] = TRAIN.patience,
     precision: Annotated[
-        Precision, typer.Option(help="auto: mixed bfloat16 on CPUs with native bfloat16, else float32.")
+        Precision,
+        typer.Option(help="auto: mixed float16 on one GPU, mixed bfloat16 on CPUs with native bfloat16, else float32."),
     ] = Precision[TRAIN.precision],
     tensorboard: Annotated[
         bool, typer.Option("--tensorboard", help="Write TensorBoard logs to the model folder.")
@@ -206,11 +209,15 @@ def train(
         precision=precision.value,
     )
     summary = train_model(data_dir, out_dir, settings)
-    out.print(
+    trained = (
         f"trained {summary['epochs_run']} epoch(s) in {summary['seconds']:.1f}s; best epoch {summary['best_epoch']} "
-        f"({summary['monitor']} {summary['best']:.4f}); model written to {out_dir}, curves in "
-        f"{out_dir / paths.CURVES_PNG}"
+        f"({summary['monitor']} {summary['best']:.4f})"
     )
+    in_sync = f"; weights sha256 {summary['weights_sha256']}" if "weights_sha256" in summary else ""
+    if "role" in summary:  # a worker of a cluster other than the chief: the chief writes the model
+        out.print(f"{summary['role']}: {trained}; the chief writes the model folder{in_sync}")
+    else:
+        out.print(f"{trained}; model written to {out_dir}, curves in {out_dir / paths.CURVES_PNG}{in_sync}")
 
 
 @app.command()

@@ -13,7 +13,7 @@ from pipeline.errors import PipelineError
 COLOR_MODES = ("rgb", "grayscale")
 NEAR_DUPLICATE_DISTANCE = 4  # bits of 64: resized or re-encoded copies land well inside
 IMBALANCE_RATIO = 3.0  # largest/smallest class above this is a warning (prepare, inspect)
-PRECISIONS = ("auto", "float32", "bfloat16")
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")  # float16: mixed, for GPUs
 ENGINES = ("auto", "litert", "keras")
 INFERENCE_BATCH = 256  # images per model call in evaluate and predict
 
@@ -55,7 +55,7 @@ class TrainSettings:
     patience: int = 5  # epochs without a better validation loss before stopping
     learning_rate: float = 1e-3  # Adam
     tensorboard: bool = False  # write TensorBoard logs to the model folder
-    precision: str = "auto"  # auto: mixed bfloat16 where the CPU has native bf16, else float32; or float32, bfloat16
+    precision: str = "auto"  # auto: mixed float16 on one GPU, mixed bfloat16 on CPUs with native bf16, else float32
     in_memory_mb: int = -1  # arrays up to this size train from memory via tf.data; -1: half the free memory
 
     def check(self) -> None:

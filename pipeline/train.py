@@ -22,16 +22,17 @@ On CPUs with native bfloat16 (AVX512-BF16 or AMX) the layers compute in mixed bf
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import paths, plots, progress
-from pipeline.artifacts import atomic_dir, check_out_dir
+from pipeline import distribute, paths, plots, progress
+from pipeline.artifacts import check_out_dir
 from pipeline.data_folder import load_classes, load_prepare_report, load_split
 from pipeline.errors import PipelineError, TrainingInterrupted
 from pipeline.model_folder import write_model_folder
@@ -39,6 +40,7 @@ from pipeline.native_stderr import import_keras, import_tensorflow
 from pipeline.settings import TrainSettings
 
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # CPU flags for native bfloat16 matrix arithmetic
+MIXED_POLICY = {"bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}  # Keras dtype policy per --precision
 
 
 @dataclass
@@ -59,6 +61,7 @@ class FitResult:
     best: float | None  # the monitored value at best_epoch; None when it was never finite
     seconds: float
     interrupted: bool
+    loop: dict = field(default_factory=dict)  # the custom loop's global batch and steps; empty under fit
 
 
 def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
@@ -67,20 +70,23 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     check_out_dir(out_dir, paths.TRAIN_SETTINGS_FILE, {"data folder": data_dir})
     data = load_training_data(data_dir)
+    cluster = distribute.read_cluster()  # TF_CONFIG, checked before TensorFlow loads
 
     # TensorFlow takes seconds to load: only once the inputs are known to be usable.
     progress.say("loading TensorFlow...")
     keras = import_keras()
     from pipeline.model import compile_model
 
+    plan = distribute.plan_training(cluster)  # one process, every local GPU, or the cluster
     keras.utils.set_random_seed(settings.seed)
-    precision = resolve_precision(settings.precision)
+    precision = resolve_precision(settings.precision, plan)
     input_shape, num_classes = data.X_train.shape[1:], len(data.classes)
-    model = compile_model(build_with_precision(input_shape, num_classes, precision), settings.learning_rate)
+    with plan.strategy.scope():
+        model = compile_model(build_with_precision(input_shape, num_classes, precision), settings.learning_rate)
     in_memory = data.X_train.nbytes + data.X_val.nbytes <= _in_memory_bytes(settings.in_memory_mb)
 
-    with ctrl_c_noted() as ctrl_c, atomic_dir(out_dir) as tmp:
-        fit = fit_model(model, data, settings, in_memory, tmp, ctrl_c)
+    with ctrl_c_noted() as ctrl_c, plan.workspace(out_dir) as tmp:  # only the chief writes the model folder
+        fit = fit_model(model, data, settings, in_memory, tmp, ctrl_c, plan)
         if fit.best is None:
             raise PipelineError(
                 f"training diverged: the {fit.monitor} was never a finite number in {len(fit.history)} epoch(s), "
@@ -96,16 +102,25 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
             "interrupted": fit.interrupted,
             "precision": precision,
             "input": "memory (tf.data)" if in_memory else "memory-mapped batches",
+            **plan.describe(),
+            **fit.loop,
         }
+        if plan.custom_loop:  # the same on every worker when the replicas stayed in sync
+            summary["weights_sha256"] = weights_digest(model)
+        if not plan.is_chief:
+            summary["role"] = f"worker {plan.rank} of {plan.workers}"
         if precision != "float32":  # save and export float32 weights: they run the same everywhere
             weights = model.get_weights()
             model = build_with_precision(input_shape, num_classes, "float32")
             model.set_weights(weights)
-        write_model_folder(tmp, model, data.classes, data_dir, data.prepare_report, settings, summary)
-        plots.save_training_curves(fit.history, fit.best_epoch, tmp / paths.CURVES_PNG)
+        if plan.is_chief:
+            write_model_folder(tmp, model, data.classes, data_dir, data.prepare_report, settings, summary)
+            plots.save_training_curves(fit.history, fit.best_epoch, tmp / paths.CURVES_PNG)
+    plan.barrier("the chief wrote the model folder")  # no worker leaves before the model is in place
     if fit.interrupted:
+        where = f"is saved in {out_dir}" if plan.is_chief else "is saved by the chief"
         raise TrainingInterrupted(
-            f"training interrupted after {summary['epochs_run']} epoch(s); the best model so far (epoch {summary['best_epoch']}) is saved in {out_dir}"
+            f"training interrupted after {summary['epochs_run']} epoch(s); the best model so far (epoch {summary['best_epoch']}) {where}"
         )
     return summary
 
@@ -124,9 +139,13 @@ def load_training_data(data_dir: Path) -> TrainingData:
     return TrainingData(classes, X_train, y_train, X_val, y_val, load_prepare_report(data_dir))
 
 
-def fit_model(model, data: TrainingData, settings: TrainSettings, in_memory: bool, tmp: Path, ctrl_c) -> FitResult:
+def fit_model(
+    model, data: TrainingData, settings: TrainSettings, in_memory: bool, tmp: Path, ctrl_c, plan=None
+) -> FitResult:
     """Keras fit with early stopping on the validation loss (the training loss without a
-    validation split); the best epoch's weights are back in `model` when it returns."""
+    validation split); the best epoch's weights are back in `model` when it returns. With
+    more than one replica (several GPUs, several workers) train_loop's custom step runs
+    instead of fit, driving the same callbacks."""
     keras = import_keras()
     from pipeline.callbacks import EpochScalars, epoch_progress
 
@@ -140,12 +159,23 @@ def fit_model(model, data: TrainingData, settings: TrainSettings, in_memory: boo
         keras.callbacks.TerminateOnNaN(),  # a NaN loss never comes back: stop at once
         keras.callbacks.CSVLogger(str(tmp / paths.HISTORY_FILE)),
         epoch_progress(settings.epochs),
-        keras.callbacks.LambdaCallback(
-            on_train_begin=ctrl_c.check, on_train_batch_end=ctrl_c.check, on_test_batch_end=ctrl_c.check
-        ),
     ]
     if settings.tensorboard:
         callbacks.append(EpochScalars(tmp / paths.TENSORBOARD_DIR))
+    if plan is not None and plan.custom_loop:
+        from pipeline.train_loop import fit_replicated
+
+        started = time.perf_counter()
+        memory = _in_memory_bytes(settings.in_memory_mb)
+        interrupted, loop = fit_replicated(model, data, settings, plan, callbacks, ctrl_c, memory, has_val)
+        if interrupted and early_stopping.best_weights is None:  # no epoch finished: nothing to keep
+            raise KeyboardInterrupt
+        return _fit_result(model, early_stopping, monitor, tmp, time.perf_counter() - started, interrupted, loop)
+    callbacks.append(
+        keras.callbacks.LambdaCallback(
+            on_train_begin=ctrl_c.check, on_train_batch_end=ctrl_c.check, on_test_batch_end=ctrl_c.check
+        )
+    )
     train_batches, train_steps = batches(
         data.X_train, data.y_train, settings.batch_size, settings.seed, True, in_memory
     )
@@ -172,7 +202,10 @@ def fit_model(model, data: TrainingData, settings: TrainSettings, in_memory: boo
         if early_stopping.best_weights is None:  # no epoch finished: nothing to keep
             raise  # the temporary folder goes, the CLI says so and exits 130
     interrupted = interrupted or ctrl_c.pressed  # pressed as fit ended, and swallowed
-    seconds = time.perf_counter() - started
+    return _fit_result(model, early_stopping, monitor, tmp, time.perf_counter() - started, interrupted)
+
+
+def _fit_result(model, early_stopping, monitor: str, tmp: Path, seconds: float, interrupted: bool, loop=None):
     if early_stopping.best_weights is not None:
         model.set_weights(early_stopping.best_weights)
     history = _read_history(tmp / paths.HISTORY_FILE)
@@ -184,7 +217,16 @@ def fit_model(model, data: TrainingData, settings: TrainSettings, in_memory: boo
         best=best,
         seconds=seconds,
         interrupted=interrupted,
+        loop=loop or {},
     )
+
+
+def weights_digest(model) -> str:
+    """sha256 of the float32 weights: equal on every worker that trained in sync."""
+    digest = hashlib.sha256()
+    for weights in model.get_weights():
+        digest.update(np.ascontiguousarray(weights, dtype=np.float32).tobytes())
+    return digest.hexdigest()
 
 
 class _CtrlC:
@@ -229,10 +271,12 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def resolve_precision(precision: str) -> str:
-    """auto -> bfloat16 on CPUs with native bf16 arithmetic (measured 1.5-2x faster here), else float32."""
+def resolve_precision(precision: str, plan=None) -> str:
+    """auto -> float16 on one GPU; bfloat16 on CPUs with native bf16 arithmetic (measured 1.5-2x
+    faster here); else float32."""
     if precision == "auto":
-        return "bfloat16" if cpu_flags() & BF16_FLAGS else "float32"
+        cpu = "bfloat16" if cpu_flags() & BF16_FLAGS else "float32"
+        return distribute.auto_precision(plan.kind, plan.gpus, cpu) if plan is not None else cpu
     return precision
 
 
@@ -242,7 +286,7 @@ def build_with_precision(input_shape, num_classes: int, precision: str):
 
     keras = import_keras()
     previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
+    keras.mixed_precision.set_global_policy(MIXED_POLICY.get(precision, "float32"))
     try:
         return build_model(input_shape, num_classes)
     finally:

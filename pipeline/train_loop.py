@@ -1,0 +1,254 @@
+"""The training loop for more than one replica: several GPUs, or several workers (TF_CONFIG).
+
+Keras 3's `fit` fails under MultiWorkerMirroredStrategy (keras-team/keras#20585,
+tensorflow/tensorflow#72388), so this is the custom step that works: `strategy.run` with a
+GradientTape, the model and optimizer built in `strategy.scope()`, the gradients all-reduced
+(summed) by the Keras optimizer's own `apply` across every replica. It drives the SAME
+Keras callbacks as `fit` does in train.py (early stopping with the best weights kept,
+NaN stop, history.csv, the epoch lines), through a CallbackList, and uses the compiled
+optimizer, so its learning-rate schedule, whatever it is, applies here too.
+
+Data: worker w of W reads only its contiguous share of the training rows from the memory
+map (in memory when it fits), reshuffled every epoch and wrapped round to the same length
+on every worker, so that every worker runs the same number of steps. `--batch-size` is the
+global batch: each of the R replicas takes ceil(batch / R) rows a step. Validation is
+sharded the same way and its sums all-reduced, so every worker sees the same validation
+loss and makes the same early-stopping decision.
+
+Stopping: Ctrl-C or SIGTERM on any worker is noted, not raised, and travels with the
+next all-reduce as a flag, so every worker stops after the same step and the chief keeps
+the best model so far. A worker that dies or stops answering fails the next all-reduce
+(heartbeats and collective timeouts, see distribute.py): the others stop with one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+from pipeline.native_stderr import import_keras, import_tensorflow
+
+
+def shard_bounds(n_rows: int, shards: int, index: int) -> tuple[int, int]:
+    """Rows [start, stop) of shard `index`: contiguous, sizes differing by at most one."""
+    return index * n_rows // shards, (index + 1) * n_rows // shards
+
+
+def steps_per_epoch(n_rows: int, workers: int, local_replicas: int, per_replica_batch: int) -> int:
+    """Steps an epoch takes on every worker: the largest share in full per-replica batches."""
+    largest_share = math.ceil(n_rows / workers)
+    return max(1, math.ceil(largest_share / (local_replicas * per_replica_batch)))
+
+
+def epoch_rows(share: int, length: int, seed: int, worker: int, epoch: int) -> np.ndarray:
+    """This worker's row order for one epoch: its share shuffled, wrapped round to `length`."""
+    order = np.random.default_rng([seed, worker, epoch]).permutation(share)
+    return np.resize(order, length)  # repeats the first rows when the share is shorter
+
+
+def fit_replicated(model, data, settings, plan, callbacks, ctrl_c, in_memory_bytes: int, has_val: bool):
+    """Train like `model.fit`, under `plan.strategy`; returns True when a signal on any worker stopped it."""
+    keras = import_keras()
+    tf = import_tensorflow()
+    strategy = plan.strategy
+    replicas, workers = plan.replicas, plan.workers
+    local = replicas // workers
+    per_replica = max(1, math.ceil(settings.batch_size / replicas))
+    global_batch = per_replica * replicas
+    steps = steps_per_epoch(len(data.X_train), workers, local, per_replica)
+
+    start, stop = shard_bounds(len(data.X_train), workers, plan.rank)
+    X_share, y_share = data.X_train[start:stop], data.y_train[start:stop]
+    in_memory = X_share.nbytes <= in_memory_bytes
+    per_epoch = steps * local * per_replica
+
+    def dataset_fn(input_context):
+        def rows(epoch):
+            order = epoch_rows(len(X_share), per_epoch, settings.seed, plan.rank, int(epoch))
+            return order.reshape(-1, per_replica).astype(np.int64)
+
+        index = (
+            tf.data.Dataset.range(settings.epochs)
+            .map(lambda e: tf.ensure_shape(tf.numpy_function(rows, [e], tf.int64, stateful=False), [None, per_replica]))
+            .unbatch()
+            # endless (the loop counts the steps), so the distributed iterator needs no
+            # partial-batch handling: its get_next-as-optional cond failed under MirroredStrategy
+            .repeat()
+        )
+        return _gather(tf, index, X_share, y_share, in_memory).prefetch(2)
+
+    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction="none")
+    optimizer = model.optimizer
+    if not optimizer.built:  # its slots made here, not on the step's first call, where the
+        with strategy.scope():  # variable-creating trace failed under MirroredStrategy
+            optimizer.build(model.trainable_variables)
+
+    def replica_step(batch, stop_flag):
+        images, labels = batch
+        with tf.GradientTape() as tape:
+            probabilities = model(images, training=True)
+            per_example = loss_fn(labels, probabilities)
+            loss = tf.reduce_sum(per_example) / global_batch
+            if model.losses:
+                loss += tf.add_n(model.losses) / replicas
+            scaled = optimizer.scale_loss(loss)  # LossScaleOptimizer under mixed float16; else as is
+        gradients = tape.gradient(scaled, model.trainable_variables)
+        optimizer.apply(gradients, model.trainable_variables)  # all-reduces (sums) the gradients
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probabilities, -1), labels), tf.float32))
+        stats = tf.stack(
+            [
+                tf.reduce_sum(tf.cast(per_example, tf.float32)),
+                correct,
+                tf.cast(tf.size(labels), tf.float32),
+                stop_flag / local,
+            ]
+        )
+        return tf.distribute.get_replica_context().all_reduce("SUM", stats)
+
+    @tf.function
+    def train_step(iterator, stop_flag):
+        per_replica_stats = strategy.run(replica_step, args=(next(iterator), stop_flag))
+        return strategy.experimental_local_results(per_replica_stats)[0]
+
+    @tf.function
+    def val_step(images, labels):
+        probabilities = model(images, training=False)
+        loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(labels, probabilities))
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probabilities, -1), labels), tf.float32))
+        return tf.stack([tf.cast(loss, tf.float32), correct, tf.cast(tf.size(labels), tf.float32)])
+
+    val_start, val_stop = shard_bounds(len(data.X_val), workers, plan.rank)
+    X_val, y_val = data.X_val[val_start:val_stop], data.y_val[val_start:val_stop]
+
+    callback_list = keras.callbacks.CallbackList(
+        callbacks, add_history=False, add_progbar=False, model=model, epochs=settings.epochs, steps=steps, verbose=0
+    )
+    model.stop_training = False
+    signalled = False
+    with _signals_noted(ctrl_c):
+        callback_list.on_train_begin()
+        for epoch in range(settings.epochs):
+            callback_list.on_epoch_begin(epoch)
+            totals, whole = np.zeros(3), True
+            for step in range(steps):
+                callback_list.on_train_batch_begin(step)
+                flag = tf.constant(1.0 if ctrl_c.pressed else 0.0)
+                stats = _collective(lambda f=flag: train_step(iterator, f).numpy(), f"training epoch {epoch + 1}")
+                totals += stats[:3]
+                logs = {"loss": float(totals[0] / totals[2]), "accuracy": float(totals[1] / totals[2])}
+                callback_list.on_train_batch_end(step, logs)
+                if stats[3] > 0:  # a signal on some worker: every worker stops after this same step
+                    signalled, whole = True, step == steps - 1
+                    break
+                if model.stop_training:  # TerminateOnNaN: the loss is global, so every worker agrees
+                    break
+            if not whole:
+                break  # an unfinished epoch is left out of the history, as fit leaves it
+            if has_val:
+                sums = np.zeros(4)
+                for images, labels in _val_batches(X_val, y_val, settings.batch_size):
+                    sums[:3] += val_step(tf.constant(images), tf.constant(labels)).numpy()
+                sums[3] = 1.0 if ctrl_c.pressed else 0.0
+                sums = _collective(
+                    lambda s=sums: sum_across_workers(strategy, s, local), f"validating epoch {epoch + 1}"
+                )
+                signalled = signalled or bool(sums[3] > 0)
+                logs = {**logs, "val_loss": float(sums[0] / sums[2]), "val_accuracy": float(sums[1] / sums[2])}
+            callback_list.on_epoch_end(epoch, logs)
+            if signalled or model.stop_training:
+                break
+        callback_list.on_train_end()
+    return signalled, {
+        "global_batch": global_batch,
+        "per_replica_batch": per_replica,
+        "steps_per_epoch": steps,
+        "train_rows_this_worker": len(X_share),
+        "input": "memory (tf.data), this worker's share" if in_memory else "memory-mapped batches, this worker's share",
+    }
+
+
+def _gather(tf, index, X, y, in_memory: bool):
+    """Batches of (uint8 images, int64 labels) for batches of row indices, as train.batches does."""
+    if in_memory:
+        images, labels = tf.constant(np.asarray(X)), tf.constant(np.asarray(y, dtype=np.int64))
+        return index.map(lambda i: (tf.gather(images, i), tf.gather(labels, i)))
+
+    def read(i):
+        i = np.sort(i)  # ascending reads from the memory map
+        return np.asarray(X[i]), np.asarray(y[i], dtype=np.int64)
+
+    def gather(i):
+        images, labels = tf.numpy_function(read, [i], (tf.uint8, tf.int64), stateful=False)
+        images.set_shape((None, *X.shape[1:]))
+        labels.set_shape((None,))
+        return images, labels
+
+    return index.map(gather)
+
+
+def _val_batches(X, y, batch_size: int):
+    for start in range(0, len(X), batch_size):
+        yield np.asarray(X[start : start + batch_size]), np.asarray(y[start : start + batch_size], dtype=np.int64)
+
+
+def sum_across_workers(strategy, values, local_replicas: int) -> np.ndarray:
+    """The element-wise sum of `values` over every worker (each worker passes its own;
+    each of its `local_replicas` replicas adds a share)."""
+    tf = import_tensorflow()
+    values = tf.constant(np.asarray(values, dtype=np.float64) / local_replicas, dtype=tf.float64)
+    key = (id(strategy), values.shape[0])
+    if key not in _SUMS:  # one traced function per strategy and length: eager collectives are slow
+
+        @tf.function
+        def reduce(v):
+            # tf.identity: a tensor made in the replica, which the collective can place
+            result = strategy.run(
+                lambda x: tf.distribute.get_replica_context().all_reduce("SUM", tf.identity(x)), args=(v,)
+            )
+            return strategy.experimental_local_results(result)[0]
+
+        _SUMS[key] = reduce
+    return _SUMS[key](values).numpy()
+
+
+_SUMS: dict = {}
+
+
+def _collective(call, what: str):
+    """Run one step that all-reduces; a lost or silent peer becomes one PipelineError line."""
+    tf = import_tensorflow()
+    try:
+        return call()
+    except tf.errors.OpError as e:  # Unavailable, DeadlineExceeded, Aborted, Cancelled... as the peer failed
+        from pipeline.distribute import lost_peer_message
+
+        raise PipelineError(lost_peer_message(e, what)) from None
+
+
+@contextlib.contextmanager
+def _signals_noted(ctrl_c):
+    """Ctrl-C and SIGTERM only note the stop (it reaches the other workers with the next
+    all-reduce); a second Ctrl-C raises at once. TensorFlow's own SIGTERM handler, installed
+    with the cluster's server, is set aside for the loop."""
+
+    def note(signum, frame):
+        if ctrl_c.pressed:
+            raise KeyboardInterrupt
+        ctrl_c.pressed = True
+
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[signum] = signal.signal(signum, note)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
