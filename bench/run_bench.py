@@ -124,10 +124,13 @@ def bench_memory(folder: Path, n: int, size: int) -> list[str]:
     return rows
 
 
-def train_pairs(data: Path, model: Path, options: list, repeats: int) -> tuple[list[dict], list[dict]]:
+def train_pairs(
+    data: Path, model: Path, options: list, repeats: int, reference_epochs: int | None = None
+) -> tuple[list[dict], list[dict]]:
     """`pipeline train OPTIONS`, then the reference on the same arrays for as many epochs as
-    pipeline ran, `repeats` times (no warm-up: each run is long, and both pay the same
-    start-up). Each run gets ips (training images/s), acc (test accuracy) and epochs."""
+    pipeline ran (or `reference_epochs`), `repeats` times (no warm-up: each run is long, and
+    both pay the same start-up). Each run gets ips (training images/s), acc (test accuracy)
+    and epochs."""
     ra, rb = [], []
     for _ in range(repeats):
         ra.append(run([PIPELINE, "train", "--data", data, "--out", model, *options, "--quiet"], tree=False))
@@ -139,9 +142,15 @@ def train_pairs(data: Path, model: Path, options: list, repeats: int) -> tuple[l
             epochs=summary["epochs_run"],
             precision=summary["precision"],
         )
-        rb.append(run([PY, SHARED / "seed_style_train.py", data, "--epochs", summary["epochs_run"]], tree=False))
+        epochs = reference_epochs or summary["epochs_run"]
+        rb.append(run([PY, SHARED / "seed_style_train.py", data, "--epochs", epochs], tree=False))
         found = re.search(r"test_accuracy=([\d.]+) train_images_per_s=([\d.]+)", rb[-1]["stdout"])
-        rb[-1].update(acc=float(found.group(1)), ips=float(found.group(2)))
+        rb[-1].update(acc=float(found.group(1)), ips=float(found.group(2)), epochs=epochs)
+        print(
+            f"  {' '.join(map(str, options)) or 'defaults'}: pipeline {ra[-1]['epochs']} epochs {ra[-1]['wall']:.1f} s "
+            f"acc {ra[-1]['acc']:.4f} | reference {epochs} epochs {rb[-1]['wall']:.1f} s acc {rb[-1]['acc']:.4f}",
+            flush=True,
+        )
     return ra, rb
 
 
@@ -172,6 +181,48 @@ def bench_train_accuracy(repeats: int) -> list[str]:
     return [train_row(what, ra, rb)]
 
 
+def letters_data() -> Path:
+    """The letters folder (make_letters_folder.py: A-J in every installed typeface), prepared as
+    a user would: 32 px, no augmented copies, no mirroring (a mirrored letter is another symbol)."""
+    folder, data = WORK / "letters", WORK / "letters_data"
+    if not (folder / ".complete").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"building the letters folder in {folder} ...", flush=True)
+        run([PY, SHARED / "make_letters_folder.py", folder])  # exits with the apt-get line if fonts are missing
+        (folder / ".complete").touch()
+    run([PIPELINE, "prepare", folder, "--out", data, "--size", 32, "--augment", 0, "--no-flip", "--quiet"])
+    return data
+
+
+def bench_letters(repeats: int, epoch_counts=(3, 10)) -> list[str]:
+    """Where accuracy moves: equal epochs at the reference's batch of 32 and at pipeline's
+    defaults, then time to accuracy: `pipeline train` with no options against the reference's
+    10 epochs, whole process against whole process."""
+    data, model = letters_data(), WORK / "letters_model"
+    n = len(json.loads((data / "report.json").read_text())["counts"])
+    rows = []
+    for epochs in epoch_counts:
+        for options, how in (([], "pipeline's defaults"), (["--batch-size", 32], "batch 32 both")):
+            ra, rb = train_pairs(data, model, ["--epochs", epochs, *options], repeats)
+            rows.append(train_row(f"letters ({n} classes), {epochs} epochs, {how}", ra, rb))
+    ra, rb = train_pairs(data, model, [], repeats, reference_epochs=10)
+    ratio = statistics.median(y["wall"] / x["wall"] for x, y in zip(ra, rb))
+    rows.append(
+        f"| **time to accuracy**, letters: `pipeline train` (no options, {median(ra, 'epochs'):.0f} epochs) "
+        f"vs the reference's 10 epochs, whole process | {median(ra, 'ips'):.0f} | {median(rb, 'ips'):.0f} "
+        f"| **{ratio:.2f}x** (wall) | {median(ra, 'wall'):.1f} / {median(rb, 'wall'):.1f} "
+        f"| {median(ra, 'max_rss_mb'):.0f} / {median(rb, 'max_rss_mb'):.0f} "
+        f"| test accuracy {median(ra, 'acc'):.4f} / {median(rb, 'acc'):.4f} |"
+    )
+    return rows
+
+
+def bench_phases(data: Path) -> str:
+    """Where a short `train` spends its seconds, phase by phase (bench/train_phases.py)."""
+    result = run([PY, ROOT / "bench" / "train_phases.py", data, WORK / "phases_model", "--epochs", 3], tree=False)
+    return result["stdout"].strip()
+
+
 def bench_predict(folder: Path, repeats: int) -> list[str]:
     image = sorted(folder.rglob("*.jpg"))[0]
     a = [PIPELINE, "predict", image, "--model", WORK / "model", "--quiet"]
@@ -182,6 +233,11 @@ def bench_predict(folder: Path, repeats: int) -> list[str]:
         f"| predict 1 photo, cold process (LiteRT; reference: Keras load_model + call) | | | **{speedup:.2f}x** {wall_and_memory(ra, rb)}"
     ]
 
+
+PHASES_HEAD = """## Where a short train spends its time
+
+`python bench/train_phases.py LETTERS_DATA MODEL --epochs 3` (pipeline's defaults otherwise):
+wall and CPU seconds of each phase of one `train_model` call, in order, as one process."""
 
 GROWTH = """
 ## How the costs grow
@@ -218,36 +274,64 @@ def machine() -> str:
     return f"{name}, {len(os.sched_getaffinity(0))} cores, CPU flags: {shown}"
 
 
+SECTIONS = ("prepare", "train", "letters", "phases", "predict", "memory")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="400 photos, 2,000 for memory, 1 repeat, 2 epochs")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=SECTIONS,
+        help="run these sections only (printed and written to bench/work/RESULTS-only.md, not bench/RESULTS.md)",
+    )
     a = p.parse_args()
     n, n_memory, repeats, epochs = (400, 2000, 1, 2) if a.quick else (2000, 10000, a.repeats, a.epochs)
+    sections = a.only or SECTIONS
     WORK.mkdir(parents=True, exist_ok=True)
-    folder = photos(n)
-    rows = bench_prepare(folder, n, 64, repeats if a.quick else max(repeats, 5))  # short runs: more pairs
-    rows += bench_train(epochs, repeats)
-    rows += bench_train_accuracy(1 if a.quick else 2)
-    rows += bench_predict(folder, repeats)
-    rows += bench_memory(photos(n_memory), n_memory, 128)
-    command = "make bench" if not a.quick else "python bench/run_bench.py --quick"
+    rows, phases = [], ""
+    if "prepare" in sections or "predict" in sections or "train" in sections:
+        folder = photos(n)
+    if "prepare" in sections or "train" in sections:  # train's photo rows read prepare's arrays
+        rows += bench_prepare(folder, n, 64, repeats if a.quick else max(repeats, 5))  # short runs: more pairs
+    if "train" in sections:
+        rows += bench_train(epochs, repeats)
+        rows += bench_train_accuracy(1 if a.quick else 2)
+    if "letters" in sections:
+        rows += bench_letters(repeats, (2,) if a.quick else (3, 10))
+    if "predict" in sections:
+        if not (WORK / "model" / "model.tflite").exists():
+            bench_train(1, 1)  # a model to predict with
+        rows += bench_predict(folder, repeats)
+    if "memory" in sections:
+        rows += bench_memory(photos(n_memory), n_memory, 128)
+    if "phases" in sections:
+        phases = bench_phases(letters_data())
+    command = "make bench" if not (a.quick or a.only) else "python bench/run_bench.py " + " ".join(sys.argv[1:])
     table = "\n".join(
         [
             f"# Benchmark results\n\n{datetime.date.today().isoformat()}, `{command}`, on {machine()}.\n",
             "Ratios are medians of pairs run in turn (pipeline, then reference) as whole processes;",
             "pipeline / reference in each cell. peak: largest single process (as /usr/bin/time -v);",
             "tree: largest sum of PSS over the process and its workers, sampled every 20 ms from /proc",
-            "in separate runs (the warm-ups and the memory rows): sampling slows the command measured.\n",
+            "in separate runs (the warm-ups and the memory rows): sampling slows the command measured.",
+            "Every training speed has the test accuracy each side reached beside it.\n",
             "| what | pipeline images/s | reference images/s | speed-up | wall s | peak MB | tree MB / note |",
             "|---|---:|---:|---:|---:|---:|---:|",
             *rows,
         ]
     )
+    if phases:
+        table += "\n\n" + PHASES_HEAD + "\n```\n" + phases + "\n```\n"
     table += "\n" + GROWTH
     print(table)
-    if not a.quick:
+    if a.only:
+        (WORK / "RESULTS-only.md").write_text(table)
+        print(f"\nwritten to {WORK / 'RESULTS-only.md'}")
+    elif not a.quick:
         (ROOT / "bench" / "RESULTS.md").write_text(table)
         print("\nwritten to bench/RESULTS.md")
 

@@ -22,6 +22,7 @@ On CPUs with native bfloat16 (AVX512-BF16 or AMX) the layers compute in mixed bf
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import time
@@ -59,11 +60,13 @@ class FitResult:
     best: float | None  # the monitored value at best_epoch; None when it was never finite
     seconds: float
     interrupted: bool
+    class_weights: dict[str, float] | None = None  # by class name, as fit weighted the loss (--class-weight)
 
 
 def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
     """Train, keep the best weights, write the model folder; returns a summary."""
     settings.check()
+    settings = dataclasses.replace(settings, learning_rate=settings.peak_learning_rate())  # recorded as used
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     check_out_dir(out_dir, paths.TRAIN_SETTINGS_FILE, {"data folder": data_dir})
     data = load_training_data(data_dir)
@@ -76,7 +79,14 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
     keras.utils.set_random_seed(settings.seed)
     precision = resolve_precision(settings.precision)
     input_shape, num_classes = data.X_train.shape[1:], len(data.classes)
-    model = compile_model(build_with_precision(input_shape, num_classes, precision), settings.learning_rate)
+    steps = (
+        settings.epochs * math.ceil(len(data.X_train) / settings.batch_size)
+        if settings.schedule == "one-cycle"
+        else None
+    )
+    model = compile_model(
+        build_with_precision(input_shape, num_classes, precision), settings.learning_rate, steps, settings.warmup
+    )
     in_memory = data.X_train.nbytes + data.X_val.nbytes <= _in_memory_bytes(settings.in_memory_mb)
 
     with ctrl_c_noted() as ctrl_c, atomic_dir(out_dir) as tmp:
@@ -96,6 +106,7 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
             "interrupted": fit.interrupted,
             "precision": precision,
             "input": "memory (tf.data)" if in_memory else "memory-mapped batches",
+            "class_weights": fit.class_weights,
         }
         if precision != "float32":  # save and export float32 weights: they run the same everywhere
             weights = model.get_weights()
@@ -154,6 +165,7 @@ def fit_model(model, data: TrainingData, settings: TrainSettings, in_memory: boo
         if has_val
         else (None, None)
     )
+    weights = class_weights(data.y_train, len(data.classes)) if settings.class_weight == "balanced" else None
     started = time.perf_counter()
     interrupted = False
     try:
@@ -164,6 +176,7 @@ def fit_model(model, data: TrainingData, settings: TrainSettings, in_memory: boo
             steps_per_epoch=train_steps,
             validation_steps=val_steps,
             shuffle=False,  # the batches shuffle themselves, seeded
+            class_weight=dict(enumerate(weights)) if weights is not None else None,
             callbacks=callbacks,
             verbose=0,
         )
@@ -184,7 +197,19 @@ def fit_model(model, data: TrainingData, settings: TrainSettings, in_memory: boo
         best=best,
         seconds=seconds,
         interrupted=interrupted,
+        class_weights=dict(zip(data.classes, map(float, weights))) if weights is not None else None,
     )
+
+
+def class_weights(y_train: np.ndarray, num_classes: int) -> np.ndarray:
+    """`--class-weight balanced`: n / (classes x count) per class, from the training split's
+    counts (augmented copies included, as fit sees them), so every class weighs the same in
+    the loss; a class with no training image gets 0 (it has nothing to weigh)."""
+    counts = np.bincount(np.asarray(y_train, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(num_classes)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return np.round(weights, 6)
 
 
 class _CtrlC:
