@@ -5,11 +5,15 @@ Builds real-photo JPEG folders with ../shared/bench/make_photo_folder.py into be
 processes and prints a table of median ratios: prepare (images/s, wall, peak memory),
 prepare's memory on a large folder, train (training images/s and test accuracy on the
 same arrays: the photos for speed, sample_data's digits for accuracy, since the photo
-classes mean nothing) and predict (one photo, cold process). Writes the table to
-bench/RESULTS.md.
+classes mean nothing), train on the letters folder (make_letters_folder.py: A-J in some 200
+typefaces, where accuracy moves): equal epochs (3 and 10) at batch 32 both and at
+pipeline's defaults, and time to accuracy (`pipeline train` with no options against the
+reference's 10 epochs), the phases of a short train (bench/train_phases.py) and predict
+(one photo, cold process). Writes the table to bench/RESULTS.md.
 
     python bench/run_bench.py            # 2,000 photos at 64 px, 10,000 at 128 px for memory
     python bench/run_bench.py --quick    # 400 photos, 2,000 for memory, 1 repeat: for iterating
+    python bench/run_bench.py --only letters phases --repeats 3   # just these sections
 
 Memory: "peak" is the largest single process (os.wait4 rusage, as /usr/bin/time -v reports
 it); "tree" is the largest sum of PSS over the command and all its worker processes,
@@ -195,25 +199,24 @@ def letters_data() -> Path:
 
 
 def bench_letters(repeats: int, epoch_counts=(3, 10)) -> list[str]:
-    """Where accuracy moves: equal epochs at the reference's batch of 32 and at pipeline's
-    defaults, then time to accuracy: `pipeline train` with no options against the reference's
-    10 epochs, whole process against whole process."""
+    """Where accuracy moves: time to accuracy first (`pipeline train` with no options against
+    the reference's 10 epochs, whole process against whole process), then equal epochs at
+    pipeline's defaults and at the reference's batch of 32."""
     data, model = letters_data(), WORK / "letters_model"
     n = len(json.loads((data / "report.json").read_text())["counts"])
-    rows = []
-    for epochs in epoch_counts:
-        for options, how in (([], "pipeline's defaults"), (["--batch-size", 32], "batch 32 both")):
-            ra, rb = train_pairs(data, model, ["--epochs", epochs, *options], repeats)
-            rows.append(train_row(f"letters ({n} classes), {epochs} epochs, {how}", ra, rb))
     ra, rb = train_pairs(data, model, [], repeats, reference_epochs=10)
     ratio = statistics.median(y["wall"] / x["wall"] for x, y in zip(ra, rb))
-    rows.append(
+    rows = [
         f"| **time to accuracy**, letters: `pipeline train` (no options, {median(ra, 'epochs'):.0f} epochs) "
         f"vs the reference's 10 epochs, whole process | {median(ra, 'ips'):.0f} | {median(rb, 'ips'):.0f} "
         f"| **{ratio:.2f}x** (wall) | {median(ra, 'wall'):.1f} / {median(rb, 'wall'):.1f} "
         f"| {median(ra, 'max_rss_mb'):.0f} / {median(rb, 'max_rss_mb'):.0f} "
         f"| test accuracy {median(ra, 'acc'):.4f} / {median(rb, 'acc'):.4f} |"
-    )
+    ]
+    for epochs in epoch_counts:
+        for options, how in (([], "pipeline's defaults"), (["--batch-size", 32], "batch 32 both")):
+            ra, rb = train_pairs(data, model, ["--epochs", epochs, *options], repeats)
+            rows.append(train_row(f"letters ({n} classes), {epochs} epochs, {how}", ra, rb))
     return rows
 
 

@@ -8,8 +8,11 @@ run's settings and prepare's, the precision used, and whether the arrays were tr
 from memory or streamed from disk).
 
 The steps, in `train_model`'s order: check the inputs before TensorFlow loads
-(`load_training_data`); build the model under its precision; fit with early stopping,
-Ctrl-C noted at every batch (`fit_model`); write the model folder with float32 weights.
+(`load_training_data`); build the model under its precision, its optimizer following the
+one-cycle learning-rate schedule over all `epochs` x steps (`model.compile_model`,
+`schedule.OneCycle`); fit with early stopping, Ctrl-C noted at every batch, classes
+weighted with `--class-weight balanced` (`fit_model`); write the model folder with float32
+weights and no optimizer state.
 
 Speed: arrays that fit in memory are fed as uint8 through tf.data (shuffled row indices,
 a gather per batch, prefetch), scaled inside the model, so there is no float copy of the
@@ -108,10 +111,11 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
             "input": "memory (tf.data)" if in_memory else "memory-mapped batches",
             "class_weights": fit.class_weights,
         }
-        if precision != "float32":  # save and export float32 weights: they run the same everywhere
-            weights = model.get_weights()
-            model = build_with_precision(input_shape, num_classes, "float32")
-            model.set_weights(weights)
+        # Save and export float32 weights (they run the same everywhere) in an uncompiled copy:
+        # without Adam's two moments per weight, model.keras is a third the size, saves and loads faster.
+        weights = model.get_weights()
+        model = build_with_precision(input_shape, num_classes, "float32")
+        model.set_weights(weights)
         write_model_folder(tmp, model, data.classes, data_dir, data.prepare_report, settings, summary)
         plots.save_training_curves(fit.history, fit.best_epoch, tmp / paths.CURVES_PNG)
     if fit.interrupted:

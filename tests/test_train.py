@@ -39,18 +39,22 @@ def test_the_rate_warms_up_to_the_peak_then_decays(tmp_path):
     assert seen[-1] < peak / 50
 
 
-def test_train_saves_the_one_cycle_schedule_over_its_epochs(trained):
-    """The trained fixture (3 epochs, batch 16) carries its schedule in model.keras."""
+def test_train_records_its_peak_rate_and_saves_no_optimizer_state(trained):
+    """The trained fixture (3 epochs, batch 16): the peak rate scaled to its batch, and a
+    model.keras with the weights alone (the optimizer's moments would triple it)."""
+    settings = json.loads((trained["model"] / "settings.json").read_text())
+    assert settings["train"]["learning_rate"] == TrainSettings(batch_size=16).peak_learning_rate()
+    assert settings["train"]["schedule"] == "one-cycle"
     with zipfile.ZipFile(trained["model"] / "model.keras") as z:
         config = json.loads(z.read("config.json"))
-    rate = config["compile_config"]["optimizer"]["config"]["learning_rate"]
-    n_train = len(np.load(trained["data"] / "y_train.npy"))
-    assert rate["class_name"] == "OneCycle"
-    assert rate["config"]["total_steps"] == 3 * math.ceil(n_train / 16)
-    assert rate["config"]["peak"] == TrainSettings(batch_size=16).peak_learning_rate()
-    assert (
-        json.loads((trained["model"] / "settings.json").read_text())["train"]["learning_rate"] == rate["config"]["peak"]
-    )
+        assert not any("optimizer" in name for name in z.namelist())
+    assert not config.get("compile_config")
+
+
+def test_the_peak_rate_follows_the_square_root_of_the_batch():
+    base = TrainSettings().peak_learning_rate()
+    assert TrainSettings(batch_size=4 * TrainSettings().batch_size).peak_learning_rate() == pytest.approx(2 * base)
+    assert TrainSettings(batch_size=64, learning_rate=0.01).peak_learning_rate() == 0.01
 
 
 def test_class_weight_balanced_comes_from_the_training_counts(tmp_path):
@@ -99,13 +103,13 @@ def test_find_lr_leaves_an_existing_model_folder_untouched(trained, tmp_path):
     assert snapshot(out) == before and (tmp_path / "lr_find.png").exists()
 
 
-def test_suggest_picks_a_tenth_of_the_minimum():
-    from pipeline.lr_find import suggest
+def test_suggest_picks_a_fraction_of_the_minimum():
+    from pipeline.lr_find import BELOW_MINIMUM, suggest
 
     lrs = [1e-6 * 10 ** (i / 20) for i in range(100)]  # 1e-6 .. ~1
     losses = [2.3 - 2.0 / (1 + math.exp(-(math.log10(lr) + 3) * 4)) for lr in lrs]  # falls around 1e-3
     losses = [v if lr < 0.1 else v + (lr - 0.1) * 50 for v, lr in zip(losses, lrs)]  # blows up past 0.1
     found = suggest(lrs, losses)
     assert 1e-3 < found["min_loss_lr"] <= 0.15
-    assert found["suggestion"] == pytest.approx(found["min_loss_lr"] / 10)
+    assert found["suggestion"] == pytest.approx(found["min_loss_lr"] / BELOW_MINIMUM)
     assert 1e-4 < found["steepest"] < 1e-2
