@@ -173,7 +173,9 @@ def inspect(
 def train(
     data_dir: DataDir = paths.DATA_DIR,
     out_dir: Annotated[Path, typer.Option("--out", help="Where to write the model.")] = paths.MODEL_DIR,
-    epochs: Annotated[int, typer.Option(help="Most epochs to train (early stopping may end sooner).")] = TRAIN.epochs,
+    epochs: Annotated[
+        int, typer.Option(help="Epoch budget: the one-cycle schedule spans it (early stopping may end sooner).")
+    ] = TRAIN.epochs,
     batch_size: Annotated[int, typer.Option(help="Images per training step.")] = TRAIN.batch_size,
     learning_rate: Annotated[
         float | None,
