@@ -5,15 +5,19 @@ Builds real-photo JPEG folders with ../shared/bench/make_photo_folder.py into be
 processes and prints a table of median ratios: prepare (images/s, wall, peak memory),
 prepare's memory on a large folder, train (training images/s and test accuracy on the
 same arrays: the photos for speed, sample_data's digits for accuracy, since the photo
-classes mean nothing), predict (one photo, cold process) and serve (serve_load.py: a
-load test of `pipeline serve` on loopback). Writes the tables to bench/RESULTS.md.
+classes mean nothing), train on the letters folder (make_letters_folder.py: A-J in some 200
+typefaces, where accuracy moves): equal epochs (3 and 10) at batch 32 both and at
+pipeline's defaults, and time to accuracy (`pipeline train` with no options against the
+reference's 10 epochs), the phases of a short train (bench/train_phases.py) and predict
+(one photo, cold process), serve (serve_load.py: a load test of `pipeline serve` on
+loopback), prepare on a 2-worker Dask LocalCluster with the global step at scale, and one
+TF_CONFIG worker against two (bench/allreduce.py for the all-reduce). Writes the tables to
+bench/RESULTS.md.
 
     python bench/run_bench.py            # 2,000 photos at 64 px, 10,000 at 128 px for memory
     python bench/run_bench.py --quick    # 400 photos, 2,000 for memory, 1 repeat: for iterating
+    python bench/run_bench.py --only letters phases --repeats 3   # just these sections
     python bench/run_bench.py --workers-only   # one worker against two (TF_CONFIG, loopback) only
-
-The last section, one worker against two, trains sample_data's digits as one process and as
-a two-worker TF_CONFIG cluster on this machine, and times one all-reduce (bench/allreduce.py).
 
 Memory: "peak" is the largest single process (os.wait4 rusage, as /usr/bin/time -v reports
 it); "tree" is the largest sum of PSS over the command and all its worker processes,
@@ -134,10 +138,13 @@ def bench_memory(folder: Path, n: int, size: int) -> list[str]:
     return rows
 
 
-def train_pairs(data: Path, model: Path, options: list, repeats: int) -> tuple[list[dict], list[dict]]:
+def train_pairs(
+    data: Path, model: Path, options: list, repeats: int, reference_epochs: int | None = None
+) -> tuple[list[dict], list[dict]]:
     """`pipeline train OPTIONS`, then the reference on the same arrays for as many epochs as
-    pipeline ran, `repeats` times (no warm-up: each run is long, and both pay the same
-    start-up). Each run gets ips (training images/s), acc (test accuracy) and epochs."""
+    pipeline ran (or `reference_epochs`), `repeats` times (no warm-up: each run is long, and
+    both pay the same start-up). Each run gets ips (training images/s), acc (test accuracy)
+    and epochs."""
     ra, rb = [], []
     for _ in range(repeats):
         ra.append(run([PIPELINE, "train", "--data", data, "--out", model, *options, "--quiet"], tree=False))
@@ -149,9 +156,15 @@ def train_pairs(data: Path, model: Path, options: list, repeats: int) -> tuple[l
             epochs=summary["epochs_run"],
             precision=summary["precision"],
         )
-        rb.append(run([PY, SHARED / "seed_style_train.py", data, "--epochs", summary["epochs_run"]], tree=False))
+        epochs = reference_epochs or summary["epochs_run"]
+        rb.append(run([PY, SHARED / "seed_style_train.py", data, "--epochs", epochs], tree=False))
         found = re.search(r"test_accuracy=([\d.]+) train_images_per_s=([\d.]+)", rb[-1]["stdout"])
-        rb[-1].update(acc=float(found.group(1)), ips=float(found.group(2)))
+        rb[-1].update(acc=float(found.group(1)), ips=float(found.group(2)), epochs=epochs)
+        print(
+            f"  {' '.join(map(str, options)) or 'defaults'}: pipeline {ra[-1]['epochs']} epochs {ra[-1]['wall']:.1f} s "
+            f"acc {ra[-1]['acc']:.4f} | reference {epochs} epochs {rb[-1]['wall']:.1f} s acc {rb[-1]['acc']:.4f}",
+            flush=True,
+        )
     return ra, rb
 
 
@@ -180,6 +193,47 @@ def bench_train_accuracy(repeats: int) -> list[str]:
     ra, rb = train_pairs(data, WORK / "digits_model", [], repeats)
     what = f"train on sample_data (digits, 32 px, {ra[-1]['epochs']} epochs by early stopping; reference: as many)"
     return [train_row(what, ra, rb)]
+
+
+def letters_data() -> Path:
+    """The letters folder (make_letters_folder.py: A-J in every installed typeface), prepared as
+    a user would: 32 px, no augmented copies, no mirroring (a mirrored letter is another symbol)."""
+    folder, data = WORK / "letters", WORK / "letters_data"
+    if not (folder / ".complete").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"building the letters folder in {folder} ...", flush=True)
+        run([PY, SHARED / "make_letters_folder.py", folder])  # exits with the apt-get line if fonts are missing
+        (folder / ".complete").touch()
+    run([PIPELINE, "prepare", folder, "--out", data, "--size", 32, "--augment", 0, "--no-flip", "--quiet"])
+    return data
+
+
+def bench_letters(repeats: int, epoch_counts=(3, 10)) -> list[str]:
+    """Where accuracy moves: time to accuracy first (`pipeline train` with no options against
+    the reference's 10 epochs, whole process against whole process), then equal epochs at
+    pipeline's defaults and at the reference's batch of 32."""
+    data, model = letters_data(), WORK / "letters_model"
+    n = len(json.loads((data / "report.json").read_text())["counts"])
+    ra, rb = train_pairs(data, model, [], repeats, reference_epochs=10)
+    ratio = statistics.median(y["wall"] / x["wall"] for x, y in zip(ra, rb))
+    rows = [
+        f"| **time to accuracy**, letters: `pipeline train` (no options, {median(ra, 'epochs'):.0f} epochs) "
+        f"vs the reference's 10 epochs, whole process | {median(ra, 'ips'):.0f} | {median(rb, 'ips'):.0f} "
+        f"| **{ratio:.2f}x** (wall) | {median(ra, 'wall'):.1f} / {median(rb, 'wall'):.1f} "
+        f"| {median(ra, 'max_rss_mb'):.0f} / {median(rb, 'max_rss_mb'):.0f} "
+        f"| test accuracy {median(ra, 'acc'):.4f} / {median(rb, 'acc'):.4f} |"
+    ]
+    for epochs in epoch_counts:
+        for options, how in (([], "pipeline's defaults"), (["--batch-size", 32], "batch 32 both")):
+            ra, rb = train_pairs(data, model, ["--epochs", epochs, *options], repeats)
+            rows.append(train_row(f"letters ({n} classes), {epochs} epochs, {how}", ra, rb))
+    return rows
+
+
+def bench_phases(data: Path) -> str:
+    """Where a short `train` spends its seconds, phase by phase (bench/train_phases.py)."""
+    result = run([PY, ROOT / "bench" / "train_phases.py", data, WORK / "phases_model", "--epochs", 3], tree=False)
+    return result["stdout"].strip()
 
 
 def bench_predict(folder: Path, repeats: int) -> list[str]:
@@ -273,6 +327,11 @@ def bench_workers(epochs: int, repeats: int) -> list[str]:
     return lines
 
 
+PHASES_HEAD = """## Where a short train spends its time
+
+`python bench/train_phases.py LETTERS_DATA MODEL --epochs 3` (pipeline's defaults otherwise):
+wall and CPU seconds of each phase of one `train_model` call, in order, as one process."""
+
 GROWTH = """
 ## How the costs grow
 
@@ -308,12 +367,21 @@ def machine() -> str:
     return f"{name}, {len(os.sched_getaffinity(0))} cores, CPU flags: {shown}"
 
 
+SECTIONS = ("prepare", "train", "letters", "phases", "predict", "memory", "serve", "cluster", "workers")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="400 photos, 2,000 for memory, 1 repeat, 2 epochs")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--workers-only", action="store_true", help="only one worker against two; its section of RESULTS.md")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=SECTIONS,
+        help="run these sections only (printed and written to bench/work/RESULTS-only.md, not bench/RESULTS.md)",
+    )
     a = p.parse_args()
     if a.workers_only:
         WORK.mkdir(parents=True, exist_ok=True)
@@ -329,50 +397,73 @@ def main() -> None:
         print("\nwritten to bench/RESULTS.md")
         return
     n, n_memory, repeats, epochs = (400, 2000, 1, 2) if a.quick else (2000, 10000, a.repeats, a.epochs)
+    sections = a.only or SECTIONS
     WORK.mkdir(parents=True, exist_ok=True)
-    folder = photos(n)
-    rows = bench_prepare(folder, n, 64, repeats if a.quick else max(repeats, 5))  # short runs: more pairs
-    rows += bench_train(epochs, repeats)
-    rows += bench_train_accuracy(1 if a.quick else 2)
-    rows += bench_predict(folder, repeats)
-    rows += bench_memory(photos(n_memory), n_memory, 128)
-    # serve: a model at the default size (32 px, 1 epoch) on 200 photos, as make bench-serve
-    served = bench_serve(*build_model(200), requests=400 if a.quick else 2000, cold_runs=repeats + 2)
-    # The cluster: its overhead on this machine, and the client's global step at scale.
-    cluster_rows = dask_bench.compare(folder, 64, 0, repeats)
-    sizes = [100_000, 1_000_000] if a.quick else [1_000_000, 10_000_000]
-    global_rows = global_step.rows(sizes, list(global_step.STEPS), timeout=900)
-    command = "make bench" if not a.quick else "python bench/run_bench.py --quick"
+    rows, phases = [], ""
+    if "prepare" in sections or "predict" in sections or "train" in sections:
+        folder = photos(n)
+    if "prepare" in sections or "train" in sections:  # train's photo rows read prepare's arrays
+        rows += bench_prepare(folder, n, 64, repeats if a.quick else max(repeats, 5))  # short runs: more pairs
+    if "train" in sections:
+        rows += bench_train(epochs, repeats)
+        rows += bench_train_accuracy(1 if a.quick else 2)
+    if "letters" in sections:
+        rows += bench_letters(repeats, (2,) if a.quick else (3, 10))
+    if "predict" in sections:
+        if not (WORK / "model" / "model.tflite").exists():
+            bench_train(1, 1)  # a model to predict with
+        rows += bench_predict(folder, repeats)
+    if "memory" in sections:
+        rows += bench_memory(photos(n_memory), n_memory, 128)
+    if "phases" in sections:
+        phases = bench_phases(letters_data())
+    if "serve" in sections:  # a model at the default size (32 px, 1 epoch) on 200 photos, as make bench-serve
+        served = bench_serve(*build_model(200), requests=400 if a.quick else 2000, cold_runs=repeats + 2)
+    if "cluster" in sections:  # the cluster's overhead on this machine, and the client's global step at scale
+        cluster_rows = dask_bench.compare(photos(n), 64, 0, repeats)
+        sizes = [100_000, 1_000_000] if a.quick else [1_000_000, 10_000_000]
+        global_rows = global_step.rows(sizes, list(global_step.STEPS), timeout=900)
+    command = "make bench" if not (a.quick or a.only) else "python bench/run_bench.py " + " ".join(sys.argv[1:])
     table = "\n".join(
         [
             f"# Benchmark results\n\n{datetime.date.today().isoformat()}, `{command}`, on {machine()}.\n",
             "Ratios are medians of pairs run in turn (pipeline, then reference) as whole processes;",
             "pipeline / reference in each cell. peak: largest single process (as /usr/bin/time -v);",
             "tree: largest sum of PSS over the process and its workers, sampled every 20 ms from /proc",
-            "in separate runs (the warm-ups and the memory rows): sampling slows the command measured.\n",
+            "in separate runs (the warm-ups and the memory rows): sampling slows the command measured.",
+            "Every training speed has the test accuracy each side reached beside it.\n",
             "| what | pipeline images/s | reference images/s | speed-up | wall s | peak MB | tree MB / note |",
             "|---|---:|---:|---:|---:|---:|---:|",
             *rows,
         ]
     )
-    table += "\n\n## serve: `pipeline serve` under load on loopback (bench/serve_load.py)\n\n"
-    table += "16 client threads in the benchmark's process, on the same CPU as the server.\n\n"
-    table += "\n".join(report(served)) + "\n" + GROWTH
-    table += "\n".join(
-        [
-            "\n## prepare on a Dask cluster\n",
-            "`python bench/dask_bench.py FOLDER`: a 2-worker LocalCluster on this machine (overhead, not speed-up).\n",
-            dask_bench.HEADER,
-            *cluster_rows,
-            "\n`python bench/global_step.py 1000000 10000000`: the client's steps on synthetic hashes",
-            "(1% exact and 5% near copies planted); `-`: stopped after 900 s.\n",
-            global_step.HEADER,
-            *global_rows,
-        ]
-    )
-    table += "\n".join(bench_workers(5, 1 if a.quick else 2)) + "\n"
+    if phases:
+        table += "\n\n" + PHASES_HEAD + "\n```\n" + phases + "\n```\n"
+    if "serve" in sections:
+        table += "\n\n## serve: `pipeline serve` under load on loopback (bench/serve_load.py)\n\n"
+        table += "16 client threads in the benchmark's process, on the same CPU as the server.\n\n"
+        table += "\n".join(report(served)) + "\n"
+    table += "\n" + GROWTH
+    if "cluster" in sections:
+        table += "\n".join(
+            [
+                "\n## prepare on a Dask cluster\n",
+                "`python bench/dask_bench.py FOLDER`: a 2-worker LocalCluster on this machine (overhead, not speed-up).\n",
+                dask_bench.HEADER,
+                *cluster_rows,
+                "\n`python bench/global_step.py 1000000 10000000`: the client's steps on synthetic hashes",
+                "(1% exact and 5% near copies planted); `-`: stopped after 900 s.\n",
+                global_step.HEADER,
+                *global_rows,
+            ]
+        )
+    if "workers" in sections:
+        table += "\n".join(bench_workers(5, 1 if a.quick else 2)) + "\n"
     print(table)
-    if not a.quick:
+    if a.only:
+        (WORK / "RESULTS-only.md").write_text(table)
+        print(f"\nwritten to {WORK / 'RESULTS-only.md'}")
+    elif not a.quick:
         (ROOT / "bench" / "RESULTS.md").write_text(table)
         print("\nwritten to bench/RESULTS.md")
 

@@ -24,9 +24,13 @@ from typer.core import TyperGroup
 from pipeline import paths, progress
 from pipeline.errors import PipelineError
 from pipeline.settings import (
+    CLASS_WEIGHTS,
     COLOR_MODES,
     ENGINES,
+    PEAK_RATE,
+    PEAK_RATE_BATCH,
     PRECISIONS,
+    SCHEDULES,
     InspectSettings,
     PredictSettings,
     PrepareSettings,
@@ -72,6 +76,8 @@ SERVE = ServeSettings()
 Color = Enum("Color", {mode: mode for mode in COLOR_MODES}, type=str)
 Precision = Enum("Precision", {p: p for p in PRECISIONS}, type=str)
 Engine = Enum("Engine", {e: e for e in ENGINES}, type=str)
+Schedule = Enum("Schedule", {s: s for s in SCHEDULES}, type=str)
+ClassWeight = Enum("ClassWeight", {w: w for w in CLASS_WEIGHTS}, type=str)
 out = Console(highlight=False, soft_wrap=True)  # results go to stdout; progress and notes go to stderr
 
 
@@ -177,11 +183,27 @@ def inspect(
 def train(
     data_dir: DataDir = paths.DATA_DIR,
     out_dir: Annotated[Path, typer.Option("--out", help="Where to write the model.")] = paths.MODEL_DIR,
-    epochs: Annotated[int, typer.Option(help="Most epochs to train (early stopping may end sooner).")] = TRAIN.epochs,
+    epochs: Annotated[
+        int, typer.Option(help="Epoch budget: the one-cycle schedule spans it (early stopping may end sooner).")
+    ] = TRAIN.epochs,
     batch_size: Annotated[
         int, typer.Option(help="Images per training step (over every GPU and TF_CONFIG worker).")
     ] = TRAIN.batch_size,
-    learning_rate: Annotated[float, typer.Option(help="Adam's learning rate.")] = TRAIN.learning_rate,
+    learning_rate: Annotated[
+        float | None,
+        typer.Option(
+            help=f"Adam's peak learning rate: the top of the one-cycle schedule (constant: the rate). "
+            f"Default: {PEAK_RATE:g} at batch {PEAK_RATE_BATCH}, scaled by sqrt(batch / {PEAK_RATE_BATCH}).",
+            show_default=False,
+        ),
+    ] = TRAIN.learning_rate,
+    schedule: Annotated[
+        Schedule, typer.Option(help="one-cycle: warm-up to the peak rate, cosine decay over --epochs; or constant.")
+    ] = Schedule[TRAIN.schedule],
+    class_weight: Annotated[
+        ClassWeight,
+        typer.Option(help="balanced: weigh each class by the inverse of its training count (imbalanced folders)."),
+    ] = ClassWeight[TRAIN.class_weight],
     seed: Annotated[int, typer.Option(help="Seed for weights and shuffling.")] = TRAIN.seed,
     patience: Annotated[
         int, typer.Option(help="Epochs without validation improvement before stopping.")
@@ -193,6 +215,14 @@ def train(
     tensorboard: Annotated[
         bool, typer.Option("--tensorboard", help="Write TensorBoard logs to the model folder.")
     ] = TRAIN.tensorboard,
+    find_lr: Annotated[
+        bool,
+        typer.Option(
+            "--find-lr",
+            help="Only run a learning-rate range test (about 100 steps) and print the suggested --learning-rate; "
+            "writes lr_find.png beside the --out folder (in its parent), never a model, and leaves --out untouched.",
+        ),
+    ] = False,
     quiet: Quiet = False,
 ) -> None:
     """Train the CIFAR-style CNN on the prepared arrays, keeping the best epoch on validation."""
@@ -203,11 +233,22 @@ def train(
         epochs=epochs,
         batch_size=batch_size,
         learning_rate=learning_rate,
+        schedule=schedule.value,
+        class_weight=class_weight.value,
         seed=seed,
         patience=patience,
         tensorboard=tensorboard,
         precision=precision.value,
     )
+    if find_lr:
+        from pipeline.lr_find import find_learning_rate
+
+        found = find_learning_rate(data_dir, out_dir.parent / paths.LR_FIND_PNG, settings)
+        out.print(
+            f"suggested --learning-rate {found['suggestion']:.2g} (loss fell fastest near {found['steepest']:.2g}, "
+            f"lowest at {found['min_loss_lr']:.2g}); plot in {found['plot']}"
+        )
+        return
     summary = train_model(data_dir, out_dir, settings)
     trained = (
         f"trained {summary['epochs_run']} epoch(s) in {summary['seconds']:.1f}s; best epoch {summary['best_epoch']} "

@@ -152,5 +152,6 @@ def class_imbalance(sizes: dict[str, int], ratio: float = IMBALANCE_RATIO) -> st
     return (
         f"classes are imbalanced: the largest, '{largest}', has {sizes[largest]} images, "
         f"{sizes[largest] / sizes[smallest]:.1f}x the smallest; under 1/{ratio:g} of it: {listed}. "
-        "Accuracy will favour the large classes: add images to the small ones or read per-class recall"
+        "Accuracy will favour the large classes: add images to the small ones, train with --class-weight balanced, "
+        "or read per-class recall"
     )

@@ -37,9 +37,18 @@ def build_model(input_shape: tuple[int, int, int], num_classes: int) -> keras.Mo
     )
 
 
-def compile_model(model: keras.Model, learning_rate: float = 1e-3) -> keras.Model:
+def compile_model(
+    model: keras.Model, learning_rate: float = 1e-3, total_steps: int | None = None, warmup: float = 0.25
+) -> keras.Model:
+    """Adam and the loss. With `total_steps` the rate follows `OneCycle` (warm-up over the
+    `warmup` share of the steps to `learning_rate`, its peak, then cosine decay); without, it
+    stays at `learning_rate`. The schedule lives in the optimizer, so a custom training step
+    that calls `optimizer.apply` follows it too."""
+    from pipeline.schedule import OneCycle
+
+    rate = OneCycle(learning_rate, total_steps, warmup) if total_steps else learning_rate
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=keras.optimizers.Adam(rate),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )

@@ -23,6 +23,7 @@ HISTORY_FILE = "history.csv"
 TRAIN_SETTINGS_FILE = "settings.json"
 CURVES_PNG = "training_curves.png"
 TENSORBOARD_DIR = "logs"
+LR_FIND_PNG = "lr_find.png"  # train --find-lr: beside the model folder, never in it
 
 # evaluate
 METRICS_FILE = "metrics.json"

@@ -76,6 +76,27 @@ def save_training_curves(history: list[dict], best_epoch: int, path: Path) -> No
     plt.close(fig)
 
 
+def save_lr_find(lrs: list[float], losses: list[float], smoothed: list[float], suggestion: float, path: Path) -> None:
+    """train --find-lr: loss per batch against the learning rate (log scale), smoothed, the suggestion marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(lrs, losses, color="tab:blue", alpha=0.3, linewidth=1, label="batch loss")
+    ax.plot(lrs, smoothed, color="tab:blue", linewidth=2, label="smoothed")
+    ax.axvline(suggestion, color="tab:red", linestyle="--", linewidth=1.5, label=f"suggested {suggestion:.2g}")
+    finite = [v for v in smoothed if np.isfinite(v)]
+    if finite:  # the blow-up at the end would flatten the useful part
+        ax.set_ylim(min(finite) * 0.9, min(max(finite), finite[0] * 1.5) * 1.05)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    ax.set_title("Learning-rate range test (pass the suggestion as --learning-rate)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _epoch_ticks(epochs: list[int]) -> list[int]:
     step = max(1, len(epochs) // 15 + (len(epochs) % 15 > 0))
     return epochs[::step]

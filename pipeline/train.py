@@ -8,8 +8,11 @@ run's settings and prepare's, the precision used, and whether the arrays were tr
 from memory or streamed from disk).
 
 The steps, in `train_model`'s order: check the inputs before TensorFlow loads
-(`load_training_data`); build the model under its precision; fit with early stopping,
-Ctrl-C noted at every batch (`fit_model`); write the model folder with float32 weights.
+(`load_training_data`); build the model under its precision, its optimizer following the
+one-cycle learning-rate schedule over all `epochs` x steps (`model.compile_model`,
+`schedule.OneCycle`); fit with early stopping, Ctrl-C noted at every batch, classes
+weighted with `--class-weight balanced` (`fit_model`); write the model folder with float32
+weights and no optimizer state.
 
 Speed: arrays that fit in memory are fed as uint8 through tf.data (shuffled row indices,
 a gather per batch, prefetch), scaled inside the model, so there is no float copy of the
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import dataclasses
 import math
 import signal
 import time
@@ -62,11 +66,13 @@ class FitResult:
     seconds: float
     interrupted: bool
     loop: dict = field(default_factory=dict)  # the custom loop's global batch and steps; empty under fit
+    class_weights: dict[str, float] | None = None  # by class name, as fit weighted the loss (--class-weight)
 
 
 def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
     """Train, keep the best weights, write the model folder; returns a summary."""
     settings.check()
+    settings = dataclasses.replace(settings, learning_rate=settings.peak_learning_rate())  # recorded as used
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     check_out_dir(out_dir, paths.TRAIN_SETTINGS_FILE, {"data folder": data_dir})
     data = load_training_data(data_dir)
@@ -78,11 +84,20 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
     from pipeline.model import compile_model
 
     plan = distribute.plan_training(cluster)  # one process, every local GPU, or the cluster
+    if plan.custom_loop and settings.class_weight != "none":
+        raise PipelineError("--class-weight is not supported yet with several GPUs or TF_CONFIG workers")
     keras.utils.set_random_seed(settings.seed)
     precision = resolve_precision(settings.precision, plan)
     input_shape, num_classes = data.X_train.shape[1:], len(data.classes)
+    steps = (
+        settings.epochs * math.ceil(len(data.X_train) / settings.batch_size)
+        if settings.schedule == "one-cycle"
+        else None
+    )
     with plan.strategy.scope():
-        model = compile_model(build_with_precision(input_shape, num_classes, precision), settings.learning_rate)
+        model = compile_model(
+            build_with_precision(input_shape, num_classes, precision), settings.learning_rate, steps, settings.warmup
+        )
     in_memory = data.X_train.nbytes + data.X_val.nbytes <= _in_memory_bytes(settings.in_memory_mb)
 
     with ctrl_c_noted() as ctrl_c, plan.workspace(out_dir) as tmp:  # only the chief writes the model folder
@@ -102,6 +117,7 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
             "interrupted": fit.interrupted,
             "precision": precision,
             "input": "memory (tf.data)" if in_memory else "memory-mapped batches",
+            "class_weights": fit.class_weights,
             **plan.describe(),
             **fit.loop,
         }
@@ -109,10 +125,11 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
             summary["weights_sha256"] = weights_digest(model)
         if not plan.is_chief:
             summary["role"] = f"worker {plan.rank} of {plan.workers}"
-        if precision != "float32":  # save and export float32 weights: they run the same everywhere
-            weights = model.get_weights()
-            model = build_with_precision(input_shape, num_classes, "float32")
-            model.set_weights(weights)
+        # Save and export float32 weights (they run the same everywhere) in an uncompiled copy:
+        # without Adam's two moments per weight, model.keras is a third the size, saves and loads faster.
+        weights = model.get_weights()
+        model = build_with_precision(input_shape, num_classes, "float32")
+        model.set_weights(weights)
         if plan.is_chief:
             write_model_folder(tmp, model, data.classes, data_dir, data.prepare_report, settings, summary)
             plots.save_training_curves(fit.history, fit.best_epoch, tmp / paths.CURVES_PNG)
@@ -184,6 +201,7 @@ def fit_model(
         if has_val
         else (None, None)
     )
+    weights = class_weights(data.y_train, len(data.classes)) if settings.class_weight == "balanced" else None
     started = time.perf_counter()
     interrupted = False
     try:
@@ -194,6 +212,7 @@ def fit_model(
             steps_per_epoch=train_steps,
             validation_steps=val_steps,
             shuffle=False,  # the batches shuffle themselves, seeded
+            class_weight=dict(enumerate(weights)) if weights is not None else None,
             callbacks=callbacks,
             verbose=0,
         )
@@ -202,10 +221,20 @@ def fit_model(
         if early_stopping.best_weights is None:  # no epoch finished: nothing to keep
             raise  # the temporary folder goes, the CLI says so and exits 130
     interrupted = interrupted or ctrl_c.pressed  # pressed as fit ended, and swallowed
-    return _fit_result(model, early_stopping, monitor, tmp, time.perf_counter() - started, interrupted)
+    by_name = dict(zip(data.classes, map(float, weights))) if weights is not None else None
+    return _fit_result(model, early_stopping, monitor, tmp, time.perf_counter() - started, interrupted, None, by_name)
 
 
-def _fit_result(model, early_stopping, monitor: str, tmp: Path, seconds: float, interrupted: bool, loop=None):
+def _fit_result(
+    model,
+    early_stopping,
+    monitor: str,
+    tmp: Path,
+    seconds: float,
+    interrupted: bool,
+    loop=None,
+    class_weights_by_name: dict[str, float] | None = None,
+):
     if early_stopping.best_weights is not None:
         model.set_weights(early_stopping.best_weights)
     history = _read_history(tmp / paths.HISTORY_FILE)
@@ -218,6 +247,7 @@ def _fit_result(model, early_stopping, monitor: str, tmp: Path, seconds: float, 
         seconds=seconds,
         interrupted=interrupted,
         loop=loop or {},
+        class_weights=class_weights_by_name,
     )
 
 
@@ -227,6 +257,17 @@ def weights_digest(model) -> str:
     for weights in model.get_weights():
         digest.update(np.ascontiguousarray(weights, dtype=np.float32).tobytes())
     return digest.hexdigest()
+
+
+def class_weights(y_train: np.ndarray, num_classes: int) -> np.ndarray:
+    """`--class-weight balanced`: n / (classes x count) per class, from the training split's
+    counts (augmented copies included, as fit sees them), so every class weighs the same in
+    the loss; a class with no training image gets 0 (it has nothing to weigh)."""
+    counts = np.bincount(np.asarray(y_train, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(num_classes)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return np.round(weights, 6)
 
 
 class _CtrlC:

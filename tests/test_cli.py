@@ -39,6 +39,11 @@ def one_line_error(result, *words: str) -> None:
         (["train", "--batch-size", "0"], ["--batch-size"]),
         (["train", "--learning-rate", "0"], ["--learning-rate"]),
         (["train", "--precision", "bfloat8"], ["--precision", "bfloat8"]),
+        (["train", "--class-weight", "inverse"], ["--class-weight", "inverse"]),
+        (["train", "--schedule", "step"], ["--schedule", "step"]),
+        (["train", "--learning-rate", "-1"], ["--learning-rate"]),
+        (["train", "--learning-rate", "fast"], ["--learning-rate", "fast"]),
+        (["train", "--find-lr", "--batch-size", "0"], ["--batch-size"]),
         (["predict", "x.png", "--top-k", "0"], ["--top-k", "0"]),
         (["predict", "x.png", "--threshold", "2"], ["--threshold", "2"]),
         (["predict", "x.png", "--engine", "tpu"], ["--engine", "tpu"]),
@@ -61,6 +66,7 @@ def test_choices_are_listed_in_the_help():
     assert "litert" in help_text and "keras" in help_text
     help_text = run_cli("train", "--help").stdout
     assert "--learning-rate" in help_text and "--precision" in help_text and "bfloat16" in help_text
+    assert "balanced" in help_text and "one-cycle" in help_text and "--find-lr" in help_text
 
 
 def test_pipeline_alone_prints_the_help():
