@@ -25,8 +25,8 @@ On CPUs with native bfloat16 (AVX512-BF16 or AMX) the layers compute in mixed bf
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import dataclasses
+import hashlib
 import math
 import signal
 import time
