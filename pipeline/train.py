@@ -345,6 +345,27 @@ def _in_memory_bytes(limit_mb: int) -> int:
         return 2 * 2**30
 
 
+def row_gatherer(X, y, in_memory: bool):
+    """A tf.data map function: a batch of row indices -> (uint8 images, int64 labels), gathered
+    from one uint8 copy of the rows in memory, or read from the memory map (ascending rows)."""
+    tf = import_tensorflow()
+    if in_memory:
+        images, labels = tf.constant(np.asarray(X)), tf.constant(np.asarray(y, dtype=np.int64))
+        return lambda i: (tf.gather(images, i), tf.gather(labels, i))
+
+    def read(i):
+        i = np.sort(i)  # ascending reads from the memory map
+        return np.asarray(X[i]), np.asarray(y[i], dtype=np.int64)
+
+    def gather(i):
+        images, labels = tf.numpy_function(read, [i], (tf.uint8, tf.int64), stateful=False)
+        images.set_shape((None, *X.shape[1:]))
+        labels.set_shape((None,))
+        return images, labels
+
+    return gather
+
+
 def batches(X, y, batch_size: int, seed: int, shuffle: bool, in_memory: bool):
     """(dataset, steps per epoch): batches of uint8 pixels and integer labels, endlessly.
 
@@ -360,22 +381,7 @@ def batches(X, y, batch_size: int, seed: int, shuffle: bool, in_memory: bool):
     rows = tf.data.Dataset.range(len(X))
     if shuffle:
         rows = rows.shuffle(len(X), seed=seed, reshuffle_each_iteration=True)
-    if in_memory:
-        images, labels = tf.constant(np.asarray(X)), tf.constant(np.asarray(y))
-        gather = lambda i: (tf.gather(images, i), tf.gather(labels, i))  # noqa: E731
-    else:
-
-        def read(i):
-            i = np.sort(i)  # ascending reads from the memory map
-            return np.asarray(X[i]), np.asarray(y[i], dtype=np.int64)
-
-        def gather(i):
-            images, labels = tf.numpy_function(read, [i], (tf.uint8, tf.int64), stateful=False)
-            images.set_shape((None, *X.shape[1:]))
-            labels.set_shape((None,))
-            return images, labels
-
-    dataset = rows.batch(batch_size).map(gather, num_parallel_calls=1).repeat().prefetch(2)
+    dataset = rows.batch(batch_size).map(row_gatherer(X, y, in_memory), num_parallel_calls=1).repeat().prefetch(2)
     options = tf.data.Options()
     # tf.data's autotuner, when the validation iterator was remade each epoch, sometimes
     # stalled the run for ~2 s with the CPU idle; a fixed prefetch of 2 batches is enough.

@@ -31,6 +31,7 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.native_stderr import import_keras, import_tensorflow
+from pipeline.train import row_gatherer
 
 
 def shard_bounds(n_rows: int, shards: int, index: int) -> tuple[int, int]:
@@ -79,7 +80,7 @@ def fit_replicated(model, data, settings, plan, callbacks, ctrl_c, in_memory_byt
             # partial-batch handling: its get_next-as-optional cond failed under MirroredStrategy
             .repeat()
         )
-        return _gather(tf, index, X_share, y_share, in_memory).prefetch(2)
+        return index.map(row_gatherer(X_share, y_share, in_memory)).prefetch(2)
 
     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
     loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction="none")
@@ -170,25 +171,6 @@ def fit_replicated(model, data, settings, plan, callbacks, ctrl_c, in_memory_byt
         "train_rows_this_worker": len(X_share),
         "input": "memory (tf.data), this worker's share" if in_memory else "memory-mapped batches, this worker's share",
     }
-
-
-def _gather(tf, index, X, y, in_memory: bool):
-    """Batches of (uint8 images, int64 labels) for batches of row indices, as train.batches does."""
-    if in_memory:
-        images, labels = tf.constant(np.asarray(X)), tf.constant(np.asarray(y, dtype=np.int64))
-        return index.map(lambda i: (tf.gather(images, i), tf.gather(labels, i)))
-
-    def read(i):
-        i = np.sort(i)  # ascending reads from the memory map
-        return np.asarray(X[i]), np.asarray(y[i], dtype=np.int64)
-
-    def gather(i):
-        images, labels = tf.numpy_function(read, [i], (tf.uint8, tf.int64), stateful=False)
-        images.set_shape((None, *X.shape[1:]))
-        labels.set_shape((None,))
-        return images, labels
-
-    return index.map(gather)
 
 
 def _val_batches(X, y, batch_size: int):

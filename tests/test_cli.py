@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 import tomllib
 from importlib.metadata import version
 from pathlib import Path
@@ -140,4 +139,3 @@ def test_python_and_keras_bounds_are_true():
     floor = tuple(int(n) for n in re.search(r">=\s*([\d.]+)", keras).group(1).split(".")[:2])
     assert floor >= (3, 13), keras
     assert tuple(int(n) for n in version("keras").split(".")[:2]) >= floor
-    assert sys.version_info >= (3, 11)
