@@ -1,7 +1,7 @@
 """Test accuracy of several train settings on one prepared folder, one after another in one
 process (TensorFlow loads once): how train's defaults were chosen.
 
-    python bench/tune_train.py DATA_DIR NAME:EPOCHS,BATCH,PEAK_RATE,SCHEDULE[,WARMUP[,PATIENCE]] ...
+    python bench/tune_train.py DATA_DIR NAME:EPOCHS,BATCH,PEAK_RATE,SCHEDULE[,WARMUP[,PATIENCE[,SEED]]] ...
     python bench/tune_train.py bench/work/letters_data b64:8,64,3e-3,one-cycle b128:8,128,4.2e-3,one-cycle
 
 Each setting trains into DATA_DIR/../tune/NAME with `train_model` (as `pipeline train`
@@ -38,6 +38,7 @@ def main() -> None:
             schedule=f[3],
             warmup=float(f[4]) if len(f) > 4 else TrainSettings.warmup,
             patience=int(f[5]) if len(f) > 5 else TrainSettings.patience,
+            seed=int(f[6]) if len(f) > 6 else TrainSettings.seed,
         )
         out = data.parent / "tune" / name
         cpu, wall = time.process_time(), time.perf_counter()

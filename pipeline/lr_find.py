@@ -41,12 +41,12 @@ def find_learning_rate(data_dir: Path, plot_path: Path, settings: TrainSettings,
     data = load_training_data(Path(data_dir))
     progress.say("loading TensorFlow...")
     keras = import_keras()
-    from pipeline.model import compile_model
+    from pipeline.model import PixelStats, compile_model
     from pipeline.schedule import RangeTest
 
     keras.utils.set_random_seed(settings.seed)
     precision = resolve_precision(settings.precision)
-    model = build_with_precision(data.X_train.shape[1:], len(data.classes), precision)
+    model = build_with_precision(data.X_train.shape[1:], len(data.classes), precision, PixelStats.of(data.X_train))
     compile_model(model, RangeTest(START, END, steps))
     in_memory = data.X_train.nbytes <= _in_memory_bytes(settings.in_memory_mb)
     train_batches, _ = batches(data.X_train, data.y_train, settings.batch_size, settings.seed, True, in_memory)

@@ -2,23 +2,62 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
+
 from pipeline.native_stderr import import_keras
 
 keras = import_keras()
 layers = keras.layers
 
 
-def build_model(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
+@dataclass(frozen=True)
+class PixelStats:
+    """Per-channel mean and variance of the training pixels (0-255), one value per channel."""
+
+    mean: list[float]
+    variance: list[float]
+
+    @classmethod
+    def of(cls, X: np.ndarray, max_rows: int = 10_000) -> PixelStats:
+        """From up to `max_rows` evenly spaced rows: the same every run, and a memory-mapped
+        split of millions of images is not read whole for a few numbers."""
+        rows = np.unique(np.linspace(0, len(X) - 1, min(len(X), max_rows)).astype(np.int64))
+        channels = X.shape[-1]
+        total, squares, count = np.zeros(channels), np.zeros(channels), 0
+        for chunk in np.array_split(rows, max(1, len(rows) // 256)):  # a few MB at a time
+            pixels = np.asarray(X[chunk]).reshape(-1, channels).astype(np.float64)
+            total += pixels.sum(axis=0)
+            squares += np.square(pixels).sum(axis=0)
+            count += len(pixels)
+        mean = total / count
+        # a channel that never changes (an all-white folder) would divide by zero
+        variance = np.maximum(squares / count - mean**2, 1.0)
+        return cls([round(float(v), 4) for v in mean], [round(float(v), 4) for v in variance])
+
+
+def build_model(
+    input_shape: tuple[int, int, int], num_classes: int, pixel_stats: PixelStats | None = None
+) -> keras.Model:
     """Conv32-Conv32-Pool-Dropout, Conv64-Conv64-Pool-Dropout, Dense 512-Dropout, softmax.
 
-    Takes uint8 pixels: the 0-255 -> 0-1 scaling is the first layer, so no float copy of
-    the dataset is ever made and predict feeds raw pixels as prepare stored them. The
-    softmax stays float32 under mixed precision.
+    Takes uint8 pixels: the first layer standardizes them with the training split's
+    per-channel mean and variance (`pixel_stats`; without them it scales 0-255 to 0-1), so
+    no float copy of the dataset is ever made and predict feeds raw pixels as prepare
+    stored them. Centred inputs start learning in the first epoch where 0-1 inputs spent
+    most of it near chance (a point of test accuracy in a 6-epoch budget on the letters,
+    bench/RESULTS.md). The softmax stays float32 under mixed precision.
     """
+    first = (
+        layers.Normalization(mean=pixel_stats.mean, variance=pixel_stats.variance, name="standardize")
+        if pixel_stats is not None
+        else layers.Rescaling(1.0 / 255)
+    )
     return keras.Sequential(
         [
             keras.Input(shape=input_shape, name="pixels"),
-            layers.Rescaling(1.0 / 255),
+            first,
             layers.Conv2D(32, 3, padding="same", activation="relu"),
             layers.Conv2D(32, 3, activation="relu"),
             layers.MaxPooling2D(2),

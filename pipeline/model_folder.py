@@ -44,7 +44,7 @@ def write_model_folder(
             "color": "grayscale" if channels == 1 else "rgb",
             "channels": int(channels),
             "resize": RESIZE_METHOD,
-            "input": "uint8 pixels 0-255; scaling to 0-1 is inside the model",
+            "input": "uint8 pixels 0-255; standardizing them is inside the model",
         },
     )
     write_json(

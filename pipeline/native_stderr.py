@@ -23,6 +23,9 @@ from collections.abc import Iterator
 # TensorFlow's C++ log lines would bury our one-line messages; real errors still show.
 # Read once, when TensorFlow loads: set here, before any of the imports below can run.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# TensorFlow turns its oneDNN kernels on only for CPUs with AVX-512 VNNI/BF16 or AMX; on an
+# AVX2 CPU it falls back to Eigen, which trains the CNN 1.6x slower on two cores (bench/RESULTS.md).
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 # fd 2 and sys.stderr belong to the whole process: two threads swapping them at once (serve's
 # workers allocating tensors together) restored each other's copies and left a closed
@@ -69,15 +72,37 @@ def _quiet_native_stderr() -> Iterator[None]:
         os.close(saved)
 
 
+# Keras imports these at start-up, if installed, only for its scikit-learn wrappers and its
+# plotting helpers, neither of which pipeline uses: 1.5 of the 4.9 s `import keras` takes
+# here (python -X importtime). Keras guards each import with `except ImportError`.
+_KERAS_EXTRAS = ("sklearn", "matplotlib.pyplot", "cv2")
+
+
 def import_keras():
-    """`import keras` (and TensorFlow behind it) without the native start-up lines."""
+    """`import keras` (and TensorFlow behind it) without the native start-up lines, and
+    without the optional extras it would load for nothing."""
     with quiet_native_stderr():
-        import keras
+        if "keras" in sys.modules:
+            return sys.modules["keras"]
+        blocked = [name for name in _KERAS_EXTRAS if name not in sys.modules]
+        sys.modules.update(dict.fromkeys(blocked, None))  # None in sys.modules: ImportError
+        try:
+            import keras
+        except ImportError:  # a Keras that needs one of them after all: load it whole
+            for name in blocked:
+                sys.modules.pop(name, None)
+            blocked = []
+            import keras
+        finally:
+            for name in blocked:
+                if sys.modules.get(name, "") is None:
+                    del sys.modules[name]
     return keras
 
 
 def import_tensorflow():
     """`import tensorflow` without the native start-up lines."""
-    with quiet_native_stderr():
-        import tensorflow
+    import_keras()  # the same start-up, extras left out; TensorFlow comes with it
+    import tensorflow
+
     return tensorflow

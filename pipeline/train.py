@@ -15,7 +15,7 @@ weighted with `--class-weight balanced` (`fit_model`); write the model folder wi
 weights and no optimizer state.
 
 Speed: arrays that fit in memory are fed as uint8 through tf.data (shuffled row indices,
-a gather per batch, prefetch), scaled inside the model, so there is no float copy of the
+a gather per batch, prefetch), standardized inside the model, so there is no float copy of the
 dataset; larger arrays stream from their memory maps a batch at a time. One endless
 iterator serves the whole run (see `batches`).
 On CPUs with native bfloat16 (AVX512-BF16 or AMX) the layers compute in mixed bfloat16
@@ -81,7 +81,7 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
     # TensorFlow takes seconds to load: only once the inputs are known to be usable.
     progress.say("loading TensorFlow...")
     keras = import_keras()
-    from pipeline.model import compile_model
+    from pipeline.model import PixelStats, compile_model
 
     plan = distribute.plan_training(cluster)  # one process, every local GPU, or the cluster
     if plan.custom_loop and settings.class_weight != "none":
@@ -89,6 +89,7 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
     keras.utils.set_random_seed(settings.seed)
     precision = resolve_precision(settings.precision, plan)
     input_shape, num_classes = data.X_train.shape[1:], len(data.classes)
+    pixel_stats = PixelStats.of(data.X_train)
     steps = (
         settings.epochs * math.ceil(len(data.X_train) / settings.batch_size)
         if settings.schedule == "one-cycle"
@@ -96,7 +97,10 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
     )
     with plan.strategy.scope():
         model = compile_model(
-            build_with_precision(input_shape, num_classes, precision), settings.learning_rate, steps, settings.warmup
+            build_with_precision(input_shape, num_classes, precision, pixel_stats),
+            settings.learning_rate,
+            steps,
+            settings.warmup,
         )
     in_memory = data.X_train.nbytes + data.X_val.nbytes <= _in_memory_bytes(settings.in_memory_mb)
 
@@ -118,6 +122,8 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
             "precision": precision,
             "input": "memory (tf.data)" if in_memory else "memory-mapped batches",
             "class_weights": fit.class_weights,
+            "pixel_mean": pixel_stats.mean,
+            "pixel_variance": pixel_stats.variance,
             **plan.describe(),
             **fit.loop,
         }
@@ -128,7 +134,7 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
         # Save and export float32 weights (they run the same everywhere) in an uncompiled copy:
         # without Adam's two moments per weight, model.keras is a third the size, saves and loads faster.
         weights = model.get_weights()
-        model = build_with_precision(input_shape, num_classes, "float32")
+        model = build_with_precision(input_shape, num_classes, "float32", pixel_stats)
         model.set_weights(weights)
         if plan.is_chief:
             write_model_folder(tmp, model, data.classes, data_dir, data.prepare_report, settings, summary)
@@ -321,7 +327,7 @@ def resolve_precision(precision: str, plan=None) -> str:
     return precision
 
 
-def build_with_precision(input_shape, num_classes: int, precision: str):
+def build_with_precision(input_shape, num_classes: int, precision: str, pixel_stats=None):
     """The model under this precision's dtype policy; the global policy is restored at once."""
     from pipeline.model import build_model
 
@@ -329,7 +335,7 @@ def build_with_precision(input_shape, num_classes: int, precision: str):
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(MIXED_POLICY.get(precision, "float32"))
     try:
-        return build_model(input_shape, num_classes)
+        return build_model(input_shape, num_classes, pixel_stats)
     finally:
         keras.mixed_precision.set_global_policy(previous)
 

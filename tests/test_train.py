@@ -51,6 +51,30 @@ def test_train_records_its_peak_rate_and_saves_no_optimizer_state(trained):
     assert not config.get("compile_config")
 
 
+def test_the_model_standardizes_pixels_with_the_training_split_statistics(trained):
+    """The first layer centres and scales each channel by the training split's mean and
+    variance, recorded in settings.json, and the saved model carries them: predict and
+    evaluate feed it raw uint8 pixels."""
+    X = np.load(trained["data"] / "X_train.npy")
+    pixels = X.reshape(-1, X.shape[-1]).astype(np.float64)
+    summary = json.loads((trained["model"] / "settings.json").read_text())["summary"]
+    assert summary["pixel_mean"] == pytest.approx(pixels.mean(axis=0), abs=1e-3)
+    assert summary["pixel_variance"] == pytest.approx(pixels.var(axis=0), rel=1e-4)
+    with zipfile.ZipFile(trained["model"] / "model.keras") as z:
+        layers = json.loads(z.read("config.json"))["config"]["layers"]
+    first = next(layer for layer in layers if layer["class_name"] != "InputLayer")
+    assert first["class_name"] == "Normalization"
+    assert first["config"]["mean"] == pytest.approx(summary["pixel_mean"])
+
+
+def test_pixel_statistics_of_a_constant_channel_do_not_divide_by_zero():
+    from pipeline.model import PixelStats
+
+    white = np.full((5, 4, 4, 1), 255, dtype=np.uint8)
+    stats = PixelStats.of(white)
+    assert stats.mean == [255.0] and stats.variance == [1.0]
+
+
 def test_the_peak_rate_follows_the_square_root_of_the_batch():
     base = TrainSettings().peak_learning_rate()
     assert TrainSettings(batch_size=4 * TrainSettings().batch_size).peak_learning_rate() == pytest.approx(2 * base)
