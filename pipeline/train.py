@@ -140,7 +140,7 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
             write_model_folder(tmp, model, data.classes, data_dir, data.prepare_report, settings, summary)
             plots.save_training_curves(fit.history, fit.best_epoch, tmp / paths.CURVES_PNG)
     plan.barrier("the chief wrote the model folder")  # no worker leaves before the model is in place
-    if fit.interrupted:
+    if fit.interrupted or ctrl_c.pressed:  # pressed after the last batch: the model is complete, say so
         where = f"is saved in {out_dir}" if plan.is_chief else "is saved by the chief"
         raise TrainingInterrupted(
             f"training interrupted after {summary['epochs_run']} epoch(s); the best model so far (epoch {summary['best_epoch']}) {where}"
@@ -286,15 +286,18 @@ class _CtrlC:
 
 @contextlib.contextmanager
 def ctrl_c_noted():
-    """Ctrl-C raises KeyboardInterrupt as usual and is also noted, so that `check` (a
-    callback at every batch) raises it again if TensorFlow swallowed it: one that landed
-    while the first graph was built was, now and then, lost, and training ran on to exit 0.
+    """Ctrl-C is noted, and `check` (a callback at every batch) raises KeyboardInterrupt at
+    the next batch boundary; a second Ctrl-C raises at once. Raised from inside a
+    TensorFlow call (tracing the first graph, a step), the interrupt was now and then
+    swallowed, and under load a process stopped in the middle of a native call crashed
+    (SIGSEGV) on its way out; between batches nothing native is running.
     """
     ctrl_c = _CtrlC()
 
     def on_sigint(signum, frame):
+        if ctrl_c.pressed:
+            raise KeyboardInterrupt
         ctrl_c.pressed = True
-        raise KeyboardInterrupt
 
     try:
         previous = signal.signal(signal.SIGINT, on_sigint)

@@ -157,3 +157,16 @@ def test_a_worker_that_cannot_see_the_images_is_one_clear_line(cluster, mixed, t
     assert "storage every worker sees" in result.output
     assert result.output.strip().count("\n") == 0
     assert not out.exists() and not list(tmp_path.glob(".data.tmp-*"))
+
+
+def test_a_scheduler_nobody_listens_on_is_one_line_and_writes_nothing(mixed, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    out = tmp_path / "data"
+    result = run_cli("prepare", mixed, "--out", out, "--scheduler", address, *ARGS, expect=1)
+    assert result.output.startswith(f"error: cannot reach the Dask scheduler at {address}"), result.output
+    assert result.output.strip().count("\n") == 0 and "Traceback" not in result.output
+    assert not out.exists() and not list(tmp_path.glob(".data.tmp-*"))
