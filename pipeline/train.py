@@ -209,6 +209,7 @@ def fit_model(
     )
     weights = class_weights(data.y_train, len(data.classes)) if settings.class_weight == "balanced" else None
     started = time.perf_counter()
+    _build_state_before_tracing(model, data.X_train, data.y_train)
     interrupted = False
     try:
         model.fit(
@@ -229,6 +230,16 @@ def fit_model(
     interrupted = interrupted or ctrl_c.pressed  # pressed as fit ended, and swallowed
     by_name = dict(zip(data.classes, map(float, weights))) if weights is not None else None
     return _fit_result(model, early_stopping, monitor, tmp, time.perf_counter() - started, interrupted, None, by_name)
+
+
+def _build_state_before_tracing(model, X, y) -> None:
+    """Adam's moments and the accuracy metric's counters, made now on one image: made inside
+    the first traced step, they had TensorFlow trace the whole training step twice (about a
+    second of every run). fit resets the metrics at each epoch, so nothing of this is counted."""
+    model.optimizer.build(model.trainable_variables)
+    one = np.asarray(X[:1])
+    model.compute_metrics(one, np.asarray(y[:1]), model(one, training=False), None)
+    model.reset_metrics()
 
 
 def _fit_result(
