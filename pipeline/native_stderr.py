@@ -24,7 +24,7 @@ from collections.abc import Iterator
 # Read once, when TensorFlow loads: set here, before any of the imports below can run.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # TensorFlow turns its oneDNN kernels on only for CPUs with AVX-512 VNNI/BF16 or AMX; on an
-# AVX2 CPU it falls back to Eigen, which trains the CNN 1.6x slower on two cores (bench/RESULTS.md).
+# AVX2 CPU it falls back to Eigen: 1.19x fewer training images/s on two cores (bench/RESULTS.md).
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 # fd 2 and sys.stderr belong to the whole process: two threads swapping them at once (serve's
