@@ -244,6 +244,9 @@ def train(
         from pipeline.lr_find import find_learning_rate
 
         found = find_learning_rate(data_dir, out_dir.parent / paths.LR_FIND_PNG, settings)
+        if "role" in found:
+            out.print(f"{found['role']}: the chief runs the learning-rate sweep (one process, global batch)")
+            return
         out.print(
             f"suggested --learning-rate {found['suggestion']:.2g} (loss fell fastest near {found['steepest']:.2g}, "
             f"lowest at {found['min_loss_lr']:.2g}); plot in {found['plot']}"

@@ -12,6 +12,10 @@ folder at batch 128 the minimum was near 9e-3; a tenth of it is below 2e-3, whic
 0.955 test accuracy in 10 epochs where 4e-3 reached 0.973 (see bench/RESULTS.md). Writes `lr_find.png`
 (the curve, the suggestion marked) to the path given, which train puts beside the model
 folder, and no model: an existing model folder is left as it was.
+
+Under TF_CONFIG the chief alone sweeps, in one process at the global batch (the gradient of
+one step is the same as the workers' all-reduced one), and writes the plot; the other
+workers check TF_CONFIG, say so and exit: the sweep is 100 small steps, not worth a cluster.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import plots, progress
+from pipeline import distribute, plots, progress
 from pipeline.errors import PipelineError
 from pipeline.native_stderr import import_keras
 from pipeline.settings import TrainSettings
@@ -34,11 +38,15 @@ BELOW_MINIMUM = 3.0  # the suggestion: the rate at the smoothed loss's minimum o
 
 
 def find_learning_rate(data_dir: Path, plot_path: Path, settings: TrainSettings, steps: int = STEPS) -> dict:
-    """Sweep, plot, suggest: {"suggestion", "steepest", "min_loss_lr", "plot", "lrs", "losses"}."""
+    """Sweep, plot, suggest: {"suggestion", "steepest", "min_loss_lr", "plot", "lrs", "losses"};
+    on a TF_CONFIG worker other than the chief, {"role": "worker i of n"} and nothing else."""
     from pipeline.train import _in_memory_bytes, batches, build_with_precision, load_training_data, resolve_precision
 
     settings.check()
     data = load_training_data(Path(data_dir))
+    cluster = distribute.read_cluster()  # TF_CONFIG, checked before TensorFlow loads
+    if cluster is not None and not cluster.is_chief:
+        return {"role": f"worker {cluster.rank} of {cluster.size}"}
     progress.say("loading TensorFlow...")
     keras = import_keras()
     from pipeline.model import PixelStats, compile_model

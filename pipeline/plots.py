@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.artifacts import atomic_write_bytes
 
 
 def _pyplot():
@@ -93,8 +96,10 @@ def save_lr_find(lrs: list[float], losses: list[float], smoothed: list[float], s
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()  # written beside the user's folders, not inside an atomic one: whole or not at all
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    atomic_write_bytes(path, png.getvalue())
 
 
 def _epoch_ticks(epochs: list[int]) -> list[int]:

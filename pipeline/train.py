@@ -84,8 +84,6 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
     from pipeline.model import PixelStats, compile_model
 
     plan = distribute.plan_training(cluster)  # one process, every local GPU, or the cluster
-    if plan.custom_loop and settings.class_weight != "none":
-        raise PipelineError("--class-weight is not supported yet with several GPUs or TF_CONFIG workers")
     keras.utils.set_random_seed(settings.seed)
     precision = resolve_precision(settings.precision, plan)
     input_shape, num_classes = data.X_train.shape[1:], len(data.classes)
@@ -185,15 +183,18 @@ def fit_model(
     ]
     if settings.tensorboard:
         callbacks.append(EpochScalars(tmp / paths.TENSORBOARD_DIR))
+    weights = class_weights(data.y_train, len(data.classes)) if settings.class_weight == "balanced" else None
+    by_name = dict(zip(data.classes, map(float, weights))) if weights is not None else None
     if plan is not None and plan.custom_loop:
         from pipeline.train_loop import fit_replicated
 
         started = time.perf_counter()
         memory = _in_memory_bytes(settings.in_memory_mb)
-        interrupted, loop = fit_replicated(model, data, settings, plan, callbacks, ctrl_c, memory, has_val)
+        interrupted, loop = fit_replicated(model, data, settings, plan, callbacks, ctrl_c, memory, has_val, weights)
         if interrupted and early_stopping.best_weights is None:  # no epoch finished: nothing to keep
             raise KeyboardInterrupt
-        return _fit_result(model, early_stopping, monitor, tmp, time.perf_counter() - started, interrupted, loop)
+        seconds = time.perf_counter() - started
+        return _fit_result(model, early_stopping, monitor, tmp, seconds, interrupted, loop, by_name)
     callbacks.append(
         keras.callbacks.LambdaCallback(
             on_train_begin=ctrl_c.check, on_train_batch_end=ctrl_c.check, on_test_batch_end=ctrl_c.check
@@ -207,7 +208,6 @@ def fit_model(
         if has_val
         else (None, None)
     )
-    weights = class_weights(data.y_train, len(data.classes)) if settings.class_weight == "balanced" else None
     started = time.perf_counter()
     _build_state_before_tracing(model, data.X_train, data.y_train)
     interrupted = False
@@ -228,7 +228,6 @@ def fit_model(
         if early_stopping.best_weights is None:  # no epoch finished: nothing to keep
             raise  # the temporary folder goes, the CLI says so and exits 130
     interrupted = interrupted or ctrl_c.pressed  # pressed as fit ended, and swallowed
-    by_name = dict(zip(data.classes, map(float, weights))) if weights is not None else None
     return _fit_result(model, early_stopping, monitor, tmp, time.perf_counter() - started, interrupted, None, by_name)
 
 

@@ -51,8 +51,12 @@ def epoch_rows(share: int, length: int, seed: int, worker: int, epoch: int) -> n
     return np.resize(order, length)  # repeats the first rows when the share is shorter
 
 
-def fit_replicated(model, data, settings, plan, callbacks, ctrl_c, in_memory_bytes: int, has_val: bool):
-    """Train like `model.fit`, under `plan.strategy`; returns True when a signal on any worker stopped it."""
+def fit_replicated(
+    model, data, settings, plan, callbacks, ctrl_c, in_memory_bytes: int, has_val: bool, class_weights=None
+):
+    """Train like `model.fit`, under `plan.strategy`; returns True when a signal on any worker stopped it.
+    `class_weights` (one per class, or None) weigh each example's loss as fit's `class_weight` does:
+    the weighted sum over the global batch, divided by the global batch."""
     keras = import_keras()
     tf = import_tensorflow()
     strategy = plan.strategy
@@ -84,6 +88,7 @@ def fit_replicated(model, data, settings, plan, callbacks, ctrl_c, in_memory_byt
 
     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
     loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction="none")
+    weight_table = None if class_weights is None else tf.constant(np.asarray(class_weights, dtype=np.float32))
     optimizer = model.optimizer
     if not optimizer.built:  # its slots made here, not on the step's first call, where the
         with strategy.scope():  # variable-creating trace failed under MirroredStrategy
@@ -94,6 +99,8 @@ def fit_replicated(model, data, settings, plan, callbacks, ctrl_c, in_memory_byt
         with tf.GradientTape() as tape:
             probabilities = model(images, training=True)
             per_example = loss_fn(labels, probabilities)
+            if weight_table is not None:  # as fit turns class_weight into per-example weights
+                per_example = per_example * tf.cast(tf.gather(weight_table, labels), per_example.dtype)
             loss = tf.reduce_sum(per_example) / global_batch
             if model.losses:
                 loss += tf.add_n(model.losses) / replicas

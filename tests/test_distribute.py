@@ -308,24 +308,64 @@ from pipeline import distribute, train
 from pipeline.settings import TrainSettings
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 distribute.plan_training = lambda cluster: distribute.Plan("mirrored", strategy, None, 2, 2)
-settings = TrainSettings(epochs=2, batch_size=16, precision="auto")
+epochs, class_weight = (int(sys.argv[3]), sys.argv[4]) if len(sys.argv) > 3 else (2, "none")
+settings = TrainSettings(epochs=epochs, batch_size=16, precision="auto", class_weight=class_weight)
 print(json.dumps(train.train_model(Path(sys.argv[1]), Path(sys.argv[2]), settings)))
 """
 
 
-def test_mirrored_strategy_on_two_devices_trains_through_the_custom_step(trained, tmp_path):
-    out = tmp_path / "model"
+def two_logical_cpus(*args) -> dict:
     done = subprocess.run(
-        [sys.executable, "-c", _TWO_LOGICAL_CPUS, str(trained["data"]), str(out)],
+        [sys.executable, "-c", _TWO_LOGICAL_CPUS, *map(str, args)],
         capture_output=True,
         text=True,
         timeout=300,
         env={**os.environ, "PIPELINE_PROGRESS": "never"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_mirrored_strategy_on_two_devices_trains_through_the_custom_step(trained, tmp_path):
+    out = tmp_path / "model"
+    summary = two_logical_cpus(trained["data"], out)
     assert summary["strategy"] == "mirrored" and summary["replicas"] == 2 and summary["workers"] == 1
     assert summary["precision"] == "float32"  # several GPUs: float32 until loss scaling there is measured
     assert summary["per_replica_batch"] == 8 and summary["epochs_run"] == 2
     result = run_cli("evaluate", "--data", trained["data"], "--model", out, "--out", tmp_path / "r", "--json")
     assert json.loads(result.stdout)["accuracy"] > 0.6
+
+
+def test_class_weights_reach_the_loss_of_the_custom_step(trained, tmp_path):
+    """--class-weight balanced with two replicas: the weights from the training split's counts
+    are recorded, and they weigh the loss (the same run unweighted, same seed, has another)."""
+    data = Path(shutil.copytree(trained["data"], tmp_path / "data"))
+    y = np.load(data / "y_train.npy")
+    keep = np.flatnonzero((y != 0) | (np.cumsum(y == 0) <= 3))  # class 0 cut to 3 training images
+    np.save(data / "X_train.npy", np.load(data / "X_train.npy")[keep])
+    np.save(data / "y_train.npy", y[keep])
+    counts = np.bincount(y[keep], minlength=3)
+
+    weighted = two_logical_cpus(data, tmp_path / "weighted", 1, "balanced")
+    plain = two_logical_cpus(data, tmp_path / "plain", 1, "none")
+    classes = json.loads((data / "classes.json").read_text())
+    expected = {name: round(counts.sum() / (3 * count), 6) for name, count in zip(classes, counts)}
+    assert weighted["class_weights"] == pytest.approx(expected) and expected[classes[0]] > 2
+    assert plain["class_weights"] is None and weighted["strategy"] == "mirrored"
+
+    def first_loss(model_dir: Path) -> float:
+        header, first = (line.split(",") for line in (model_dir / "history.csv").read_text().splitlines()[:2])
+        return float(first[header.index("loss")])
+
+    assert first_loss(tmp_path / "weighted") != pytest.approx(first_loss(tmp_path / "plain"), rel=1e-4)
+
+
+def test_find_lr_under_tf_config_sweeps_on_the_chief_alone(trained, tmp_path):
+    out = tmp_path / "runs" / "model"
+    args = ["--data", trained["data"], "--out", out, "--find-lr", "--batch-size", "8"]
+    with cluster(2, args) as (chief, other):
+        assert chief.wait(timeout=240) == 0, chief.stderr
+        assert other.wait(timeout=60) == 0, other.stderr
+    assert "suggested --learning-rate" in chief.out[-1]
+    assert other.out[-1].startswith("worker 1 of 2: the chief runs the learning-rate sweep")
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["lr_find.png"]  # one plot, no model
