@@ -90,7 +90,13 @@ def main() -> None:
 
     train_module.fit_model = fit_with_marks
     hooked(model_folder, "export_tflite", "model.keras save", "model.tflite export (LiteRT)")
-    hooked(plots, "save_training_curves", "classes/preprocess/settings.json", "training_curves.png (matplotlib)")
+    # the curves are drawn by a child process during the save and the export: what is left is the wait
+    hooked(
+        plots.TrainingCurvesBeside,
+        "wait",
+        "classes/preprocess/settings.json",
+        "training_curves.png (what is left of the child's drawing)",
+    )
     settings = TrainSettings(epochs=a.epochs, batch_size=a.batch_size, patience=a.epochs)
     train_module.train_model(a.data, a.out, settings)
     mark("swap the folder in")

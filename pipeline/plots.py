@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +80,40 @@ def save_training_curves(history: list[dict], best_epoch: int, path: Path) -> No
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+CHILD_SECONDS = 120  # a child still drawing after this is stuck: the curves are drawn here instead
+
+
+class TrainingCurvesBeside:
+    """training_curves.png drawn by a child process (`python -m pipeline.plots`) while train
+    saves and exports the model: matplotlib takes about a second and the LiteRT export two,
+    each on one core, so the curves cost no wall time on a machine with a second core. Where
+    the child cannot start or fails, `wait` draws them here, as before."""
+
+    def __init__(self, history: list[dict], best_epoch: int, path: Path):
+        self.history, self.best_epoch, self.path = history, best_epoch, Path(path)
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.plots", str(self.path), str(best_epoch), json.dumps(history)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        except OSError:  # no interpreter to start (a frozen build), a history too long for argv...
+            self.process = None
+
+    def wait(self) -> None:
+        if self.process is not None:
+            try:
+                drawn = self.process.wait(timeout=CHILD_SECONDS) == 0 and self.path.is_file()
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                drawn = False
+            if drawn:
+                return
+        save_training_curves(self.history, self.best_epoch, self.path)
 
 
 def save_lr_find(lrs: list[float], losses: list[float], smoothed: list[float], suggestion: float, path: Path) -> None:
@@ -219,3 +256,7 @@ def save_misclassified(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return len(wrong)
+
+
+if __name__ == "__main__":  # TrainingCurvesBeside's child: PATH BEST_EPOCH HISTORY_JSON
+    save_training_curves(json.loads(sys.argv[3]), int(sys.argv[2]), Path(sys.argv[1]))

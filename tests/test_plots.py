@@ -90,3 +90,28 @@ def test_confusion_matrix_stays_readable_with_many_classes(tmp_path):
     plots.save_confusion_matrix(matrix, names, tmp_path / "cm.png")
     width, height = png_size(tmp_path / "cm.png")
     assert width >= 1500 and height >= 1400  # about 55 px per class, labels included
+
+
+HISTORY = [
+    {"epoch": e, "loss": 1 / (e + 1), "accuracy": e / 6, "val_loss": 1.2 / (e + 1), "val_accuracy": e / 7}
+    for e in range(6)
+]
+
+
+def test_curves_drawn_by_a_child_process_are_the_curves_drawn_here(tmp_path):
+    beside = plots.TrainingCurvesBeside(HISTORY, 5, tmp_path / "child.png")
+    beside.wait()
+    assert beside.process is not None and beside.process.returncode == 0  # the child drew them
+    plots.save_training_curves(HISTORY, 5, tmp_path / "here.png")
+    assert png_size(tmp_path / "child.png") == png_size(tmp_path / "here.png")
+    child, here = (np.asarray(Image.open(tmp_path / name)) for name in ("child.png", "here.png"))
+    assert np.array_equal(child, here)
+
+
+def test_curves_are_drawn_here_when_the_child_cannot_start(tmp_path):
+    long = [{**HISTORY[0], "epoch": e} for e in range(3000)]  # too long for one argument: E2BIG
+    beside = plots.TrainingCurvesBeside(long, 2999, tmp_path / "curves.png")
+    assert beside.process is None
+    beside.wait()
+    width, height = png_size(tmp_path / "curves.png")
+    assert 800 <= width <= 1600 and 300 <= height <= 800
