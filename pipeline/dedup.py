@@ -3,9 +3,10 @@
 Exact duplicates share identical pixels once resized to --size (a digest of the row the
 model would see), so a PNG and a BMP of the same picture match whatever their names.
 Near-duplicates share a 64-bit perceptual hash within a small Hamming distance; they are
-grouped without an all-pairs loop by multi-index hashing: split the hash into distance+1
-blocks, and any two hashes within the distance agree exactly on at least one block
-(pigeonhole), so only hashes that share a block value are compared.
+grouped without an all-pairs loop by multi-index hashing: split the hash into distance+r
+blocks, and any two hashes within the distance agree exactly on at least r blocks
+(pigeonhole), so only hashes that share the values of some r blocks are compared. r grows
+with the folder (`_blocks_to_match`), so that the hashes sharing a key stay a handful.
 
 The perceptual hash is imagehash's `phash`, computed for a whole batch at once with
 matrices (Pillow's LANCZOS coefficients, an 8x32 DCT) instead of per-picture Pillow calls
@@ -15,6 +16,8 @@ and scipy.fftpack (importing scipy cost each decoding process 0.4 s).
 from __future__ import annotations
 
 import functools
+import itertools
+import math
 from collections import defaultdict
 
 import numpy as np
@@ -153,30 +156,61 @@ def group_near_duplicates(hashes: np.ndarray, max_distance: int = NEAR_DUPLICATE
     return group
 
 
-def _blocks(values: np.ndarray, count: int) -> list[np.ndarray]:
+def _block_bits(count: int) -> list[tuple[int, int]]:
+    """(shift, width) of `count` blocks that cut the 64 bits, widths differing by one at most."""
     widths = [64 // count + (1 if i < 64 % count else 0) for i in range(count)]
-    blocks, shift = [], 0
-    for width in widths:
-        blocks.append((values >> np.uint64(shift)) & np.uint64((1 << width) - 1))
-        shift += width
-    return blocks
+    return [(sum(widths[:i]), width) for i, width in enumerate(widths)]
 
 
-def _close_pairs(unique: np.ndarray, max_distance: int) -> list[tuple[int, int]]:
-    """Index pairs of distinct hashes within `max_distance` bits that share a block value.
+SORT_COST = 20  # a sort of the keys, in passes of comparisons over every hash (measured order)
 
-    Sorted by block value, hashes sharing it sit next to each other: compare each with the
-    one k places on, for k = 1, 2, ... while any such pair still shares the value.
+
+def _blocks_to_match(n: int, max_distance: int) -> int:
+    """r, the blocks two close hashes must share, for n distinct hashes.
+
+    Each r gives C(max_distance + r, r) keys to sort by; the hashes sharing a key are about
+    n / 2**(bits of the key) each, and each one is compared with all of them. r = 1 (13-bit
+    blocks at distance 4) is cheapest for thousands of hashes but quadratic at millions:
+    buckets of n / 8192, measured 4x the time per doubling. r = 2 at 10 million: 21-bit
+    keys, buckets of about 5."""
+
+    def cost(r: int) -> float:
+        bits = r * (64 // (max_distance + r))
+        return math.comb(max_distance + r, r) * (SORT_COST + n / 2.0**bits)
+
+    candidates = range(1, 64 - max_distance + 1)
+    return min(itertools.islice(candidates, 6), key=cost)
+
+
+def _close_pairs(unique: np.ndarray, max_distance: int, matching: int | None = None) -> list[tuple[int, int]]:
+    """Index pairs of distinct hashes within `max_distance` bits.
+
+    Cut into max_distance + r blocks (r = `matching`, or `_blocks_to_match`), two hashes
+    this close differ in max_distance blocks at most, so they agree on r blocks at least: every
+    such pair shares the key made of some r blocks. For each choice of r blocks, hashes
+    sorted by that key sit next to the others that share it: compare each with the one k
+    places on, for k = 1, 2, ... while any such pair still shares the key.
     """
-    pairs = set()
-    for block in _blocks(unique, max_distance + 1):
-        order = np.argsort(block, kind="stable")
-        values = block[order]
-        for k in range(1, len(order)):
+    n = len(unique)
+    r = matching or _blocks_to_match(n, max_distance)
+    blocks = _block_bits(max_distance + r)
+    found = []
+    for chosen in itertools.combinations(blocks, r):
+        key = np.zeros(n, dtype=np.uint64)
+        for shift, width in chosen:  # the chosen blocks side by side: at most 64 bits
+            key = (key << np.uint64(width)) | ((unique >> np.uint64(shift)) & np.uint64((1 << width) - 1))
+        order = np.argsort(key, kind="stable")
+        values = key[order]
+        del key
+        for k in range(1, n):
             same = np.flatnonzero(values[:-k] == values[k:])
             if not len(same):
                 break
             a, b = order[same], order[same + k]
             close = np.bitwise_count(unique[a] ^ unique[b]) <= max_distance
-            pairs.update(zip(a[close].tolist(), b[close].tolist()))
-    return sorted(pairs)
+            a, b = a[close], b[close]
+            found.append(np.minimum(a, b).astype(np.int64) * n + np.maximum(a, b))
+    if not found:
+        return []
+    codes = np.unique(np.concatenate(found))  # a pair that shares several keys, once
+    return list(zip((codes // n).tolist(), (codes % n).tolist()))

@@ -239,6 +239,29 @@ def test_grouping_equals_all_pairs_union_find_numbered_by_first_row():
         assert dedup.group_near_duplicates(hashes, distance).tolist() == expected.tolist(), distance
 
 
+@pytest.mark.parametrize("matching", [1, 2, 3])
+def test_close_pairs_are_every_pair_within_the_distance_whatever_blocks_must_match(matching):
+    """However many blocks two close hashes are made to share (the folder's size picks it),
+    the pairs found are exactly those an all-pairs comparison finds."""
+    rng = np.random.default_rng(matching)
+    unique = np.unique(rng.integers(0, 2**63, 1500, dtype=np.int64).astype(np.uint64))
+    copies = unique[rng.integers(0, len(unique), 600)]
+    for _ in range(4):  # 0 to 4 bits flipped: close and not-quite-close copies
+        copies ^= (np.uint64(1) << rng.integers(0, 64, 600).astype(np.uint64)) * (rng.random(600) < 0.7)
+    unique = np.unique(np.concatenate([unique, copies]))
+    distances = np.bitwise_count(unique[:, None] ^ unique[None, :])
+    for distance in (0, 2, 4):
+        a, b = np.nonzero(np.triu(distances <= distance, k=1))
+        expected = sorted(zip(a.tolist(), b.tolist()))
+        assert dedup._close_pairs(unique, distance, matching) == expected, distance
+        assert distance == 0 or len(expected) > 100
+
+
+def test_more_blocks_must_match_as_the_folder_grows():
+    assert dedup._blocks_to_match(2_000, 4) == 1  # 13-bit blocks: a bucket holds a hash or none
+    assert dedup._blocks_to_match(10_000_000, 4) == 2  # 21-bit keys of two blocks: about 5 a bucket
+
+
 def test_split_by_group_is_pinned():
     """Same labels, groups and seed: the same split as every earlier version wrote."""
     rng = np.random.default_rng(7)
