@@ -139,10 +139,15 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
             write_model_folder(tmp, model, data.classes, data_dir, data.prepare_report, settings, summary)
             curves.wait()
     plan.barrier("the chief wrote the model folder")  # no worker leaves before the model is in place
-    if fit.interrupted or ctrl_c.pressed:  # pressed after the last batch: the model is complete, say so
-        where = f"is saved in {out_dir}" if plan.is_chief else "is saved by the chief"
+    where = f"is saved in {out_dir}" if plan.is_chief else "is saved by the chief"
+    if fit.interrupted:
         raise TrainingInterrupted(
             f"training interrupted after {summary['epochs_run']} epoch(s); the best model so far (epoch {summary['best_epoch']}) {where}"
+        )
+    if ctrl_c.pressed:  # after the last batch, as the folder was written: settings.json says not interrupted
+        raise TrainingInterrupted(
+            f"interrupted after training had finished; the complete model ({summary['epochs_run']} epoch(s), "
+            f"best epoch {summary['best_epoch']}) {where}"
         )
     return summary
 
