@@ -89,7 +89,8 @@ class TrainingCurvesBeside:
     """training_curves.png drawn by a child process (`python -m pipeline.plots`) while train
     saves and exports the model: matplotlib takes about a second and the LiteRT export two,
     each on one core, so the curves cost no wall time on a machine with a second core. Where
-    the child cannot start or fails, `wait` draws them here, as before."""
+    the child cannot start or fails, `wait` draws them here, as before. As a context manager,
+    it waits on leaving the block, or ends the child if the block failed."""
 
     def __init__(self, history: list[dict], best_epoch: int, path: Path):
         self.history, self.best_epoch, self.path = history, best_epoch, Path(path)
@@ -102,6 +103,18 @@ class TrainingCurvesBeside:
             )
         except OSError:  # no interpreter to start (a frozen build), a history too long for argv...
             self.process = None
+
+    def __enter__(self) -> TrainingCurvesBeside:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        """Waits for the curves; when the block failed, ends the child instead, so that it
+        writes nothing into a temporary folder that is being removed."""
+        if exc_type is None:
+            self.wait()
+        elif self.process is not None:
+            self.process.kill()
+            self.process.wait()
 
     def wait(self) -> None:
         if self.process is not None:

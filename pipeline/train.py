@@ -135,9 +135,8 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
         model = build_with_precision(input_shape, num_classes, "float32", pixel_stats)
         model.set_weights(weights)
         if plan.is_chief:
-            curves = plots.TrainingCurvesBeside(fit.history, fit.best_epoch, tmp / paths.CURVES_PNG)
-            write_model_folder(tmp, model, data.classes, data_dir, data.prepare_report, settings, summary)
-            curves.wait()
+            with plots.TrainingCurvesBeside(fit.history, fit.best_epoch, tmp / paths.CURVES_PNG):
+                write_model_folder(tmp, model, data.classes, data_dir, data.prepare_report, settings, summary)
     plan.barrier("the chief wrote the model folder")  # no worker leaves before the model is in place
     where = f"is saved in {out_dir}" if plan.is_chief else "is saved by the chief"
     if fit.interrupted:

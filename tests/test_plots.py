@@ -115,3 +115,10 @@ def test_curves_are_drawn_here_when_the_child_cannot_start(tmp_path):
     beside.wait()
     width, height = png_size(tmp_path / "curves.png")
     assert 800 <= width <= 1600 and 300 <= height <= 800
+
+
+def test_a_failed_save_ends_the_curves_child_before_it_writes(tmp_path):
+    with pytest.raises(RuntimeError), plots.TrainingCurvesBeside(HISTORY, 5, tmp_path / "curves.png") as beside:
+        raise RuntimeError("the export failed")  # at once: the child is still importing matplotlib
+    assert beside.process.returncode is not None  # ended, not left running
+    assert list(tmp_path.iterdir()) == []  # nothing written into the folder being removed
