@@ -162,7 +162,10 @@ def _block_bits(count: int) -> list[tuple[int, int]]:
     return [(sum(widths[:i]), width) for i, width in enumerate(widths)]
 
 
-SORT_COST = 20  # a sort of the keys, in passes of comparisons over every hash (measured order)
+# A sort of the keys against one hash's comparisons with its bucket: calibrated so that
+# r = 1 wins at 100,000 hashes (0.13 against 0.18 s of CPU) and r = 2 at 1 M (2.7 against
+# 12.9 s), medians of 3 pairs (bench/RESULTS.md); the two cross near 340,000.
+SORT_COST = 20
 
 
 def _blocks_to_match(n: int, max_distance: int) -> int:
@@ -178,8 +181,7 @@ def _blocks_to_match(n: int, max_distance: int) -> int:
         bits = r * (64 // (max_distance + r))
         return math.comb(max_distance + r, r) * (SORT_COST + n / 2.0**bits)
 
-    candidates = range(1, 64 - max_distance + 1)
-    return min(itertools.islice(candidates, 6), key=cost)
+    return min(range(1, min(6, 64 - max_distance) + 1), key=cost)  # d + r blocks of a bit at least
 
 
 def _close_pairs(unique: np.ndarray, max_distance: int, matching: int | None = None) -> list[tuple[int, int]]:

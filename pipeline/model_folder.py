@@ -59,6 +59,19 @@ def write_model_folder(
     )
 
 
+def read_history(path: Path) -> list[dict]:
+    """history.csv (Keras' CSVLogger: an `epoch` column, then the metrics) as one dict per
+    epoch; empty when no epoch finished."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    if len(lines) < 2:
+        return []
+    header = lines[0].split(",")
+    return [dict(zip(header, map(float, line.split(",")))) for line in lines[1:]]
+
+
 def export_tflite(model, path: Path) -> None:
     """The same network for the LiteRT interpreter, which predicts without importing TensorFlow."""
     model.export(str(path), format="litert", verbose=False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -88,20 +87,21 @@ CHILD_SECONDS = 120  # a child still drawing after this is stuck: the curves are
 class TrainingCurvesBeside:
     """training_curves.png drawn by a child process (`python -m pipeline.plots`) while train
     saves and exports the model: matplotlib takes about a second and the LiteRT export two,
-    each on one core, so the curves cost no wall time on a machine with a second core. Where
-    the child cannot start or fails, `wait` draws them here, as before. As a context manager,
-    it waits on leaving the block, or ends the child if the block failed."""
+    each on one core, so the curves cost no wall time on a machine with a second core. The
+    child reads the history from history.csv, already written. Where the child cannot start
+    or fails, `wait` draws them here, as before. As a context manager, it waits on leaving
+    the block, or ends the child if the block failed."""
 
-    def __init__(self, history: list[dict], best_epoch: int, path: Path):
-        self.history, self.best_epoch, self.path = history, best_epoch, Path(path)
+    def __init__(self, history_csv: Path, best_epoch: int, path: Path):
+        self.history_csv, self.best_epoch, self.path = Path(history_csv), best_epoch, Path(path)
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.plots", str(self.path), str(best_epoch), json.dumps(history)],
+                [sys.executable, "-m", "pipeline.plots", str(self.history_csv), str(best_epoch), str(self.path)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-        except OSError:  # no interpreter to start (a frozen build), a history too long for argv...
+        except OSError:  # no interpreter to start (a frozen build), no process left to start
             self.process = None
 
     def __enter__(self) -> TrainingCurvesBeside:
@@ -126,7 +126,13 @@ class TrainingCurvesBeside:
                 drawn = False
             if drawn:
                 return
-        save_training_curves(self.history, self.best_epoch, self.path)
+        _curves_from_csv(self.history_csv, self.best_epoch, self.path)
+
+
+def _curves_from_csv(history_csv: Path, best_epoch: int, path: Path) -> None:
+    from pipeline.model_folder import read_history
+
+    save_training_curves(read_history(history_csv), best_epoch, path)
 
 
 def save_lr_find(lrs: list[float], losses: list[float], smoothed: list[float], suggestion: float, path: Path) -> None:
@@ -271,5 +277,5 @@ def save_misclassified(
     return len(wrong)
 
 
-if __name__ == "__main__":  # TrainingCurvesBeside's child: PATH BEST_EPOCH HISTORY_JSON
-    save_training_curves(json.loads(sys.argv[3]), int(sys.argv[2]), Path(sys.argv[1]))
+if __name__ == "__main__":  # TrainingCurvesBeside's child: HISTORY_CSV BEST_EPOCH PNG
+    _curves_from_csv(Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]))

@@ -39,7 +39,7 @@ from pipeline import distribute, paths, plots, progress
 from pipeline.artifacts import check_out_dir
 from pipeline.data_folder import load_classes, load_prepare_report, load_split
 from pipeline.errors import PipelineError, TrainingInterrupted
-from pipeline.model_folder import write_model_folder
+from pipeline.model_folder import read_history, write_model_folder
 from pipeline.native_stderr import import_keras, import_tensorflow
 from pipeline.settings import TrainSettings
 
@@ -135,7 +135,7 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
         model = build_with_precision(input_shape, num_classes, "float32", pixel_stats)
         model.set_weights(weights)
         if plan.is_chief:
-            with plots.TrainingCurvesBeside(fit.history, fit.best_epoch, tmp / paths.CURVES_PNG):
+            with plots.TrainingCurvesBeside(tmp / paths.HISTORY_FILE, fit.best_epoch, tmp / paths.CURVES_PNG):
                 write_model_folder(tmp, model, data.classes, data_dir, data.prepare_report, settings, summary)
     plan.barrier("the chief wrote the model folder")  # no worker leaves before the model is in place
     where = f"is saved in {out_dir}" if plan.is_chief else "is saved by the chief"
@@ -258,7 +258,7 @@ def _fit_result(
 ):
     if early_stopping.best_weights is not None:
         model.set_weights(early_stopping.best_weights)
-    history = _read_history(tmp / paths.HISTORY_FILE)
+    history = read_history(tmp / paths.HISTORY_FILE)
     best = _finite(early_stopping.best) if early_stopping.best_weights is not None else None
     return FitResult(
         history=history,
@@ -419,13 +419,3 @@ def _finite(value) -> float | None:
     except (TypeError, ValueError):
         return None
     return value if math.isfinite(value) else None
-
-
-def _read_history(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    lines = path.read_text().splitlines()
-    if len(lines) < 2:
-        return []
-    header = lines[0].split(",")
-    return [dict(zip(header, map(float, line.split(",")))) for line in lines[1:]]

@@ -93,13 +93,23 @@ def test_confusion_matrix_stays_readable_with_many_classes(tmp_path):
 
 
 HISTORY = [
-    {"epoch": e, "loss": 1 / (e + 1), "accuracy": e / 6, "val_loss": 1.2 / (e + 1), "val_accuracy": e / 7}
+    {"epoch": e, "accuracy": e / 6, "loss": 1 / (e + 1), "val_accuracy": e / 7, "val_loss": 1.2 / (e + 1)}
     for e in range(6)
 ]
 
 
-def test_curves_drawn_by_a_child_process_are_the_curves_drawn_here(tmp_path):
-    beside = plots.TrainingCurvesBeside(HISTORY, 5, tmp_path / "child.png")
+@pytest.fixture
+def history_csv(tmp_path):
+    """history.csv as Keras' CSVLogger writes it, in its own folder."""
+    path = tmp_path / "history" / "history.csv"
+    path.parent.mkdir()
+    lines = [",".join(HISTORY[0])] + [",".join(str(v) for v in row.values()) for row in HISTORY]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_curves_drawn_by_a_child_process_are_the_curves_drawn_here(history_csv, tmp_path):
+    beside = plots.TrainingCurvesBeside(history_csv, 5, tmp_path / "child.png")
     beside.wait()
     assert beside.process is not None and beside.process.returncode == 0  # the child drew them
     plots.save_training_curves(HISTORY, 5, tmp_path / "here.png")
@@ -108,17 +118,22 @@ def test_curves_drawn_by_a_child_process_are_the_curves_drawn_here(tmp_path):
     assert np.array_equal(child, here)
 
 
-def test_curves_are_drawn_here_when_the_child_cannot_start(tmp_path):
-    long = [{**HISTORY[0], "epoch": e} for e in range(3000)]  # too long for one argument: E2BIG
-    beside = plots.TrainingCurvesBeside(long, 2999, tmp_path / "curves.png")
-    assert beside.process is None
+@pytest.mark.parametrize("interpreter", ["/nonexistent/python", "/bin/false"])
+def test_curves_are_drawn_here_when_the_child_cannot_start_or_fails(history_csv, tmp_path, monkeypatch, interpreter):
+    monkeypatch.setattr(plots.sys, "executable", interpreter)  # a frozen build; a child that exits 1
+    beside = plots.TrainingCurvesBeside(history_csv, 5, tmp_path / "curves.png")
+    assert (beside.process is None) == interpreter.startswith("/nonexistent")
     beside.wait()
-    width, height = png_size(tmp_path / "curves.png")
-    assert 800 <= width <= 1600 and 300 <= height <= 800
+    plots.save_training_curves(HISTORY, 5, tmp_path / "here.png")
+    assert np.array_equal(
+        np.asarray(Image.open(tmp_path / "curves.png")), np.asarray(Image.open(tmp_path / "here.png"))
+    )
 
 
-def test_a_failed_save_ends_the_curves_child_before_it_writes(tmp_path):
-    with pytest.raises(RuntimeError), plots.TrainingCurvesBeside(HISTORY, 5, tmp_path / "curves.png") as beside:
+def test_a_failed_save_ends_the_curves_child_before_it_writes(history_csv, tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    with pytest.raises(RuntimeError), plots.TrainingCurvesBeside(history_csv, 5, out / "curves.png") as beside:
         raise RuntimeError("the export failed")  # at once: the child is still importing matplotlib
     assert beside.process.returncode is not None  # ended, not left running
-    assert list(tmp_path.iterdir()) == []  # nothing written into the folder being removed
+    assert list(out.iterdir()) == []  # nothing written into the folder being removed
