@@ -26,14 +26,15 @@ def timed(run) -> tuple[float, float]:
 
 def main() -> None:
     keras = import_keras()
-    from pipeline.model import build_model, compile_model
+    from pipeline.model import PixelStats, build_model, compile_model
     from pipeline.train import batches
 
     data = Path(sys.argv[1])
     X, y = np.load(data / "X_train.npy"), np.load(data / "y_train.npy")
     classes = int(y.max()) + 1
+    stats = PixelStats.of(X)  # the network train builds: standardized by the training pixels
     for batch in map(int, sys.argv[2:]):
-        model = compile_model(build_model(X.shape[1:], classes), 1e-3)
+        model = compile_model(build_model(X.shape[1:], classes, stats), 1e-3)
         dataset, _ = batches(X, y, batch, 0, True, True)
         model.fit(dataset, steps_per_epoch=3, epochs=1, verbose=0)  # tracing
         n = 3000 // batch

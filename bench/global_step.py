@@ -12,6 +12,7 @@ prepare runs, each in a fresh process:
 
     python bench/global_step.py 1000000            # one size, every step
     python bench/global_step.py 1000000 10000000 --steps exact split
+    python bench/global_step.py 1000000 10000000 --repeats 3   # median time of 3 runs, (range)
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 STEPS = ("exact", "near", "split")
-HEADER = "| step | images | wall s (CPU s) | peak MB (tracemalloc) | found |\n|---|---:|---:|---:|---|"
+HEADER = "| step | images | wall s (CPU s) [range] | peak MB (tracemalloc) | found |\n|---|---:|---:|---:|---|"
 
 
 def synthetic(n: int, seed: int = 0) -> tuple[list[bytes], np.ndarray, np.ndarray]:
@@ -77,10 +78,11 @@ def run_step(step: str, n: int, trace: bool) -> dict:
     return {"step": step, "n": n, "seconds": seconds, "cpu": cpu, "peak_mb": peak / 2**20, "detail": detail}
 
 
-def measure(step: str, n: int, timeout: float) -> dict:
-    """Time without tracing, then peak memory with tracemalloc on (it slows Python code), each in a fresh process."""
-    found = {"step": step, "n": n}
-    for trace in (False, True):
+def measure(step: str, n: int, timeout: float, repeats: int = 1) -> dict:
+    """Time without tracing (the median of `repeats` runs), then peak memory with tracemalloc
+    on (it slows Python code), each in a fresh process."""
+    found = {"step": step, "n": n, "runs": []}
+    for trace in [False] * repeats + [True]:
         cmd = [sys.executable, __file__, "--one", step, str(n)] + (["--trace"] if trace else [])
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True).stdout
@@ -92,17 +94,21 @@ def measure(step: str, n: int, timeout: float) -> dict:
         if trace:
             found["peak_mb"] = result["peak_mb"]
         else:
-            found["seconds"], found["cpu"] = result["seconds"], result["cpu"]
+            found["runs"].append((result["seconds"], result["cpu"]))
         found["detail"] = result["detail"]
+    if found["runs"]:
+        found["seconds"], found["cpu"] = sorted(found["runs"])[len(found["runs"]) // 2]  # the median run
     return found
 
 
-def rows(sizes: list[int], steps: list[str], timeout: float) -> list[str]:
+def rows(sizes: list[int], steps: list[str], timeout: float, repeats: int = 1) -> list[str]:
     lines = []
     for n in sizes:
         for step in steps:
-            r = measure(step, n, timeout)
+            r = measure(step, n, timeout, repeats)
             seconds = f"{r['seconds']:.1f} ({r['cpu']:.1f})" if r.get("seconds") is not None else "-"
+            if len(r["runs"]) > 1:
+                seconds += f" [{min(t for t, _ in r['runs']):.1f}-{max(t for t, _ in r['runs']):.1f}]"
             peak = f"{r['peak_mb']:.0f}" if r.get("peak_mb") is not None else "-"
             line = f"| {step} | {n:,} | {seconds} | {peak} | {r.get('detail', '')} {r.get('note', '')} |"
             print(line, flush=True)
@@ -115,6 +121,7 @@ def main() -> None:
     p.add_argument("sizes", type=int, nargs="*", default=[1_000_000, 10_000_000])
     p.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
     p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--repeats", type=int, default=1, help="timed runs of each step; the median is reported")
     p.add_argument("--one", nargs=2, metavar=("STEP", "N"), help=argparse.SUPPRESS)
     p.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -122,7 +129,7 @@ def main() -> None:
         print(json.dumps(run_step(a.one[0], int(a.one[1]), a.trace)))
         return
     print(HEADER)
-    rows(a.sizes, a.steps, a.timeout)
+    rows(a.sizes, a.steps, a.timeout, a.repeats)
 
 
 if __name__ == "__main__":

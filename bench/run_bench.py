@@ -422,7 +422,7 @@ def main() -> None:
     if "cluster" in sections:  # the cluster's overhead on this machine, and the client's global step at scale
         cluster_rows = dask_bench.compare(photos(n), 64, 0, repeats)
         sizes = [100_000, 1_000_000] if a.quick else [1_000_000, 10_000_000]
-        global_rows = global_step.rows(sizes, list(global_step.STEPS), timeout=900)
+        global_rows = global_step.rows(sizes, list(global_step.STEPS), timeout=900, repeats=repeats)
     command = "make bench" if not (a.quick or a.only) else "python bench/run_bench.py " + " ".join(sys.argv[1:])
     table = "\n".join(
         [
@@ -451,8 +451,9 @@ def main() -> None:
                 "`python bench/dask_bench.py FOLDER`: a 2-worker LocalCluster on this machine (overhead, not speed-up).\n",
                 dask_bench.HEADER,
                 *cluster_rows,
-                "\n`python bench/global_step.py 1000000 10000000`: the client's steps on synthetic hashes",
-                "(1% exact and 5% near copies planted); `-`: stopped after 900 s.\n",
+                f"\n`python bench/global_step.py 1000000 10000000 --repeats {repeats}`: the client's steps on",
+                "synthetic hashes (1% exact and 5% near copies planted), the median run's time and the range;",
+                "`-`: stopped after 900 s.\n",
                 global_step.HEADER,
                 *global_rows,
             ]
