@@ -202,7 +202,10 @@ def train(
     ] = Schedule[TRAIN.schedule],
     class_weight: Annotated[
         ClassWeight,
-        typer.Option(help="balanced: weigh each class by the inverse of its training count (imbalanced folders)."),
+        typer.Option(
+            help="balanced: weigh each class by the inverse of its training count, in the second half of the "
+            "epochs (imbalanced folders)."
+        ),
     ] = ClassWeight[TRAIN.class_weight],
     seed: Annotated[int, typer.Option(help="Seed for weights and shuffling.")] = TRAIN.seed,
     patience: Annotated[

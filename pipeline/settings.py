@@ -59,7 +59,7 @@ class TrainSettings:
     learning_rate: float | None = None  # Adam's peak rate (top of the one-cycle); None: PEAK_RATE scaled to the batch
     schedule: str = "one-cycle"  # one-cycle: warm-up to the peak, cosine decay over the epochs; or constant
     warmup: float = 0.25  # share of the steps spent warming up to the peak (one-cycle)
-    class_weight: str = "none"  # balanced: each class weighted by n / (classes * its training count)
+    class_weight: str = "none"  # balanced: each class weighted by n / (classes * its training count), second half
     tensorboard: bool = False  # write TensorBoard logs to the model folder
     precision: str = "auto"  # auto: mixed float16 on one GPU, mixed bfloat16 on CPUs with native bf16, else float32
     in_memory_mb: int = -1  # arrays up to this size train from memory via tf.data; -1: half the free memory

@@ -52,11 +52,21 @@ def epoch_rows(share: int, length: int, seed: int, worker: int, epoch: int) -> n
 
 
 def fit_replicated(
-    model, data, settings, plan, callbacks, ctrl_c, in_memory_bytes: int, has_val: bool, class_weights=None
+    model,
+    data,
+    settings,
+    plan,
+    callbacks,
+    ctrl_c,
+    in_memory_bytes: int,
+    has_val: bool,
+    class_weights=None,
+    weighted_from: int = 0,
 ):
     """Train like `model.fit`, under `plan.strategy`; returns True when a signal on any worker stopped it.
-    `class_weights` (one per class, or None) weigh each example's loss as fit's `class_weight` does:
-    the weighted sum over the global batch, divided by the global batch."""
+    `class_weights` (one per class, or None) weigh each example's loss from epoch `weighted_from`
+    (0-based) on, as fit's path does: the weighted sum over the global batch, divided by the
+    global batch."""
     keras = import_keras()
     tf = import_tensorflow()
     strategy = plan.strategy
@@ -94,13 +104,14 @@ def fit_replicated(
         with strategy.scope():  # variable-creating trace failed under MirroredStrategy
             optimizer.build(model.trainable_variables)
 
-    def replica_step(batch, stop_flag):
+    def replica_step(batch, stop_flag, weights_on):
         images, labels = batch
         with tf.GradientTape() as tape:
             probabilities = model(images, training=True)
             per_example = loss_fn(labels, probabilities)
-            if weight_table is not None:  # as fit turns class_weight into per-example weights
-                per_example = per_example * tf.cast(tf.gather(weight_table, labels), per_example.dtype)
+            if weight_table is not None:  # per-example weights, as train.with_class_weights gives fit
+                weight = 1.0 + weights_on * (tf.gather(weight_table, labels) - 1.0)
+                per_example = per_example * tf.cast(weight, per_example.dtype)
             loss = tf.reduce_sum(per_example) / global_batch
             if model.losses:
                 loss += tf.add_n(model.losses) / replicas
@@ -119,8 +130,8 @@ def fit_replicated(
         return tf.distribute.get_replica_context().all_reduce("SUM", stats)
 
     @tf.function
-    def train_step(iterator, stop_flag):
-        per_replica_stats = strategy.run(replica_step, args=(next(iterator), stop_flag))
+    def train_step(iterator, stop_flag, weights_on):
+        per_replica_stats = strategy.run(replica_step, args=(next(iterator), stop_flag, weights_on))
         return strategy.experimental_local_results(per_replica_stats)[0]
 
     @tf.function
@@ -143,10 +154,13 @@ def fit_replicated(
         for epoch in range(settings.epochs):
             callback_list.on_epoch_begin(epoch)
             totals, whole = np.zeros(3), True
+            weights_on = tf.constant(1.0 if epoch >= weighted_from else 0.0)
             for step in range(steps):
                 callback_list.on_train_batch_begin(step)
                 flag = tf.constant(1.0 if ctrl_c.pressed else 0.0)
-                stats = _collective(lambda f=flag: train_step(iterator, f).numpy(), f"training epoch {epoch + 1}")
+                stats = _collective(
+                    lambda f=flag, w=weights_on: train_step(iterator, f, w).numpy(), f"training epoch {epoch + 1}"
+                )
                 totals += stats[:3]
                 logs = {"loss": float(totals[0] / totals[2]), "accuracy": float(totals[1] / totals[2])}
                 callback_list.on_train_batch_end(step, logs)

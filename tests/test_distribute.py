@@ -352,6 +352,7 @@ def test_class_weights_reach_the_loss_of_the_custom_step(trained, tmp_path):
     expected = {name: round(counts.sum() / (3 * count), 6) for name, count in zip(classes, counts)}
     assert weighted["class_weights"] == pytest.approx(expected) and expected[classes[0]] > 2
     assert plain["class_weights"] is None and weighted["strategy"] == "mirrored"
+    assert weighted["class_weights_from_epoch"] == 1  # one epoch: weighted throughout
 
     def first_loss(model_dir: Path) -> float:
         header, first = (line.split(",") for line in (model_dir / "history.csv").read_text().splitlines()[:2])

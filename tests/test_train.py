@@ -81,15 +81,21 @@ def test_the_peak_rate_follows_the_square_root_of_the_batch():
     assert TrainSettings(batch_size=64, learning_rate=0.01).peak_learning_rate() == 0.01
 
 
-def test_class_weight_balanced_comes_from_the_training_counts(tmp_path):
+def test_class_weight_balanced_comes_from_the_training_counts_and_weighs_the_second_half(tmp_path):
+    """The weights are n / (classes x count) of the training split, recorded; they weigh the
+    loss from the second half of the epochs on (deferred re-weighting): the first epoch's
+    loss is the unweighted run's, the second's is not."""
     from tests.conftest import write_image_folder
 
     images = write_image_folder(tmp_path / "images", per_class=6, classes=("cat", "dog"))
     write_image_folder(tmp_path / "images", per_class=24, classes=("fox",), seed=1)
-    data, model = tmp_path / "data", tmp_path / "model"
+    data = tmp_path / "data"
     run_cli("prepare", images, "--out", data, "--size", "12", "--augment", "0", "-q")
-    run_cli("train", "--data", data, "--out", model, "--epochs", "1", "--class-weight", "balanced", "-q")
-    settings = json.loads((model / "settings.json").read_text())
+    for weighting in ("balanced", "none"):
+        run_cli(
+            "train", "--data", data, "--out", tmp_path / weighting, "--epochs", "2", "--class-weight", weighting, "-q"
+        )
+    settings = json.loads((tmp_path / "balanced" / "settings.json").read_text())
     counts = np.bincount(np.load(data / "y_train.npy"), minlength=3)
     expected = counts.sum() / (3 * counts)
     assert settings["train"]["class_weight"] == "balanced"
@@ -97,11 +103,21 @@ def test_class_weight_balanced_comes_from_the_training_counts(tmp_path):
     assert list(weights) == ["cat", "dog", "fox"]
     assert np.allclose(list(weights.values()), expected, rtol=1e-5)
     assert weights["cat"] > 1 > weights["fox"]
+    assert settings["summary"]["class_weights_from_epoch"] == 2
+
+    def losses(model_dir):
+        header, *rows = (line.split(",") for line in (model_dir / "history.csv").read_text().splitlines())
+        return [float(row[header.index("loss")]) for row in rows]
+
+    weighted, plain = losses(tmp_path / "balanced"), losses(tmp_path / "none")
+    assert weighted[0] == pytest.approx(plain[0], rel=1e-5)
+    assert weighted[1] != pytest.approx(plain[1], rel=1e-3)
 
 
 def test_no_class_weight_by_default(trained):
     settings = json.loads((trained["model"] / "settings.json").read_text())
     assert settings["train"]["class_weight"] == "none" and settings["summary"]["class_weights"] is None
+    assert settings["summary"]["class_weights_from_epoch"] is None
 
 
 def test_find_lr_plots_and_prints_a_suggestion_and_writes_no_model(trained, tmp_path):
