@@ -136,10 +136,21 @@ def fit_replicated(
 
     @tf.function
     def val_step(images, labels):
+        """(loss sum, correct, examples, weight sum): with class weights, every epoch's loss and
+        accuracy weighted as fit's path weighs them (the loss over the examples, the accuracy
+        over the weights)."""
         probabilities = model(images, training=False)
-        loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(labels, probabilities))
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probabilities, -1), labels), tf.float32))
-        return tf.stack([tf.cast(loss, tf.float32), correct, tf.cast(tf.size(labels), tf.float32)])
+        per_example = tf.cast(keras.losses.sparse_categorical_crossentropy(labels, probabilities), tf.float32)
+        weight = tf.ones_like(per_example) if weight_table is None else tf.gather(weight_table, labels)
+        correct = tf.cast(tf.equal(tf.argmax(probabilities, -1), labels), tf.float32)
+        return tf.stack(
+            [
+                tf.reduce_sum(per_example * weight),
+                tf.reduce_sum(correct * weight),
+                tf.cast(tf.size(labels), tf.float32),
+                tf.reduce_sum(weight),
+            ]
+        )
 
     val_start, val_stop = shard_bounds(len(data.X_val), workers, plan.rank)
     X_val, y_val = data.X_val[val_start:val_stop], data.y_val[val_start:val_stop]
@@ -172,15 +183,15 @@ def fit_replicated(
             if not whole:
                 break  # an unfinished epoch is left out of the history, as fit leaves it
             if has_val:
-                sums = np.zeros(4)
+                sums = np.zeros(5)
                 for images, labels in _val_batches(X_val, y_val, settings.batch_size):
-                    sums[:3] += val_step(tf.constant(images), tf.constant(labels)).numpy()
-                sums[3] = 1.0 if ctrl_c.pressed else 0.0
+                    sums[:4] += val_step(tf.constant(images), tf.constant(labels)).numpy()
+                sums[4] = 1.0 if ctrl_c.pressed else 0.0
                 sums = _collective(
                     lambda s=sums: sum_across_workers(strategy, s, local), f"validating epoch {epoch + 1}"
                 )
-                signalled = signalled or bool(sums[3] > 0)
-                logs = {**logs, "val_loss": float(sums[0] / sums[2]), "val_accuracy": float(sums[1] / sums[2])}
+                signalled = signalled or bool(sums[4] > 0)
+                logs = {**logs, "val_loss": float(sums[0] / sums[2]), "val_accuracy": float(sums[1] / sums[3])}
             callback_list.on_epoch_end(epoch, logs)
             if signalled or model.stop_training:
                 break

@@ -83,8 +83,9 @@ def test_the_peak_rate_follows_the_square_root_of_the_batch():
 
 def test_class_weight_balanced_comes_from_the_training_counts_and_weighs_the_second_half(tmp_path):
     """The weights are n / (classes x count) of the training split, recorded; they weigh the
-    loss from the second half of the epochs on (deferred re-weighting): the first epoch's
-    loss is the unweighted run's, the second's is not."""
+    training loss from the second half of the epochs on (deferred re-weighting): the first
+    epoch's loss is the unweighted run's, the second's is not. The validation loss that picks
+    the best epoch is weighted from the first epoch on: the same weights, another val_loss."""
     from tests.conftest import write_image_folder
 
     images = write_image_folder(tmp_path / "images", per_class=6, classes=("cat", "dog"))
@@ -105,13 +106,15 @@ def test_class_weight_balanced_comes_from_the_training_counts_and_weighs_the_sec
     assert weights["cat"] > 1 > weights["fox"]
     assert settings["summary"]["class_weights_from_epoch"] == 2
 
-    def losses(model_dir):
+    def losses(model_dir, column="loss"):
         header, *rows = (line.split(",") for line in (model_dir / "history.csv").read_text().splitlines())
-        return [float(row[header.index("loss")]) for row in rows]
+        return [float(row[header.index(column)]) for row in rows]
 
     weighted, plain = losses(tmp_path / "balanced"), losses(tmp_path / "none")
     assert weighted[0] == pytest.approx(plain[0], rel=1e-5)
     assert weighted[1] != pytest.approx(plain[1], rel=1e-3)
+    weighted_val, plain_val = losses(tmp_path / "balanced", "val_loss"), losses(tmp_path / "none", "val_loss")
+    assert weighted_val[0] != pytest.approx(plain_val[0], rel=1e-3)
 
 
 def test_no_class_weight_by_default(trained):
