@@ -67,7 +67,6 @@ class FitResult:
     interrupted: bool
     loop: dict = field(default_factory=dict)  # the custom loop's global batch and steps; empty under fit
     class_weights: dict[str, float] | None = None  # by class name, as fit weighted the loss (--class-weight)
-    class_weights_from_epoch: int | None = None  # 1-based: the first epoch the weights weighed
 
 
 def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
@@ -121,7 +120,7 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
             "precision": precision,
             "input": "memory (tf.data)" if in_memory else "memory-mapped batches",
             "class_weights": fit.class_weights,
-            "class_weights_from_epoch": fit.class_weights_from_epoch,
+            "class_weights_from_epoch": class_weights_from_epoch(settings.epochs) + 1 if fit.class_weights else None,
             "pixel_mean": pixel_stats.mean,
             "pixel_variance": pixel_stats.variance,
             **plan.describe(),
@@ -204,7 +203,7 @@ def fit_model(
         if interrupted and early_stopping.best_weights is None:  # no epoch finished: nothing to keep
             raise KeyboardInterrupt
         seconds = time.perf_counter() - started
-        return _fit_result(model, early_stopping, monitor, tmp, seconds, interrupted, loop, by_name, weighted_from)
+        return _fit_result(model, early_stopping, monitor, tmp, seconds, interrupted, loop, by_name)
     callbacks.append(
         keras.callbacks.LambdaCallback(
             on_train_begin=ctrl_c.check, on_train_batch_end=ctrl_c.check, on_test_batch_end=ctrl_c.check
@@ -242,7 +241,7 @@ def fit_model(
             raise  # the temporary folder goes, the CLI says so and exits 130
     interrupted = interrupted or ctrl_c.pressed  # pressed as fit ended, and swallowed
     seconds = time.perf_counter() - started
-    return _fit_result(model, early_stopping, monitor, tmp, seconds, interrupted, None, by_name, weighted_from)
+    return _fit_result(model, early_stopping, monitor, tmp, seconds, interrupted, None, by_name)
 
 
 def _build_state_before_tracing(model, X, y) -> None:
@@ -264,7 +263,6 @@ def _fit_result(
     interrupted: bool,
     loop: dict | None,
     class_weights_by_name: dict[str, float] | None,
-    weighted_from: int,
 ):
     if early_stopping.best_weights is not None:
         model.set_weights(early_stopping.best_weights)
@@ -279,7 +277,6 @@ def _fit_result(
         interrupted=interrupted,
         loop=loop or {},
         class_weights=class_weights_by_name,
-        class_weights_from_epoch=weighted_from + 1 if class_weights_by_name is not None else None,
     )
 
 
@@ -308,14 +305,15 @@ def class_weights_from_epoch(epochs: int) -> int:
     loss that picks the best epoch is weighted in every epoch. Weighted from the first
     step, the short one-cycle budget spent its high-rate epochs on the rare classes' heavy,
     noisy examples: on the letters with three classes cut to a tenth, 6 epochs, macro F1 fell
-    from 0.81-0.85 unweighted to 0.74-0.75; deferred, it rose to 0.85-0.86 (bench/RESULTS.md)."""
+    from 0.81-0.85 unweighted to 0.74-0.75; deferred, it was 0.84-0.86 (bench/RESULTS.md)."""
     return epochs // 2
 
 
-def with_class_weights(train_batches, weights: np.ndarray, from_step: int):
-    """(images, labels, per-example weights): each example's class weight from global step
-    `from_step` on, 1 before. By the batch's position, not a flag set by a callback, so what
-    prefetching has read ahead cannot get the other weights."""
+def with_class_weights(dataset, weights: np.ndarray, from_step: int):
+    """`dataset`'s (images, labels) batches as (images, labels, per-example weights): each
+    example's class weight from batch `from_step` on (0: every batch), 1 before. By the
+    batch's position, not a flag set by a callback, so what prefetching has read ahead
+    cannot get the other weights."""
     tf = import_tensorflow()
     table = tf.constant(np.asarray(weights, dtype=np.float32))
 
@@ -324,7 +322,7 @@ def with_class_weights(train_batches, weights: np.ndarray, from_step: int):
         weight = tf.gather(table, labels)
         return images, labels, tf.where(step >= from_step, weight, tf.ones_like(weight))
 
-    return train_batches.enumerate().map(add_weights)
+    return dataset.enumerate().map(add_weights)
 
 
 class _CtrlC:

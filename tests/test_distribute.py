@@ -23,6 +23,7 @@ import pytest
 from pipeline import distribute
 from pipeline.distribute import Cluster, auto_precision, choose_strategy, lost_peer_message, read_cluster
 from pipeline.errors import PipelineError
+from pipeline.model_folder import read_history
 from pipeline.train_loop import epoch_rows, shard_bounds, steps_per_epoch
 from tests.conftest import run_cli, snapshot
 
@@ -355,8 +356,7 @@ def test_class_weights_reach_the_loss_of_the_custom_step(trained, tmp_path):
     assert weighted["class_weights_from_epoch"] == 1  # one epoch: weighted throughout
 
     def first_loss(model_dir: Path) -> float:
-        header, first = (line.split(",") for line in (model_dir / "history.csv").read_text().splitlines()[:2])
-        return float(first[header.index("loss")])
+        return read_history(model_dir / "history.csv")[0]["loss"]
 
     assert first_loss(tmp_path / "weighted") != pytest.approx(first_loss(tmp_path / "plain"), rel=1e-4)
 

@@ -86,6 +86,7 @@ def test_class_weight_balanced_comes_from_the_training_counts_and_weighs_the_sec
     training loss from the second half of the epochs on (deferred re-weighting): the first
     epoch's loss is the unweighted run's, the second's is not. The validation loss that picks
     the best epoch is weighted from the first epoch on: the same weights, another val_loss."""
+    from pipeline.model_folder import read_history
     from tests.conftest import write_image_folder
 
     images = write_image_folder(tmp_path / "images", per_class=6, classes=("cat", "dog"))
@@ -107,8 +108,7 @@ def test_class_weight_balanced_comes_from_the_training_counts_and_weighs_the_sec
     assert settings["summary"]["class_weights_from_epoch"] == 2
 
     def losses(model_dir, column="loss"):
-        header, *rows = (line.split(",") for line in (model_dir / "history.csv").read_text().splitlines())
-        return [float(row[header.index(column)]) for row in rows]
+        return [row[column] for row in read_history(model_dir / "history.csv")]
 
     weighted, plain = losses(tmp_path / "balanced"), losses(tmp_path / "none")
     assert weighted[0] == pytest.approx(plain[0], rel=1e-5)
