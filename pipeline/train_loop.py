@@ -109,6 +109,7 @@ def fit_replicated(
         with tf.GradientTape() as tape:
             probabilities = model(images, training=True)
             per_example = loss_fn(labels, probabilities)
+            weight = tf.ones_like(labels, dtype=tf.float32)
             if weight_table is not None:  # per-example weights, as train.with_class_weights gives fit
                 weight = 1.0 + weights_on * (tf.gather(weight_table, labels) - 1.0)
                 per_example = per_example * tf.cast(weight, per_example.dtype)
@@ -118,12 +119,13 @@ def fit_replicated(
             scaled = optimizer.scale_loss(loss)  # LossScaleOptimizer under mixed float16; else as is
         gradients = tape.gradient(scaled, model.trainable_variables)
         optimizer.apply(gradients, model.trainable_variables)  # all-reduces (sums) the gradients
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probabilities, -1), labels), tf.float32))
-        stats = tf.stack(
+        correct = tf.cast(tf.equal(tf.argmax(probabilities, -1), labels), tf.float32)
+        stats = tf.stack(  # the accuracy weighted as fit weighs its metrics: over the weights
             [
                 tf.reduce_sum(tf.cast(per_example, tf.float32)),
-                correct,
+                tf.reduce_sum(correct * weight),
                 tf.cast(tf.size(labels), tf.float32),
+                tf.reduce_sum(weight),
                 stop_flag / local,
             ]
         )
@@ -164,7 +166,7 @@ def fit_replicated(
         callback_list.on_train_begin()
         for epoch in range(settings.epochs):
             callback_list.on_epoch_begin(epoch)
-            totals, whole = np.zeros(3), True
+            totals, whole = np.zeros(4), True
             weights_on = tf.constant(1.0 if epoch >= weighted_from else 0.0)
             for step in range(steps):
                 callback_list.on_train_batch_begin(step)
@@ -172,10 +174,10 @@ def fit_replicated(
                 stats = _collective(
                     lambda f=flag, w=weights_on: train_step(iterator, f, w).numpy(), f"training epoch {epoch + 1}"
                 )
-                totals += stats[:3]
-                logs = {"loss": float(totals[0] / totals[2]), "accuracy": float(totals[1] / totals[2])}
+                totals += stats[:4]
+                logs = {"loss": float(totals[0] / totals[2]), "accuracy": float(totals[1] / totals[3])}
                 callback_list.on_train_batch_end(step, logs)
-                if stats[3] > 0:  # a signal on some worker: every worker stops after this same step
+                if stats[4] > 0:  # a signal on some worker: every worker stops after this same step
                     signalled, whole = True, step == steps - 1
                     break
                 if model.stop_training:  # TerminateOnNaN: the loss is global, so every worker agrees
