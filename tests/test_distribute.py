@@ -337,9 +337,11 @@ def test_mirrored_strategy_on_two_devices_trains_through_the_custom_step(trained
     assert json.loads(result.stdout)["accuracy"] > 0.6
 
 
-def test_class_weights_reach_the_loss_of_the_custom_step(trained, tmp_path):
+def test_class_weights_reach_the_loss_of_the_custom_step_from_the_second_half(trained, tmp_path):
     """--class-weight balanced with two replicas: the weights from the training split's counts
-    are recorded, and they weigh the loss (the same run unweighted, same seed, has another)."""
+    are recorded, and they weigh the training loss from the second of two epochs on (the first
+    epoch's loss is the unweighted run's, same seed; the second's is not), while the
+    validation loss that picks the best epoch is weighted in both."""
     data = Path(shutil.copytree(trained["data"], tmp_path / "data"))
     y = np.load(data / "y_train.npy")
     keep = np.flatnonzero((y != 0) | (np.cumsum(y == 0) <= 3))  # class 0 cut to 3 training images
@@ -347,18 +349,19 @@ def test_class_weights_reach_the_loss_of_the_custom_step(trained, tmp_path):
     np.save(data / "y_train.npy", y[keep])
     counts = np.bincount(y[keep], minlength=3)
 
-    weighted = two_logical_cpus(data, tmp_path / "weighted", 1, "balanced")
-    plain = two_logical_cpus(data, tmp_path / "plain", 1, "none")
+    weighted = two_logical_cpus(data, tmp_path / "weighted", 2, "balanced")
+    plain = two_logical_cpus(data, tmp_path / "plain", 2, "none")
     classes = json.loads((data / "classes.json").read_text())
     expected = {name: round(counts.sum() / (3 * count), 6) for name, count in zip(classes, counts)}
     assert weighted["class_weights"] == pytest.approx(expected) and expected[classes[0]] > 2
     assert plain["class_weights"] is None and weighted["strategy"] == "mirrored"
-    assert weighted["class_weights_from_epoch"] == 1  # one epoch: weighted throughout
+    assert weighted["class_weights_from_epoch"] == 2
 
-    def first_loss(model_dir: Path) -> float:
-        return read_history(model_dir / "history.csv")[0]["loss"]
-
-    assert first_loss(tmp_path / "weighted") != pytest.approx(first_loss(tmp_path / "plain"), rel=1e-4)
+    weighted_history = read_history(tmp_path / "weighted" / "history.csv")
+    plain_history = read_history(tmp_path / "plain" / "history.csv")
+    assert weighted_history[0]["loss"] == pytest.approx(plain_history[0]["loss"], rel=1e-5)
+    assert weighted_history[1]["loss"] != pytest.approx(plain_history[1]["loss"], rel=1e-4)
+    assert weighted_history[0]["val_loss"] != pytest.approx(plain_history[0]["val_loss"], rel=1e-4)
 
 
 def test_find_lr_under_tf_config_sweeps_on_the_chief_alone(trained, tmp_path):
