@@ -314,15 +314,21 @@ def with_class_weights(dataset, weights: np.ndarray, from_step: int):
     example's class weight from batch `from_step` on (0: every batch), 1 before. By the
     batch's position, not a flag set by a callback, so what prefetching has read ahead
     cannot get the other weights."""
-    tf = import_tensorflow()
-    table = tf.constant(np.asarray(weights, dtype=np.float32))
+    table = import_tensorflow().constant(np.asarray(weights, dtype=np.float32))
 
     def add_weights(step, batch):
         images, labels = batch
-        weight = tf.gather(table, labels)
-        return images, labels, tf.where(step >= from_step, weight, tf.ones_like(weight))
+        return images, labels, example_weights(table, labels, step >= from_step)
 
     return dataset.enumerate().map(add_weights)
+
+
+def example_weights(table, labels, weighted):
+    """Each example's class weight from `table` where `weighted` (a boolean tensor) holds, 1
+    where it does not: what fit's batches carry and what the custom step weighs its loss by."""
+    tf = import_tensorflow()
+    weight = tf.gather(table, labels)
+    return tf.where(weighted, weight, tf.ones_like(weight))
 
 
 class _CtrlC:

@@ -31,7 +31,7 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.native_stderr import import_keras, import_tensorflow
-from pipeline.train import row_gatherer
+from pipeline.train import example_weights, row_gatherer
 
 
 def shard_bounds(n_rows: int, shards: int, index: int) -> tuple[int, int]:
@@ -111,7 +111,7 @@ def fit_replicated(
             per_example = loss_fn(labels, probabilities)
             weight = tf.ones_like(labels, dtype=tf.float32)
             if weight_table is not None:  # per-example weights, as train.with_class_weights gives fit
-                weight = 1.0 + weights_on * (tf.gather(weight_table, labels) - 1.0)
+                weight = example_weights(weight_table, labels, weights_on)
                 per_example = per_example * tf.cast(weight, per_example.dtype)
             loss = tf.reduce_sum(per_example) / global_batch
             if model.losses:
@@ -143,7 +143,7 @@ def fit_replicated(
         over the weights)."""
         probabilities = model(images, training=False)
         per_example = tf.cast(keras.losses.sparse_categorical_crossentropy(labels, probabilities), tf.float32)
-        weight = tf.ones_like(per_example) if weight_table is None else tf.gather(weight_table, labels)
+        weight = tf.ones_like(per_example) if weight_table is None else example_weights(weight_table, labels, True)
         correct = tf.cast(tf.equal(tf.argmax(probabilities, -1), labels), tf.float32)
         return tf.stack(
             [
@@ -167,7 +167,7 @@ def fit_replicated(
         for epoch in range(settings.epochs):
             callback_list.on_epoch_begin(epoch)
             totals, whole = np.zeros(4), True
-            weights_on = tf.constant(1.0 if epoch >= weighted_from else 0.0)
+            weights_on = tf.constant(epoch >= weighted_from)
             for step in range(steps):
                 callback_list.on_train_batch_begin(step)
                 flag = tf.constant(1.0 if ctrl_c.pressed else 0.0)
