@@ -178,8 +178,16 @@ def fit_model(
 
     has_val = len(data.X_val) > 0
     monitor = "val_loss" if has_val else "loss"
+    weights = class_weights(data.y_train, len(data.classes)) if settings.class_weight == "balanced" else None
+    by_name = dict(zip(data.classes, map(float, weights))) if weights is not None else None
+    weighted_from = class_weights_from_epoch(settings.epochs)
     early_stopping = keras.callbacks.EarlyStopping(
-        monitor=monitor, patience=settings.patience, restore_best_weights=True
+        monitor=monitor,
+        patience=settings.patience,
+        restore_best_weights=True,
+        # class weights: neither stopped nor the best kept before the weights weigh the loss,
+        # or a run could end, or be restored to an epoch, that the weights never reached
+        start_from_epoch=weighted_from if weights is not None else 0,
     )
     callbacks = [
         early_stopping,
@@ -189,9 +197,6 @@ def fit_model(
     ]
     if settings.tensorboard:
         callbacks.append(EpochScalars(tmp / paths.TENSORBOARD_DIR))
-    weights = class_weights(data.y_train, len(data.classes)) if settings.class_weight == "balanced" else None
-    by_name = dict(zip(data.classes, map(float, weights))) if weights is not None else None
-    weighted_from = class_weights_from_epoch(settings.epochs)
     if plan is not None and plan.custom_loop:
         from pipeline.train_loop import fit_replicated
 
@@ -302,9 +307,9 @@ def class_weights(y_train: np.ndarray, num_classes: int) -> np.ndarray:
 def class_weights_from_epoch(epochs: int) -> int:
     """The 0-based epoch from which the class weights weigh the training loss: the second half
     of the budget (deferred re-weighting, as in Cao et al. 2019, "LDAM-DRW"); the validation
-    loss that picks the best epoch is weighted in every epoch. Weighted from the first
-    step, the short one-cycle budget spent its high-rate epochs on the rare classes' heavy,
-    noisy examples: on the letters with three classes cut to a tenth, 6 epochs, macro F1 fell
+    loss that picks the best epoch is weighted in every epoch, and early stopping starts
+    watching it at this epoch. Weighted from the first step, the short one-cycle budget spent
+    its high-rate epochs on the rare classes' heavy, noisy examples: on the letters with three classes cut to a tenth, 6 epochs, macro F1 fell
     from 0.81-0.85 unweighted to 0.74-0.75; deferred, it was 0.84-0.86 (bench/RESULTS.md)."""
     return epochs // 2
 

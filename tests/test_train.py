@@ -117,6 +117,21 @@ def test_class_weight_balanced_comes_from_the_training_counts_and_weighs_the_sec
     assert weighted_val[0] != pytest.approx(plain_val[0], rel=1e-3)
 
 
+def test_early_stopping_waits_for_the_class_weights(trained, tmp_path):
+    """A plateau before the weights begin must not end a --class-weight run, nor restore an
+    epoch the weights never reached. At a rate of 1e-12 the validation loss is flat from the
+    first epoch: with patience 1 the run stopped after epoch 2 of 6, unweighted, while
+    settings.json said the weights begin at epoch 4."""
+    model = tmp_path / "model"
+    run_cli(
+        "train", "--data", trained["data"], "--out", model, "--epochs", "6", "--patience", "1",
+        "--learning-rate", "1e-12", "--class-weight", "balanced", "-q",
+    )  # fmt: skip
+    summary = json.loads((model / "settings.json").read_text())["summary"]
+    assert summary["class_weights_from_epoch"] == 4
+    assert summary["best_epoch"] == 4 and summary["epochs_run"] == 5  # first weighted epoch, then patience
+
+
 def test_no_class_weight_by_default(trained):
     settings = json.loads((trained["model"] / "settings.json").read_text())
     assert settings["train"]["class_weight"] == "none" and settings["summary"]["class_weights"] is None
