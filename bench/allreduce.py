@@ -13,8 +13,8 @@ import statistics
 import sys
 import time
 
-from pipeline import distribute
-from pipeline.native_stderr import import_tensorflow
+from pipeline.core.native_stderr import import_tensorflow
+from pipeline.training import distribute
 
 SIZES = {"metrics (4 floats)": 4, "gradients (1,250,858 floats, 4.8 MB)": 1_250_858}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.native_stderr import import_keras
+from pipeline.core.native_stderr import import_keras
 
 
 def timed(run) -> tuple[float, float]:
@@ -26,8 +26,8 @@ def timed(run) -> tuple[float, float]:
 
 def main() -> None:
     keras = import_keras()
-    from pipeline.model import PixelStats, build_model, compile_model
-    from pipeline.train import batches
+    from pipeline.training.batches import batches
+    from pipeline.training.model import PixelStats, build_model, compile_model
 
     data = Path(sys.argv[1])
     X, y = np.load(data / "X_train.npy"), np.load(data / "y_train.npy")

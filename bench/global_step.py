@@ -55,7 +55,7 @@ def synthetic(n: int, seed: int = 0) -> tuple[list[bytes], np.ndarray, np.ndarra
 
 
 def run_step(step: str, n: int, trace: bool) -> dict:
-    from pipeline import dedup, splits
+    from pipeline.data import dedup, splits
 
     digests, hashes, labels = synthetic(n)
     groups = np.arange(n) if step == "split" else None

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from global_step import synthetic  # noqa: E402
 
-from pipeline import dedup  # noqa: E402
+from pipeline.data import dedup  # noqa: E402
 
 
 def main() -> None:

@@ -36,9 +36,10 @@ def mark(name: str) -> None:
 import argparse  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from pipeline import model_folder, plots  # noqa: E402
 from pipeline import train as train_module  # noqa: E402
-from pipeline.settings import TrainSettings  # noqa: E402
+from pipeline.core.settings import TrainSettings  # noqa: E402
+from pipeline.inference import model_folder  # noqa: E402
+from pipeline.report import plots  # noqa: E402
 
 mark("import pipeline (no TensorFlow)")
 
@@ -65,7 +66,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=TrainSettings().batch_size)
     a = p.parse_args()
 
-    from pipeline.native_stderr import import_keras
+    from pipeline.core.native_stderr import import_keras
 
     keras = import_keras()
     mark("import TensorFlow and Keras")

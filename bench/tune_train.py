@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.native_stderr import import_keras
-from pipeline.settings import TrainSettings
+from pipeline.core.native_stderr import import_keras
+from pipeline.core.settings import TrainSettings
 from pipeline.train import train_model
 
 

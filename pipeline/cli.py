@@ -7,6 +7,7 @@ ends with one line on stderr and exit code 1 (130 for Ctrl-C), never a traceback
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -17,13 +18,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 from typer.core import TyperGroup
 
-from pipeline import paths, progress
-from pipeline.errors import PipelineError
-from pipeline.settings import (
+from pipeline.core import paths, progress
+from pipeline.core.errors import PipelineError
+from pipeline.core.settings import (
     CLASS_WEIGHTS,
     COLOR_MODES,
     ENGINES,
@@ -37,6 +36,7 @@ from pipeline.settings import (
     ServeSettings,
     TrainSettings,
 )
+from pipeline.report import terminal
 
 try:  # typer below 0.29 carries its own copy of click
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
@@ -78,7 +78,6 @@ Precision = Enum("Precision", {p: p for p in PRECISIONS}, type=str)
 Engine = Enum("Engine", {e: e for e in ENGINES}, type=str)
 Schedule = Enum("Schedule", {s: s for s in SCHEDULES}, type=str)
 ClassWeight = Enum("ClassWeight", {w: w for w in CLASS_WEIGHTS}, type=str)
-out = Console(highlight=False, soft_wrap=True)  # results go to stdout; progress and notes go to stderr
 
 
 def user_errors(command):
@@ -103,6 +102,12 @@ def one_blas_thread() -> None:
     it loads, starts no threads of its own, which otherwise spun on the cores the decoding
     processes needed (5% of prepare's CPU time, measured with perf)."""
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+def settings_from(kind, options: dict):
+    """A settings dataclass from a command's options, taken by field name (enums as their values)."""
+    names = {f.name for f in dataclasses.fields(kind)}
+    return kind(**{k: v.value if isinstance(v, Enum) else v for k, v in options.items() if k in names})
 
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes on stderr.")]
@@ -142,20 +147,9 @@ def prepare(
     from pipeline.prepare import prepare_dataset
 
     progress.set_quiet(quiet)
-    settings = PrepareSettings(
-        size=size,
-        color=color.value,
-        test_size=test_size,
-        val_size=val_size,
-        augment=augment,
-        flip=flip,
-        seed=seed,
-        workers=workers,
-        strict=strict,
-        scheduler=scheduler,
-    )
+    settings = settings_from(PrepareSettings, locals())
     report = prepare_dataset(images_dir, out_dir, settings)
-    _print_prepare_summary(report, out_dir)
+    terminal.print_prepare_summary(report, out_dir)
 
 
 @app.command()
@@ -171,11 +165,11 @@ def inspect(
     from pipeline.inspect import inspect_folder
 
     progress.set_quiet(quiet)
-    found = inspect_folder(images_dir, InspectSettings(workers=workers))
+    found = inspect_folder(images_dir, settings_from(InspectSettings, locals()))
     if as_json:
         typer.echo(json.dumps(found, indent=2, ensure_ascii=False))
     else:
-        _print_inspection(found)
+        terminal.print_inspection(found)
 
 
 @app.command()
@@ -232,39 +226,13 @@ def train(
     progress.set_quiet(quiet)
     from pipeline.train import train_model
 
-    settings = TrainSettings(
-        epochs=epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        schedule=schedule.value,
-        class_weight=class_weight.value,
-        seed=seed,
-        patience=patience,
-        tensorboard=tensorboard,
-        precision=precision.value,
-    )
+    settings = settings_from(TrainSettings, locals())
     if find_lr:
-        from pipeline.lr_find import find_learning_rate
+        from pipeline.training.lr_find import find_learning_rate
 
-        found = find_learning_rate(data_dir, out_dir.parent / paths.LR_FIND_PNG, settings)
-        if "role" in found:
-            out.print(f"{found['role']}: the chief runs the learning-rate sweep (one process, global batch)")
-            return
-        out.print(
-            f"suggested --learning-rate {found['suggestion']:.2g} (loss fell fastest near {found['steepest']:.2g}, "
-            f"lowest at {found['min_loss_lr']:.2g}); plot in {found['plot']}"
-        )
+        terminal.print_learning_rate_found(find_learning_rate(data_dir, out_dir.parent / paths.LR_FIND_PNG, settings))
         return
-    summary = train_model(data_dir, out_dir, settings)
-    trained = (
-        f"trained {summary['epochs_run']} epoch(s) in {summary['seconds']:.1f}s; best epoch {summary['best_epoch']} "
-        f"({summary['monitor']} {summary['best']:.4f})"
-    )
-    in_sync = f"; weights sha256 {summary['weights_sha256']}" if "weights_sha256" in summary else ""
-    if "role" in summary:  # a worker of a cluster other than the chief: the chief writes the model
-        out.print(f"{summary['role']}: {trained}; the chief writes the model folder{in_sync}")
-    else:
-        out.print(f"{trained}; model written to {out_dir}, curves in {out_dir / paths.CURVES_PNG}{in_sync}")
+    terminal.print_train_summary(train_model(data_dir, out_dir, settings), out_dir)
 
 
 @app.command()
@@ -284,7 +252,7 @@ def evaluate(
     if as_json:
         typer.echo(json.dumps(metrics, indent=2))
     else:
-        _print_metrics(metrics, out_dir)
+        terminal.print_metrics(metrics, out_dir)
 
 
 @app.command()
@@ -305,17 +273,10 @@ def predict(
 ) -> None:
     """Label and confidence for each file, preprocessed exactly as the training images were."""
     progress.set_quiet(quiet)
-    from pipeline.image_folder import collect_images
-    from pipeline.predict import predict_files, write_csv
+    from pipeline.predict import predict_paths, write_csv
 
-    settings = PredictSettings(top_k=top_k, threshold=threshold, engine=engine.value)
-    settings.check()  # before any file is read
-    files, notes = collect_images(files)
-    for note in notes:
-        progress.say(f"note: {note}")
-    if not files:
-        raise PipelineError("no image files to predict")
-    results, errors = predict_files(files, model_dir, settings)
+    settings = settings_from(PredictSettings, locals())
+    results, errors = predict_paths(files, model_dir, settings)
     if csv_file is not None:
         write_csv(csv_file, results, errors, settings.top_k)
         progress.say(f"predictions written to {csv_file}")
@@ -324,13 +285,7 @@ def predict(
     if as_json:
         typer.echo(json.dumps([r.as_dict() for r in results], indent=2))
     else:
-        for r in results:
-            others = r.top_k[1:] if r.label == r.top_k[0]["label"] else r.top_k  # "unknown": show the guesses
-            extra = "  ".join(f"{t['label']} {t['probability']:.1%}" for t in others)
-            out.print(
-                f"{r.file}\t{r.label}\t{r.confidence:.1%}" + (f"\t({extra})" if extra else ""),
-                markup=False,
-            )
+        terminal.print_predictions(results)
     if errors:
         raise typer.Exit(code=1)
 
@@ -363,95 +318,8 @@ def serve(
     progress.set_quiet(quiet)
     from pipeline.serve import serve_model
 
-    settings = ServeSettings(
-        host=host, port=port, max_upload_mb=max_upload_mb, max_files=max_files, workers=workers, engine=engine.value
-    )
+    settings = settings_from(ServeSettings, locals())
     serve_model(model_dir, settings, reports_dir, say=progress.say)
-
-
-def _print_prepare_summary(report: dict, out_dir: Path) -> None:
-    from pipeline.prepare import COUNT_COLUMNS
-
-    table = Table(title=f"Prepared {out_dir}", title_justify="left")
-    for column in ("class", "found", "skipped", "duplicates", "train", "val", "test", "+augmented"):
-        table.add_column(column, justify="left" if column == "class" else "right")
-    for name, c in report["counts"].items():
-        table.add_row(name, *(str(c[k]) for k in COUNT_COLUMNS))
-    out.print(table)
-    totals = report["totals"]
-    out.print(
-        f"{totals['found']} image files, {totals['skipped']} skipped, {totals['ignored']} ignored, "
-        f"{totals['duplicates_removed']} duplicates removed, {len(report['near_duplicate_groups'])} near-duplicate groups kept together"
-    )
-    _print_skipped(report["skipped"], "skipped", f"see {out_dir / paths.PREPARE_REPORT_FILE}")
-    for warning in report["warnings"]:  # imbalance included: the one list --strict reads too
-        out.print(f"warning: {warning}", markup=False)
-    out.print(f"sample grid: {out_dir / paths.SAMPLES_PNG}")
-
-
-def _print_skipped(items: list[dict], verb: str, more_hint: str, shown: int = 20) -> None:
-    for item in items[:shown]:
-        out.print(f"{verb} {item['path']}: {item['reason']}", markup=False)
-    if len(items) > shown:
-        out.print(f"... and {len(items) - shown} more: {more_hint}")
-
-
-def _print_inspection(found: dict) -> None:
-    table = Table(title=f"Inspected {found['images_dir']} (nothing written)", title_justify="left")
-    for column in ("class", "files", "usable", "skipped", "formats", "modes"):
-        table.add_column(column, justify="right" if column in ("files", "usable", "skipped") else "left")
-    for name, c in found["counts"].items():
-        table.add_row(
-            name,
-            str(c["files"]),
-            str(c["usable"]),
-            str(c["skipped"]),
-            ", ".join(f"{k} {v}" for k, v in c["formats"].items()),
-            ", ".join(f"{k} {v}" for k, v in c["modes"].items()),
-        )
-    out.print(table)
-    t = found["totals"]
-    out.print(
-        f"{len(found['classes'])} classes, {t['files']} image files: {t['usable']} usable, {t['skipped']} would be skipped, {t['ignored']} ignored"
-    )
-    w, h = found["sizes"]["width"], found["sizes"]["height"]
-    if w:
-        out.print(
-            f"width  min {w['min']}  median {w['median']:g}  max {w['max']}\n"
-            f"height min {h['min']}  median {h['median']:g}  max {h['max']}"
-        )
-    _print_skipped(found["skipped"], "would skip", "see --json")
-    reasons: dict[str, list[str]] = {}
-    for item in found["ignored"]:
-        reasons.setdefault(item["reason"], []).append(item["path"])
-    for reason, items in reasons.items():
-        shown = ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
-        out.print(f"ignored ({reason}): {shown}", markup=False)
-    for warning in found["warnings"]:
-        out.print(f"warning: {warning}", markup=False)
-
-
-def _print_metrics(metrics: dict, out_dir: Path) -> None:
-    classes = metrics["classes"]
-    out.print(f"test accuracy {metrics['accuracy']:.2%}  loss {metrics['loss']:.4f}  ({metrics['n_test']} images)")
-    table = Table(title="Per class", title_justify="left")
-    for column in ("class", "precision", "recall", "f1", "support"):
-        table.add_column(column, justify="left" if column == "class" else "right")
-    for name in classes:
-        m = metrics["per_class"][name]
-        table.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
-    out.print(table)
-    matrix = Table(title="Confusion matrix (rows: true, columns: predicted)", title_justify="left")
-    matrix.add_column("")
-    for name in classes:
-        matrix.add_column(name, justify="right")
-    for name, row in zip(classes, metrics["confusion_matrix"]):
-        matrix.add_row(name, *(str(v) for v in row))
-    out.print(matrix)
-    if metrics["most_confused"]:
-        pairs = ", ".join(f"{p['true']} -> {p['predicted']} ({p['count']})" for p in metrics["most_confused"])
-        out.print(f"most confused: {pairs}")
-    out.print(f"reports written to {out_dir}; open {out_dir / paths.REPORT_HTML} in a browser")
 
 
 def _interrupt(signum, frame):

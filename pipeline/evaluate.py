@@ -15,14 +15,15 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from pipeline import paths, plots
-from pipeline.artifacts import atomic_dir, check_out_dir, write_json
-from pipeline.data_folder import load_classes, load_split, read_split_paths
-from pipeline.errors import PipelineError
-from pipeline.html_report import write_report
-from pipeline.images import channels
-from pipeline.model_folder import check_model_fits, load_model_classes
-from pipeline.predict import load_classifier
+from pipeline.core import paths
+from pipeline.core.artifacts import atomic_dir, check_out_dir, write_json
+from pipeline.core.errors import PipelineError
+from pipeline.data.data_folder import load_classes, load_split, read_split_paths
+from pipeline.data.images import channels
+from pipeline.inference.classifier import load_classifier
+from pipeline.inference.model_folder import check_model_fits, load_model_classes
+from pipeline.report import plots
+from pipeline.report.html import write_report
 
 
 def evaluate_model(data_dir: Path, model_dir: Path, out_dir: Path) -> dict:

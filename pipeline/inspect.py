@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline import progress
-from pipeline.image_folder import class_imbalance, scan_folder
-from pipeline.images import UnreadableImage, decode_image
-from pipeline.settings import InspectSettings
-from pipeline.worker_pool import WorkerPool, available_cores
+from pipeline.core import progress
+from pipeline.core.settings import InspectSettings
+from pipeline.data.image_folder import class_imbalance, scan_folder
+from pipeline.data.images import UnreadableImage, decode_image
+from pipeline.data.worker_pool import WorkerPool, available_cores
 
 POOL_FROM = 64  # files; below this a pool costs more than it saves
 DRAFT = 256  # JPEGs decode at a reduced scale: enough to prove the data is whole, much faster

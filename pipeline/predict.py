@@ -1,120 +1,39 @@
 """predict: new image files -> label and confidence, preprocessed exactly as training data was.
 
-Reads the model folder (model_folder.py): preprocess.json, classes.json, and model.tflite
-(run by the LiteRT interpreter, which starts in a fraction of TensorFlow's import time) or
-model.keras (Keras, safe mode) when LiteRT is not installed. Writes nothing, except the
---csv file the CLI asks `write_csv` for.
-
-`load_classifier` loads a model folder once; `Classifier.label` turns probabilities into
-predictions. predict, evaluate and serve all go through them, and every image through
-`images.preprocess`, so they agree on the same file.
+Reads the model folder through `inference.classifier.load_classifier`: preprocess.json,
+classes.json, and model.tflite (the LiteRT interpreter) or model.keras (Keras, safe mode)
+when LiteRT is not installed. Writes nothing, except the --csv file the CLI asks
+`write_csv` for.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import os
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
-from pipeline import paths, progress
-from pipeline.artifacts import atomic_write_text
-from pipeline.errors import PipelineError
-from pipeline.images import UnreadableImage, channels, preprocess
-from pipeline.model_folder import (
-    check_model_fits,
-    keras_model_io,
-    load_keras_model,
-    load_model_classes,
-    load_preprocess,
-)
-from pipeline.native_stderr import quiet_native_stderr
-from pipeline.settings import INFERENCE_BATCH, PredictSettings
-
-UNKNOWN = "unknown"  # the label of a prediction below --threshold
+from pipeline.core import progress
+from pipeline.core.artifacts import atomic_write_text
+from pipeline.core.errors import PipelineError
+from pipeline.core.settings import INFERENCE_BATCH, PredictSettings
+from pipeline.data.image_folder import collect_images
+from pipeline.data.images import UnreadableImage
+from pipeline.inference.classifier import Prediction, load_classifier
 
 
-@dataclass
-class Prediction:
-    file: str
-    label: str
-    confidence: float
-    top_k: list[dict]
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class Classifier:
-    """A loaded model folder: what it expects, what it knows, and the function that runs it."""
-
-    classes: list[str]
-    size: int
-    color: str
-    engine: str  # "litert" or "keras"
-    run: Callable[[np.ndarray], np.ndarray]  # uint8 batch (N, size, size, channels) -> float64 probabilities
-
-    def preprocess(self, source: Path | str | bytes) -> np.ndarray:
-        """One file (path or bytes) as this model sees it. Raises UnreadableImage."""
-        return preprocess(source, self.size, self.color).pixels
-
-    def probabilities(self, X, progress_label: str | None = None) -> np.ndarray:
-        """Probabilities for uint8 rows (an array, or a list of rows), INFERENCE_BATCH at a time."""
-        starts = range(0, len(X), INFERENCE_BATCH)
-        if progress_label:
-            starts = progress.track(starts, len(starts), progress_label)
-        out = [self.run(np.asarray(X[i : i + INFERENCE_BATCH])) for i in starts]
-        return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
-
-    def label(self, name: str, p: np.ndarray, top_k: int = 1, threshold: float = 0.0) -> Prediction:
-        """The prediction for one row of probabilities: below `threshold` the label is UNKNOWN
-        (its confidence and top_k still say what the model leaned towards)."""
-        order = np.argsort(-p, kind="stable")[: min(top_k, len(self.classes))]
-        top = [{"label": self.classes[i], "probability": float(p[i])} for i in order]
-        label = top[0]["label"] if top[0]["probability"] >= threshold else UNKNOWN
-        return Prediction(name, label, top[0]["probability"], top)
-
-
-def load_classifier(model_dir: Path, engine: str = "auto", threads: int | None = None) -> Classifier:
-    """Load a model folder once: LiteRT when possible (auto, litert), else Keras in safe mode.
-
-    `threads`: the LiteRT interpreter's threads (default: one per core); serve loads one
-    single-threaded copy per worker, since an interpreter must not be shared between threads."""
-    model_dir = Path(model_dir)
-    preprocess_info = load_preprocess(model_dir)
-    classes = load_model_classes(model_dir)
-    size, color = preprocess_info["size"], preprocess_info["color"]
-    input_shape = (size, size, channels(color))
-    tflite = model_dir / paths.TFLITE_FILE
-    if engine in ("auto", "litert") and tflite.is_file():
-        try:
-            from ai_edge_litert.interpreter import Interpreter
-        except ImportError:
-            if engine == "litert":
-                raise PipelineError(
-                    "--engine litert needs the ai-edge-litert package: pip install ai-edge-litert"
-                ) from None
-        else:
-            run = _litert_runner(Interpreter, tflite, input_shape, len(classes), threads or os.cpu_count() or 1)
-            return Classifier(classes, size, color, "litert", run)
-    elif engine == "litert":
-        raise PipelineError(f"{tflite} not found: train again to export it")
-    model = load_keras_model(model_dir)
-    check_model_fits(
-        keras_model_io(model),
-        input_shape,
-        len(classes),
-        f"{model_dir / paths.PREPROCESS_FILE}",
-        f"{model_dir / paths.CLASSES_FILE}",
-    )
-    return Classifier(
-        classes, size, color, "keras", lambda batch: np.asarray(model.predict_on_batch(batch), dtype=np.float64)
-    )
+def predict_paths(
+    paths: list[Path], model_dir: Path, settings: PredictSettings | None = None
+) -> tuple[list[Prediction], list[dict]]:
+    """`pipeline predict FILE...`: files, or the images inside folders, each predicted;
+    notes on what was passed over go to stderr."""
+    settings = settings or PredictSettings()
+    settings.check()  # before any file is read
+    files, notes = collect_images(paths)
+    for note in notes:
+        progress.say(f"note: {note}")
+    if not files:
+        raise PipelineError("no image files to predict")
+    return predict_files(files, model_dir, settings)
 
 
 def predict_files(
@@ -137,33 +56,6 @@ def predict_files(
     probabilities = classifier.probabilities(arrays, progress_label="predicting" if several_batches else None)
     results = [classifier.label(name, p, settings.top_k, settings.threshold) for name, p in zip(names, probabilities)]
     return results, errors
-
-
-def _litert_runner(Interpreter, path: Path, input_shape, num_classes, threads: int):
-    try:
-        interpreter = Interpreter(model_path=str(path), num_threads=threads)
-    except (ValueError, RuntimeError) as e:
-        raise PipelineError(f"could not load {path}: {e}") from None
-    source = interpreter.get_input_details()[0]
-    target = interpreter.get_output_details()[0]
-    model_io = (tuple(int(n) for n in source["shape"][1:]), int(target["shape"][-1]))
-    check_model_fits(
-        model_io, input_shape, num_classes, paths.PREPROCESS_FILE, paths.CLASSES_FILE, model_name=str(path)
-    )
-
-    allocated_for = []  # the batch shape the tensors were last allocated for
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        if allocated_for != [batch.shape]:  # serve sends batches of one, again and again
-            interpreter.resize_tensor_input(source["index"], batch.shape)
-            with quiet_native_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
-                interpreter.allocate_tensors()
-            allocated_for[:] = [batch.shape]
-        interpreter.set_tensor(source["index"], batch.astype(source["dtype"]))
-        interpreter.invoke()
-        return np.asarray(interpreter.get_tensor(target["index"]), dtype=np.float64)
-
-    return run
 
 
 def write_csv(path: Path, results: list[Prediction], errors: list[dict], top_k: int) -> None:

@@ -7,7 +7,8 @@ per array row), report.json (counts, skipped and ignored files, duplicates, warn
 settings) and samples.png.
 
 The steps, in `prepare_dataset`'s order: scan the folder; decode every file in worker
-processes, local or a Dask cluster's (`decode_all`, through `worker_pool.open_pool`); choose the source images (`choose_sources`: exact duplicates,
+processes, local or a Dask cluster's (`data.decoding.decode_all`, through
+`worker_pool.open_pool`); choose the source images (`choose_sources`: exact duplicates,
 label conflicts, empty classes, warnings, --strict); split them (`splits.split_by_group`
 on near-duplicate groups); write the arrays and manifest (`write_splits`); write the
 report (`build_report`).
@@ -21,7 +22,6 @@ hashes, labels and paths only; on a cluster, it is the only part that is not dis
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections import Counter
@@ -30,19 +30,27 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import __version__, augment, dedup, paths, progress
-from pipeline.artifacts import atomic_dir, check_out_dir, write_json
-from pipeline.data_folder import create_rows_file, read_rows, write_classes, write_manifest, write_rows
-from pipeline.errors import PipelineError
-from pipeline.image_folder import FolderScan, class_imbalance, scan_folder
-from pipeline.images import UnreadableImage, channels, preprocess
-from pipeline.settings import PrepareSettings
-from pipeline.splits import near_duplicate_groups, split_by_group
-from pipeline.worker_pool import WorkerPool, available_cores, open_pool
+from pipeline import __version__
+from pipeline.core import paths, progress
+from pipeline.core.artifacts import atomic_dir, check_out_dir, write_json
+from pipeline.core.errors import PipelineError
+from pipeline.core.settings import PrepareSettings
+from pipeline.data import augment, dedup
+from pipeline.data.data_folder import (
+    COUNT_COLUMNS,
+    create_rows_file,
+    read_rows,
+    write_classes,
+    write_manifest,
+    write_rows,
+)
+from pipeline.data.decoding import Decoded, decode_all
+from pipeline.data.image_folder import FolderScan, class_imbalance, scan_folder
+from pipeline.data.images import channels
+from pipeline.data.splits import near_duplicate_groups, split_by_group
+from pipeline.data.worker_pool import available_cores, open_pool
 
-DECODE_CHUNK = 32  # files per task a worker takes: few messages, and the last tasks still balance
 COPY_BYTES = 16 * 2**20  # pixels moved per step from the decode buffer to the outputs
-COUNT_COLUMNS = ("found", "skipped", "duplicates", "train", "val", "test", "train_augmented")
 
 
 def prepare_dataset(images_dir: Path, out_dir: Path, settings: PrepareSettings) -> dict:
@@ -80,87 +88,6 @@ def _worker_pool(workers: int, n_files: int, settings: PrepareSettings):
     if settings.augment and not settings.scheduler:
         augment.build_augmenter(0)  # import albumentations once, before the workers fork
     return open_pool(min(workers, max(1, n_files // 16)), settings.scheduler)
-
-
-# --- decoding: one task per chunk of files, run in the worker processes -------------------
-
-
-@dataclass
-class Decoded:
-    ok: np.ndarray  # bool per scanned file
-    reasons: dict[int, str]  # why a file was skipped
-    digests: list[bytes | None]
-    phashes: np.ndarray  # uint64, 0 where not decoded
-
-
-def _decode_file(path: str, size: int, color: str) -> tuple[np.ndarray | None, str | None, bytes | None, int]:
-    """(row, skip reason, pixel digest, perceptual hash); the hash is 0 where the batch computes it."""
-    try:
-        image = preprocess(path, size, color)
-    except UnreadableImage as e:
-        return None, str(e), None, 0
-    except Exception as e:  # a decoder bug must not end the whole run: skip and say why
-        return None, f"could not decode ({type(e).__name__}: {e})", None, 0
-    # Exact duplicates are rows the model could not tell apart: identical pixels at --size.
-    digest = hashlib.blake2b(image.pixels.data, digest_size=16).digest()
-    # Near-duplicates are judged at the resolution the model sees (hashed for the whole
-    # chunk at once), unless that is below the hash's own 32x32: then on the decoded image.
-    phash = 0 if size >= dedup.PHASH_SIDE else dedup.perceptual_hash(image.decoded)
-    return image.pixels, None, digest, phash
-
-
-def _decode_chunk(args: tuple[str, int, int, list[str], int, str]) -> list[tuple[str | None, bytes | None, int]]:
-    """Decode consecutive files into their rows of the buffer file; return (reason, digest, phash) each.
-
-    The worker writes the pixels itself, so they never travel back through a pipe and the
-    parent never holds them.
-    """
-    buffer_path, offset, start, files, size, color = args
-    rows = np.zeros((len(files), size, size, channels(color)), dtype=np.uint8)
-    results = []
-    for i, path in enumerate(files):
-        array, reason, digest, phash = _decode_file(path, size, color)
-        if array is not None:
-            rows[i] = array
-        results.append((reason, digest, phash))
-    write_rows(Path(buffer_path), offset, start, rows)
-    if size >= dedup.PHASH_SIDE:
-        decoded = [i for i, (reason, _, _) in enumerate(results) if reason is None]
-        for i, phash in zip(decoded, dedup.perceptual_hashes(rows[decoded]).tolist()):
-            results[i] = (None, results[i][1], phash)
-    return results
-
-
-def decode_all(scan: FolderScan, s: PrepareSettings, buffer_path: Path, pool: WorkerPool) -> Decoded:
-    """Decode every scanned file into row i of the buffer file; keep only digests and hashes here."""
-    n = len(scan.files)
-    offset = create_rows_file(buffer_path, (n, s.size, s.size, channels(s.color)))
-    ok = np.zeros(n, dtype=bool)
-    reasons: dict[int, str] = {}
-    digests: list[bytes | None] = [None] * n
-    phashes = np.zeros(n, dtype=np.uint64)
-    root = os.path.abspath(scan.root)  # the same file for a cluster's worker, whatever its working folder
-    # Made as they are taken: a list of every task would hold a second copy of every path.
-    tasks = (
-        (
-            os.path.abspath(buffer_path),
-            offset,
-            start,
-            [os.path.join(root, rel) for rel, _ in scan.files[start : start + DECODE_CHUNK]],
-        )
-        + (s.size, s.color)
-        for start in range(0, n, DECODE_CHUNK)
-    )
-    done = progress.track(pool.imap(_decode_chunk, tasks), -(-n // DECODE_CHUNK), f"decoding {n} images")
-    i = 0
-    for results in done:
-        for reason, digest, phash in results:
-            if reason is None:
-                ok[i], digests[i], phashes[i] = True, digest, phash
-            else:
-                reasons[i] = reason
-            i += 1
-    return Decoded(ok, reasons, digests, phashes)
 
 
 # --- choosing the source images: duplicates, conflicts, empty classes, warnings ----------
@@ -369,7 +296,7 @@ def recorded_settings(s: PrepareSettings) -> dict:
 
 
 def _save_samples(tmp: Path, report: dict, s: PrepareSettings) -> None:
-    from pipeline import plots
+    from pipeline.report import plots
 
     X = np.load(tmp / paths.images_file("train"), mmap_mode="r", allow_pickle=False)
     y = np.load(tmp / paths.labels_file("train"), allow_pickle=False)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import artifacts
+from pipeline.core import artifacts
 from tests.conftest import run_cli, snapshot, write_image_folder
 
 
@@ -337,7 +337,7 @@ def test_ctrl_c_during_train_keeps_the_best_model_as_a_complete_folder(trained, 
     assert len((out / "history.csv").read_text().splitlines()) == epochs_run + 1
     for name in ("model.keras", "model.tflite", "classes.json", "preprocess.json"):
         assert (out / name).is_file(), name
-    from pipeline.model_folder import load_keras_model
+    from pipeline.inference.model_folder import load_keras_model
 
     model = load_keras_model(out)
     assert model.output_shape[-1] == 3

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.image_folder import class_imbalance
+from pipeline.data.image_folder import class_imbalance
 from tests.conftest import run_cli, write_image_folder
 
 ROOT = Path(__file__).resolve().parent.parent

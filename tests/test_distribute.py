@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import distribute
-from pipeline.distribute import Cluster, auto_precision, choose_strategy, lost_peer_message, read_cluster
-from pipeline.errors import PipelineError
-from pipeline.model_folder import read_history
-from pipeline.train_loop import epoch_rows, shard_bounds, steps_per_epoch
+from pipeline.core.errors import PipelineError
+from pipeline.inference.model_folder import read_history
+from pipeline.training import distribute
+from pipeline.training.distribute import Cluster, auto_precision, choose_strategy, lost_peer_message, read_cluster
+from pipeline.training.replicated import epoch_rows, shard_bounds, steps_per_epoch
 from tests.conftest import run_cli, snapshot
 
 # --- TF_CONFIG and the choice of strategy (no TensorFlow) -----------------------------------
@@ -235,7 +235,7 @@ def test_two_workers_train_in_sync_and_the_chief_writes_a_complete_model(trained
     summary = json.loads((out / "settings.json").read_text())["summary"]
     assert summary["strategy"] == "multi_worker" and summary["workers"] == summary["replicas"] == 2
     assert summary["global_batch"] == 16 and summary["per_replica_batch"] == 8 and summary["epochs_run"] == 3
-    from pipeline.model_folder import load_keras_model
+    from pipeline.inference.model_folder import load_keras_model
 
     assert weights_sha256(load_keras_model(out)) == digest  # the saved model is those weights
 
@@ -305,8 +305,9 @@ from pathlib import Path
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from pipeline import distribute, train
-from pipeline.settings import TrainSettings
+from pipeline.training import distribute
+from pipeline import train
+from pipeline.core.settings import TrainSettings
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 distribute.plan_training = lambda cluster: distribute.Plan("mirrored", strategy, None, 2, 2)
 epochs, class_weight = (int(sys.argv[3]), sys.argv[4]) if len(sys.argv) > 3 else (2, "none")

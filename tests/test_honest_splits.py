@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import dedup
-from pipeline.splits import split_by_group
+from pipeline.data import dedup
+from pipeline.data.splits import split_by_group
 from tests.conftest import read_manifest, run_cli, write_image_folder
 
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from pipeline.evaluate import compute_metrics
-from pipeline.html_report import write_report
+from pipeline.report.html import write_report
 from tests.conftest import run_cli
 
 CHROMIUM_FLAGS = [

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.image_folder import scan_folder
-from pipeline.images import UnreadableImage, decode_image, preprocess
+from pipeline.data.image_folder import scan_folder
+from pipeline.data.images import UnreadableImage, decode_image, preprocess
 from tests.conftest import read_manifest, run_cli, snapshot, write_image_folder
 
 
@@ -107,7 +107,7 @@ def test_decompression_bomb_is_refused_before_its_pixels_exist(tmp_path, size):
     script = textwrap.dedent(
         f"""
         import resource, sys
-        from pipeline.images import UnreadableImage, preprocess
+        from pipeline.data.images import UnreadableImage, preprocess
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         try:
             preprocess({str(path)!r}, 16, "rgb").pixels

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import dedup
-from pipeline.images import decode_image, to_array
-from pipeline.model_folder import load_keras_model
-from pipeline.predict import load_classifier
-from pipeline.settings import TrainSettings
-from pipeline.train import resolve_precision, train_model
+from pipeline.core.settings import TrainSettings
+from pipeline.data import dedup
+from pipeline.data.images import decode_image, to_array
+from pipeline.inference.classifier import load_classifier
+from pipeline.inference.model_folder import load_keras_model
+from pipeline.train import train_model
+from pipeline.training.precision import resolve_precision
 from tests.conftest import run_cli
 
 # pydantic: typer 0.29 imports it to coerce every option (+0.1 s a command), hence typer<0.29;

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import plots
+from pipeline.report import plots
 from tests.conftest import run_cli, write_image_folder
 
 

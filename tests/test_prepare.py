@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.images import preprocess
+from pipeline.data.images import preprocess
 from tests.conftest import read_manifest, run_cli, write_image_folder
 
 

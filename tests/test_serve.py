@@ -24,8 +24,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from pipeline.core.settings import ServeSettings
 from pipeline.serve import create_app, listening_socket
-from pipeline.settings import ServeSettings
 from tests.conftest import run_cli
 from tests.test_html_report import CHROMIUM_FLAGS, chromium
 from tests.test_images import bomb_png, truncated_jpeg
@@ -330,7 +330,7 @@ def test_workers_silencing_native_stderr_at_once_leave_stderr_whole(capfd):
     """Each worker's first model call allocates tensors with fd 2 pointed away; two at once
     once restored each other's copies and left a closed sys.stderr (a server that could not
     say "server stopped")."""
-    from pipeline.native_stderr import quiet_native_stderr
+    from pipeline.core.native_stderr import quiet_native_stderr
 
     before, stream = os.fstat(2), sys.stderr
 

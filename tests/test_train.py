@@ -9,7 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from pipeline.settings import TrainSettings
+from pipeline.core.settings import TrainSettings
 from tests.conftest import run_cli, snapshot
 
 
@@ -18,7 +18,7 @@ def test_the_rate_warms_up_to_the_peak_then_decays(tmp_path):
     at the end of the warm-up share, then the rate falls every step to peak / final_div."""
     import keras
 
-    from pipeline.model import build_model, compile_model
+    from pipeline.training.model import build_model, compile_model
 
     steps, peak = 20, 4e-3
     model = compile_model(build_model((12, 12, 1), 2), peak, total_steps=steps, warmup=0.25)
@@ -68,7 +68,7 @@ def test_the_model_standardizes_pixels_with_the_training_split_statistics(traine
 
 
 def test_pixel_statistics_of_a_constant_channel_do_not_divide_by_zero():
-    from pipeline.model import PixelStats
+    from pipeline.training.model import PixelStats
 
     white = np.full((5, 4, 4, 1), 255, dtype=np.uint8)
     stats = PixelStats.of(white)
@@ -86,7 +86,7 @@ def test_class_weight_balanced_comes_from_the_training_counts_and_weighs_the_sec
     training loss from the second half of the epochs on (deferred re-weighting): the first
     epoch's loss is the unweighted run's, the second's is not. The validation loss that picks
     the best epoch is weighted from the first epoch on: the same weights, another val_loss."""
-    from pipeline.model_folder import read_history
+    from pipeline.inference.model_folder import read_history
     from tests.conftest import write_image_folder
 
     images = write_image_folder(tmp_path / "images", per_class=6, classes=("cat", "dog"))
@@ -162,7 +162,7 @@ def test_find_lr_leaves_an_existing_model_folder_untouched(trained, tmp_path):
 
 
 def test_suggest_picks_a_fraction_of_the_minimum():
-    from pipeline.lr_find import BELOW_MINIMUM, suggest
+    from pipeline.training.lr_find import BELOW_MINIMUM, suggest
 
     lrs = [1e-6 * 10 ** (i / 20) for i in range(100)]  # 1e-6 .. ~1
     losses = [2.3 - 2.0 / (1 + math.exp(-(math.log10(lr) + 3) * 4)) for lr in lrs]  # falls around 1e-3

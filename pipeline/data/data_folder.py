@@ -1,4 +1,4 @@
-"""The data folder that prepare writes and train and evaluate read: its writers and readers.
+"""The data folder that prepare writes and train, evaluate and audit read: its writers and readers.
 
 X_{split}.npy are uint8 rows (N x size x size x channels), y_{split}.npy int64 labels,
 classes.json the class names (index = label), manifest.csv one row per array row
@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import csv
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import paths
-from pipeline.artifacts import load_array, read_json, write_json
-from pipeline.errors import PipelineError
+from pipeline.core import paths
+from pipeline.core.artifacts import load_array, read_json, write_json
+from pipeline.core.errors import PipelineError
 
 MANIFEST_COLUMNS = ["split", "index", "path", "label", "augmented"]
+# report.json's counts per class, in the order the prepare summary shows them
+COUNT_COLUMNS = ("found", "skipped", "duplicates", "train", "val", "test", "train_augmented")
 
 
 def create_rows_file(path: Path, shape: tuple[int, ...]) -> int:
@@ -101,3 +104,29 @@ def load_split(data_dir: Path, split: str, num_classes: int) -> tuple[np.ndarray
 
 def load_prepare_report(data_dir: Path) -> dict:
     return read_json(Path(data_dir) / paths.PREPARE_REPORT_FILE, paths.PREPARE_HINT)
+
+
+@dataclass
+class TrainingData:
+    """What train reads of the data folder: the train and val splits and the classes."""
+
+    classes: list[str]
+    X_train: np.ndarray  # memory-mapped uint8 rows
+    y_train: np.ndarray
+    X_val: np.ndarray
+    y_val: np.ndarray
+    prepare_report: dict
+
+
+def load_training_data(data_dir: Path) -> TrainingData:
+    """The train and val splits (memory-mapped) and the classes, checked before TensorFlow loads."""
+    classes = load_classes(data_dir)
+    X_train, y_train = load_split(data_dir, "train", len(classes))
+    X_val, y_val = load_split(data_dir, "val", len(classes))
+    if len(X_train) == 0:
+        raise PipelineError(f"{data_dir} has no training images: prepare again with more images")
+    if X_val.shape[1:] != X_train.shape[1:]:
+        raise PipelineError(
+            f"{data_dir}: train and val images differ in shape ({X_train.shape[1:]} vs {X_val.shape[1:]})"
+        )
+    return TrainingData(classes, X_train, y_train, X_val, y_val, load_prepare_report(data_dir))

@@ -25,10 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import distribute, plots, progress
-from pipeline.errors import PipelineError
-from pipeline.native_stderr import import_keras
-from pipeline.settings import TrainSettings
+from pipeline.core import progress
+from pipeline.core.errors import PipelineError
+from pipeline.core.native_stderr import import_keras
+from pipeline.core.settings import TrainSettings
+from pipeline.data.data_folder import load_training_data
+from pipeline.report import plots
+from pipeline.training import distribute
+from pipeline.training.batches import batches, in_memory_bytes
+from pipeline.training.precision import build_with_precision, resolve_precision
 
 STEPS = 100  # batches in the sweep
 START, END = 1e-6, 1.0  # rates at the first and the last batch
@@ -40,8 +45,6 @@ BELOW_MINIMUM = 3.0  # the suggestion: the rate at the smoothed loss's minimum o
 def find_learning_rate(data_dir: Path, plot_path: Path, settings: TrainSettings, steps: int = STEPS) -> dict:
     """Sweep, plot, suggest: {"suggestion", "steepest", "min_loss_lr", "plot", "lrs", "losses"};
     on a TF_CONFIG worker other than the chief, {"role": "worker i of n"} and nothing else."""
-    from pipeline.train import _in_memory_bytes, batches, build_with_precision, load_training_data, resolve_precision
-
     settings.check()
     data = load_training_data(Path(data_dir))
     cluster = distribute.read_cluster()  # TF_CONFIG, checked before TensorFlow loads
@@ -49,14 +52,14 @@ def find_learning_rate(data_dir: Path, plot_path: Path, settings: TrainSettings,
         return {"role": f"worker {cluster.rank} of {cluster.size}"}
     progress.say("loading TensorFlow...")
     keras = import_keras()
-    from pipeline.model import PixelStats, compile_model
-    from pipeline.schedule import RangeTest
+    from pipeline.training.model import PixelStats, compile_model
+    from pipeline.training.schedule import RangeTest
 
     keras.utils.set_random_seed(settings.seed)
     precision = resolve_precision(settings.precision)
     model = build_with_precision(data.X_train.shape[1:], len(data.classes), precision, PixelStats.of(data.X_train))
     compile_model(model, RangeTest(START, END, steps))
-    in_memory = data.X_train.nbytes <= _in_memory_bytes(settings.in_memory_mb)
+    in_memory = data.X_train.nbytes <= in_memory_bytes(settings.in_memory_mb)
     train_batches, _ = batches(data.X_train, data.y_train, settings.batch_size, settings.seed, True, in_memory)
 
     losses: list[float] = []

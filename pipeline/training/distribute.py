@@ -12,7 +12,7 @@ tested with made-up device lists):
   gradients all-reduced across the processes; worker 0 (or the "chief" task) is the chief,
   the only process that writes the model folder.
 
-Every strategy with more than one replica trains through the custom step of train_loop.py
+Every strategy with more than one replica trains through the custom step of replicated.py
 (Keras 3's `fit` fails under MultiWorkerMirroredStrategy: keras-team/keras#20585).
 
 Nothing waits for ever: forming the cluster has a deadline (PIPELINE_CLUSTER_TIMEOUT,
@@ -36,7 +36,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+import numpy as np
+
+from pipeline.core.errors import PipelineError
+from pipeline.core.native_stderr import import_tensorflow
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
 CLUSTER_TIMEOUT_ENV = "PIPELINE_CLUSTER_TIMEOUT"  # seconds to wait for every worker at start-up
@@ -105,16 +108,13 @@ class Plan:
         """Where this process writes while it trains: the chief, the model folder's temporary
         sibling (swapped in when complete); any other worker, a private folder removed at the
         end, so that it writes nothing beside the model folder."""
-        from pipeline.artifacts import atomic_dir
+        from pipeline.core.artifacts import atomic_dir
 
         return atomic_dir(out_dir) if self.is_chief else _scratch_dir()
 
     def barrier(self, what: str) -> None:
         """Every worker waits here for the others (a one-number all-reduce); nothing for one process."""
         if self.workers > 1:
-            from pipeline.native_stderr import import_tensorflow
-            from pipeline.train_loop import sum_across_workers
-
             tf = import_tensorflow()
             try:
                 sum_across_workers(self.strategy, [0.0], self.replicas // self.workers)
@@ -210,7 +210,6 @@ def plan_training(cluster: Cluster | None) -> Plan:
     worker, at most PIPELINE_CLUSTER_TIMEOUT seconds."""
     cluster_timeout = timeout_from_env(CLUSTER_TIMEOUT_ENV, DEFAULT_CLUSTER_TIMEOUT)
     collective_timeout = timeout_from_env(COLLECTIVE_TIMEOUT_ENV, DEFAULT_COLLECTIVE_TIMEOUT)
-    from pipeline.native_stderr import import_tensorflow
 
     tf = import_tensorflow()
     gpus = len(tf.config.list_physical_devices("GPU"))
@@ -306,3 +305,26 @@ def lost_peer_message(error: Exception, what: str) -> str:
         first = text.split(" The error could be")[0].split(" [[")[0]
         detail = first[:300] + ("..." if len(first) > 300 else "")
     return f"the cluster failed while {what}: {detail}; this worker stops and writes nothing"
+
+
+def sum_across_workers(strategy, values, local_replicas: int) -> np.ndarray:
+    """The element-wise sum of `values` over every worker (each worker passes its own;
+    each of its `local_replicas` replicas adds a share)."""
+    tf = import_tensorflow()
+    values = tf.constant(np.asarray(values, dtype=np.float64) / local_replicas, dtype=tf.float64)
+    key = (id(strategy), values.shape[0])
+    if key not in _SUMS:  # one traced function per strategy and length: eager collectives are slow
+
+        @tf.function
+        def reduce(v):
+            # tf.identity: a tensor made in the replica, which the collective can place
+            result = strategy.run(
+                lambda x: tf.distribute.get_replica_context().all_reduce("SUM", tf.identity(x)), args=(v,)
+            )
+            return strategy.experimental_local_results(result)[0]
+
+        _SUMS[key] = reduce
+    return _SUMS[key](values).numpy()
+
+
+_SUMS: dict = {}

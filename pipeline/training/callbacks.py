@@ -20,8 +20,8 @@ from pathlib import Path
 
 from rich.progress import TextColumn
 
-from pipeline import progress
-from pipeline.native_stderr import import_keras, import_tensorflow
+from pipeline.core import progress
+from pipeline.core.native_stderr import import_keras, import_tensorflow
 
 keras = import_keras()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 COLOR_MODES = ("rgb", "grayscale")
 NEAR_DUPLICATE_DISTANCE = 4  # bits of 64: resized or re-encoded copies land well inside

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.artifacts import atomic_write_bytes
+from pipeline.core.artifacts import atomic_write_bytes
 
 
 def _pyplot():
@@ -96,7 +96,7 @@ class TrainingCurvesBeside:
         self.history_csv, self.best_epoch, self.path = Path(history_csv), best_epoch, Path(path)
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.plots", str(self.history_csv), str(best_epoch), str(self.path)],
+                [sys.executable, "-m", "pipeline.report.plots", str(self.history_csv), str(best_epoch), str(self.path)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -130,7 +130,7 @@ class TrainingCurvesBeside:
 
 
 def _curves_from_csv(history_csv: Path, best_epoch: int, path: Path) -> None:
-    from pipeline.model_folder import read_history
+    from pipeline.inference.model_folder import read_history
 
     save_training_curves(read_history(history_csv), best_epoch, path)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from pipeline.native_stderr import import_keras
+from pipeline.core.native_stderr import import_keras
 
 keras = import_keras()
 ops = keras.ops

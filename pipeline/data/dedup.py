@@ -23,7 +23,7 @@ from collections import defaultdict
 import numpy as np
 from PIL import Image
 
-from pipeline.settings import NEAR_DUPLICATE_DISTANCE
+from pipeline.core.settings import NEAR_DUPLICATE_DISTANCE
 
 PHASH_SIDE = 32  # the picture is shrunk to 32x32 grey, and its 8x8 lowest frequencies kept
 _k, _n = np.arange(8)[:, None], np.arange(PHASH_SIDE)[None, :]

@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import PipelineError
-from pipeline.settings import IMBALANCE_RATIO
+from pipeline.core.errors import PipelineError
+from pipeline.core.settings import IMBALANCE_RATIO
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini", ".ds_store"})

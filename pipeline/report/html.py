@@ -15,7 +15,8 @@ import json
 from html import escape
 from pathlib import Path
 
-from pipeline import __version__, paths
+from pipeline import __version__
+from pipeline.core import paths
 
 MAX_SKIPPED_ROWS = 50
 

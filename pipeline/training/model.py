@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.native_stderr import import_keras
+from pipeline.core.native_stderr import import_keras
 
 keras = import_keras()
 layers = keras.layers
@@ -83,7 +83,7 @@ def compile_model(
     `warmup` share of the steps to `learning_rate`, its peak, then cosine decay); without, it
     stays at `learning_rate`. The schedule lives in the optimizer, so a custom training step
     that calls `optimizer.apply` follows it too."""
-    from pipeline.schedule import OneCycle
+    from pipeline.training.schedule import OneCycle
 
     rate = OneCycle(learning_rate, total_steps, warmup) if total_steps else learning_rate
     model.compile(

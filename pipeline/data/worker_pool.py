@@ -22,7 +22,7 @@ from pathlib import Path
 from threadpoolctl import threadpool_limits
 
 from pipeline import __version__
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 CONNECT_SECONDS = 10  # to reach the scheduler, and to wait for a first worker
 TASKS_PER_THREAD = 4  # tasks in flight per worker thread: workers never idle, the client holds few futures

@@ -13,12 +13,12 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline import paths
-from pipeline.artifacts import read_json, write_json
-from pipeline.data_folder import load_classes
-from pipeline.errors import PipelineError
-from pipeline.images import PREPROCESS_VERSION, RESIZE_METHOD
-from pipeline.settings import COLOR_MODES
+from pipeline.core import paths
+from pipeline.core.artifacts import read_json, write_json
+from pipeline.core.errors import PipelineError
+from pipeline.core.settings import COLOR_MODES
+from pipeline.data.data_folder import load_classes
+from pipeline.data.images import PREPROCESS_VERSION, RESIZE_METHOD
 
 # What preprocess.json said before it carried a version: its resize text names the version.
 _RESIZE_OF_VERSION = {
@@ -110,7 +110,7 @@ def load_keras_model(model_dir: Path):
                 f"refusing {legacy[0]}: legacy HDF5 models are not loaded; train again to get {paths.MODEL_FILE}"
             )
         raise PipelineError(f"{path} not found: {paths.TRAIN_HINT}")
-    from pipeline.native_stderr import import_keras
+    from pipeline.core.native_stderr import import_keras
 
     keras = import_keras()
     try:

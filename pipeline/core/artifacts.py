@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 _TMP_TAG = ".tmp-"
 _OLD_TAG = ".old-"

@@ -1,0 +1,138 @@
+"""A loaded model folder and the engine that runs it: `load_classifier`, `Classifier`, `Prediction`.
+
+predict, evaluate and serve all load a model folder through `load_classifier` and turn
+probabilities into predictions with `Classifier.label`, and every image goes through
+`images.preprocess`, so they agree on the same file. Engines: the LiteRT interpreter on
+model.tflite (it starts in a fraction of TensorFlow's import time), or Keras in safe mode
+on model.keras.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.core import paths, progress
+from pipeline.core.errors import PipelineError
+from pipeline.core.native_stderr import quiet_native_stderr
+from pipeline.core.settings import INFERENCE_BATCH
+from pipeline.data.images import channels, preprocess
+from pipeline.inference.model_folder import (
+    check_model_fits,
+    keras_model_io,
+    load_keras_model,
+    load_model_classes,
+    load_preprocess,
+)
+
+UNKNOWN = "unknown"  # the label of a prediction below --threshold
+
+
+@dataclass
+class Prediction:
+    file: str
+    label: str
+    confidence: float
+    top_k: list[dict]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Classifier:
+    """A loaded model folder: what it expects, what it knows, and the function that runs it."""
+
+    classes: list[str]
+    size: int
+    color: str
+    engine: str  # "litert" or "keras"
+    run: Callable[[np.ndarray], np.ndarray]  # uint8 batch (N, size, size, channels) -> float64 probabilities
+
+    def preprocess(self, source: Path | str | bytes) -> np.ndarray:
+        """One file (path or bytes) as this model sees it. Raises UnreadableImage."""
+        return preprocess(source, self.size, self.color).pixels
+
+    def probabilities(self, X, progress_label: str | None = None) -> np.ndarray:
+        """Probabilities for uint8 rows (an array, or a list of rows), INFERENCE_BATCH at a time."""
+        starts = range(0, len(X), INFERENCE_BATCH)
+        if progress_label:
+            starts = progress.track(starts, len(starts), progress_label)
+        out = [self.run(np.asarray(X[i : i + INFERENCE_BATCH])) for i in starts]
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
+
+    def label(self, name: str, p: np.ndarray, top_k: int = 1, threshold: float = 0.0) -> Prediction:
+        """The prediction for one row of probabilities: below `threshold` the label is UNKNOWN
+        (its confidence and top_k still say what the model leaned towards)."""
+        order = np.argsort(-p, kind="stable")[: min(top_k, len(self.classes))]
+        top = [{"label": self.classes[i], "probability": float(p[i])} for i in order]
+        label = top[0]["label"] if top[0]["probability"] >= threshold else UNKNOWN
+        return Prediction(name, label, top[0]["probability"], top)
+
+
+def load_classifier(model_dir: Path, engine: str = "auto", threads: int | None = None) -> Classifier:
+    """Load a model folder once: LiteRT when possible (auto, litert), else Keras in safe mode.
+
+    `threads`: the LiteRT interpreter's threads (default: one per core); serve loads one
+    single-threaded copy per worker, since an interpreter must not be shared between threads."""
+    model_dir = Path(model_dir)
+    preprocess_info = load_preprocess(model_dir)
+    classes = load_model_classes(model_dir)
+    size, color = preprocess_info["size"], preprocess_info["color"]
+    input_shape = (size, size, channels(color))
+    tflite = model_dir / paths.TFLITE_FILE
+    if engine in ("auto", "litert") and tflite.is_file():
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError:
+            if engine == "litert":
+                raise PipelineError(
+                    "--engine litert needs the ai-edge-litert package: pip install ai-edge-litert"
+                ) from None
+        else:
+            run = _litert_runner(Interpreter, tflite, input_shape, len(classes), threads or os.cpu_count() or 1)
+            return Classifier(classes, size, color, "litert", run)
+    elif engine == "litert":
+        raise PipelineError(f"{tflite} not found: train again to export it")
+    model = load_keras_model(model_dir)
+    check_model_fits(
+        keras_model_io(model),
+        input_shape,
+        len(classes),
+        f"{model_dir / paths.PREPROCESS_FILE}",
+        f"{model_dir / paths.CLASSES_FILE}",
+    )
+    return Classifier(
+        classes, size, color, "keras", lambda batch: np.asarray(model.predict_on_batch(batch), dtype=np.float64)
+    )
+
+
+def _litert_runner(Interpreter, path: Path, input_shape, num_classes, threads: int):
+    try:
+        interpreter = Interpreter(model_path=str(path), num_threads=threads)
+    except (ValueError, RuntimeError) as e:
+        raise PipelineError(f"could not load {path}: {e}") from None
+    source = interpreter.get_input_details()[0]
+    target = interpreter.get_output_details()[0]
+    model_io = (tuple(int(n) for n in source["shape"][1:]), int(target["shape"][-1]))
+    check_model_fits(
+        model_io, input_shape, num_classes, paths.PREPROCESS_FILE, paths.CLASSES_FILE, model_name=str(path)
+    )
+
+    allocated_for = []  # the batch shape the tensors were last allocated for
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        if allocated_for != [batch.shape]:  # serve sends batches of one, again and again
+            interpreter.resize_tensor_input(source["index"], batch.shape)
+            with quiet_native_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+                interpreter.allocate_tensors()
+            allocated_for[:] = [batch.shape]
+        interpreter.set_tensor(source["index"], batch.astype(source["dtype"]))
+        interpreter.invoke()
+        return np.asarray(interpreter.get_tensor(target["index"]), dtype=np.float64)
+
+    return run

@@ -1,0 +1,130 @@
+"""What each command prints on stdout: rich tables and one-line results.
+
+Results go to stdout (`out`); progress, notes and errors go to stderr (core.progress).
+User-controlled text (paths, class names) is printed with markup off.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.core import paths
+from pipeline.data.data_folder import COUNT_COLUMNS
+
+out = Console(highlight=False, soft_wrap=True)  # results go to stdout; progress and notes go to stderr
+
+
+def print_prepare_summary(report: dict, out_dir: Path) -> None:
+    table = Table(title=f"Prepared {out_dir}", title_justify="left")
+    for column in ("class", "found", "skipped", "duplicates", "train", "val", "test", "+augmented"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, c in report["counts"].items():
+        table.add_row(name, *(str(c[k]) for k in COUNT_COLUMNS))
+    out.print(table)
+    totals = report["totals"]
+    out.print(
+        f"{totals['found']} image files, {totals['skipped']} skipped, {totals['ignored']} ignored, "
+        f"{totals['duplicates_removed']} duplicates removed, {len(report['near_duplicate_groups'])} near-duplicate groups kept together"
+    )
+    _print_skipped(report["skipped"], "skipped", f"see {out_dir / paths.PREPARE_REPORT_FILE}")
+    for warning in report["warnings"]:  # imbalance included: the one list --strict reads too
+        out.print(f"warning: {warning}", markup=False)
+    out.print(f"sample grid: {out_dir / paths.SAMPLES_PNG}")
+
+
+def _print_skipped(items: list[dict], verb: str, more_hint: str, shown: int = 20) -> None:
+    for item in items[:shown]:
+        out.print(f"{verb} {item['path']}: {item['reason']}", markup=False)
+    if len(items) > shown:
+        out.print(f"... and {len(items) - shown} more: {more_hint}")
+
+
+def print_inspection(found: dict) -> None:
+    table = Table(title=f"Inspected {found['images_dir']} (nothing written)", title_justify="left")
+    for column in ("class", "files", "usable", "skipped", "formats", "modes"):
+        table.add_column(column, justify="right" if column in ("files", "usable", "skipped") else "left")
+    for name, c in found["counts"].items():
+        table.add_row(
+            name,
+            str(c["files"]),
+            str(c["usable"]),
+            str(c["skipped"]),
+            ", ".join(f"{k} {v}" for k, v in c["formats"].items()),
+            ", ".join(f"{k} {v}" for k, v in c["modes"].items()),
+        )
+    out.print(table)
+    t = found["totals"]
+    out.print(
+        f"{len(found['classes'])} classes, {t['files']} image files: {t['usable']} usable, {t['skipped']} would be skipped, {t['ignored']} ignored"
+    )
+    w, h = found["sizes"]["width"], found["sizes"]["height"]
+    if w:
+        out.print(
+            f"width  min {w['min']}  median {w['median']:g}  max {w['max']}\n"
+            f"height min {h['min']}  median {h['median']:g}  max {h['max']}"
+        )
+    _print_skipped(found["skipped"], "would skip", "see --json")
+    reasons: dict[str, list[str]] = {}
+    for item in found["ignored"]:
+        reasons.setdefault(item["reason"], []).append(item["path"])
+    for reason, items in reasons.items():
+        shown = ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
+        out.print(f"ignored ({reason}): {shown}", markup=False)
+    for warning in found["warnings"]:
+        out.print(f"warning: {warning}", markup=False)
+
+
+def print_metrics(metrics: dict, out_dir: Path) -> None:
+    classes = metrics["classes"]
+    out.print(f"test accuracy {metrics['accuracy']:.2%}  loss {metrics['loss']:.4f}  ({metrics['n_test']} images)")
+    table = Table(title="Per class", title_justify="left")
+    for column in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name in classes:
+        m = metrics["per_class"][name]
+        table.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+    out.print(table)
+    matrix = Table(title="Confusion matrix (rows: true, columns: predicted)", title_justify="left")
+    matrix.add_column("")
+    for name in classes:
+        matrix.add_column(name, justify="right")
+    for name, row in zip(classes, metrics["confusion_matrix"]):
+        matrix.add_row(name, *(str(v) for v in row))
+    out.print(matrix)
+    if metrics["most_confused"]:
+        pairs = ", ".join(f"{p['true']} -> {p['predicted']} ({p['count']})" for p in metrics["most_confused"])
+        out.print(f"most confused: {pairs}")
+    out.print(f"reports written to {out_dir}; open {out_dir / paths.REPORT_HTML} in a browser")
+
+
+def print_train_summary(summary: dict, out_dir: Path) -> None:
+    trained = (
+        f"trained {summary['epochs_run']} epoch(s) in {summary['seconds']:.1f}s; best epoch {summary['best_epoch']} "
+        f"({summary['monitor']} {summary['best']:.4f})"
+    )
+    in_sync = f"; weights sha256 {summary['weights_sha256']}" if "weights_sha256" in summary else ""
+    if "role" in summary:  # a worker of a cluster other than the chief: the chief writes the model
+        out.print(f"{summary['role']}: {trained}; the chief writes the model folder{in_sync}")
+    else:
+        out.print(f"{trained}; model written to {out_dir}, curves in {out_dir / paths.CURVES_PNG}{in_sync}")
+
+
+def print_learning_rate_found(found: dict) -> None:
+    if "role" in found:
+        out.print(f"{found['role']}: the chief runs the learning-rate sweep (one process, global batch)")
+        return
+    out.print(
+        f"suggested --learning-rate {found['suggestion']:.2g} (loss fell fastest near {found['steepest']:.2g}, "
+        f"lowest at {found['min_loss_lr']:.2g}); plot in {found['plot']}"
+    )
+
+
+def print_predictions(results) -> None:
+    """One line per file: file, label, confidence, and the other guesses of the top k."""
+    for r in results:
+        others = r.top_k[1:] if r.label == r.top_k[0]["label"] else r.top_k  # "unknown": show the guesses
+        extra = "  ".join(f"{t['label']} {t['probability']:.1%}" for t in others)
+        out.print(f"{r.file}\t{r.label}\t{r.confidence:.1%}" + (f"\t({extra})" if extra else ""), markup=False)

@@ -1,0 +1,195 @@
+"""The FastAPI app of `pipeline serve`: its routes, its model workers and its error replies.
+
+`create_app` loads the model folder (`settings.workers` single-threaded copies, each
+owned by one thread) and answers POST /predict, GET /health, /classes, the page at / and
+the API's documentation at /docs. The tests drive it through TestClient.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.exceptions import HTTPException
+
+from pipeline import __version__
+from pipeline.core import paths
+from pipeline.core.artifacts import read_json
+from pipeline.core.errors import PipelineError
+from pipeline.core.settings import ServeSettings
+from pipeline.data.images import PREPROCESS_VERSION, UnreadableImage
+from pipeline.inference.classifier import Classifier, load_classifier
+from pipeline.server.uploads import RequestError, read_uploads
+
+
+class ModelWorkers:
+    """`size` threads, each with its own single-threaded copy of the model.
+
+    A LiteRT interpreter keeps its tensors between calls, so two threads must never run the
+    same one: each worker thread adopts one copy for good. Requests wait for the next free
+    worker, which also bounds how many uploads are decoded at once (a photo just under
+    Pillow's bomb limit decodes to 270 MB) and how many threads the server has."""
+
+    def __init__(self, model_dir: Path, engine: str, size: int):
+        self.copies = [load_classifier(model_dir, engine, threads=1) for _ in range(size)]
+        self.model = self.copies[0]  # for what the copies share: classes, size, colour, engine
+        unclaimed: queue.SimpleQueue[Classifier] = queue.SimpleQueue()
+        for classifier in self.copies:
+            unclaimed.put(classifier)
+        self._mine = threading.local()
+
+        def adopt() -> None:  # runs once in each worker thread, as it starts
+            self._mine.classifier = unclaimed.get_nowait()
+
+        self._threads = ThreadPoolExecutor(size, thread_name_prefix="model", initializer=adopt)
+
+    async def predict(self, uploads: list[tuple[str, bytes]], top_k: int, threshold: float) -> list[dict]:
+        """predict --json's list for in-memory uploads, computed by the next free worker."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._threads, self._predict, uploads, top_k, threshold)
+
+    def _predict(self, uploads: list[tuple[str, bytes]], top_k: int, threshold: float) -> list[dict]:
+        classifier: Classifier = self._mine.classifier
+        pixels, unreadable = [], []
+        for name, data in uploads:
+            try:
+                pixels.append(classifier.preprocess(data))
+            except UnreadableImage as e:
+                unreadable.append({"file": name, "error": str(e)})
+        if unreadable:  # any unreadable file fails the request, naming each
+            reasons = "; ".join(f"{u['file']}: {u['error']}" for u in unreadable)
+            raise RequestError(
+                422, f"{len(unreadable)} of {len(uploads)} file(s) unreadable: {reasons}", files=unreadable
+            )
+        probabilities = classifier.probabilities(pixels)
+        return [classifier.label(name, p, top_k, threshold).as_dict() for (name, _), p in zip(uploads, probabilities)]
+
+
+def find_metrics(model_dir: Path, reports_dir: Path | None, classes: list[str]) -> dict | None:
+    """evaluate's metrics.json for this model: `reports_dir`, or the reports folder beside the
+    model folder (artifacts/reports for artifacts/model). None when absent, or when it lists
+    other classes or is older than the model (it measured an earlier one)."""
+    folder = Path(reports_dir) if reports_dir is not None else Path(model_dir).parent / paths.REPORTS_DIR.name
+    path = folder / paths.METRICS_FILE
+    if not path.is_file():
+        return None
+    try:
+        metrics = read_json(path, "")
+    except PipelineError:
+        return None
+    model_files = [Path(model_dir) / name for name in (paths.TFLITE_FILE, paths.MODEL_FILE)]
+    newest_model = max((f.stat().st_mtime for f in model_files if f.is_file()), default=0)
+    if not isinstance(metrics, dict) or metrics.get("classes") != classes or path.stat().st_mtime < newest_model:
+        return None
+    return {"accuracy": metrics.get("accuracy"), "n_test": metrics.get("n_test"), "path": str(path)}
+
+
+def create_app(model_dir: Path, settings: ServeSettings | None = None, reports_dir: Path | None = None) -> FastAPI:
+    """Load the model (`settings.workers` copies) and build the app that serves it."""
+    settings = settings or ServeSettings()
+    settings.check()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    model_workers = ModelWorkers(Path(model_dir), settings.engine, settings.workers or cores)
+    model = model_workers.model
+    app = FastAPI(
+        title="pipeline serve",
+        version=__version__,
+        description=f"The image classifier in `{model_dir}`: {len(model.classes)} classes, {model.engine}.",
+    )
+    app.state.health = _health(model_dir, model_workers, settings, find_metrics(model_dir, reports_dir, model.classes))
+    _answer_errors_in_json(app)
+    _add_routes(app, model_workers, settings)
+    return app
+
+
+def _health(model_dir: Path, model_workers: ModelWorkers, settings: ServeSettings, metrics: dict | None) -> dict:
+    """GET /health's answer: the model, its input, the limits and the test accuracy."""
+    model = model_workers.model
+    return {
+        "status": "ok",
+        "model_loaded": True,
+        "model": str(model_dir),
+        "engine": model.engine,
+        "classes": model.classes,
+        "size": model.size,
+        "color": model.color,
+        "version": __version__,
+        "preprocess_version": PREPROCESS_VERSION,
+        "workers": len(model_workers.copies),
+        "max_upload_mb": settings.max_upload_mb,
+        "max_files": settings.max_files,
+        "test_accuracy": metrics["accuracy"] if metrics else None,
+        "n_test": metrics["n_test"] if metrics else None,
+    }
+
+
+def _answer_errors_in_json(app: FastAPI) -> None:
+    """Every refusal is {"error": "..."} with its status, as the page and clients read it."""
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, e: RequestError) -> JSONResponse:
+        return JSONResponse({"error": str(e), **e.extra}, status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_parameter(request: Request, e: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'][1:])}: {err['msg']}" for err in e.errors())
+        return JSONResponse({"error": problems}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code, headers=e.headers)
+
+
+def _add_routes(app: FastAPI, model_workers: ModelWorkers, settings: ServeSettings) -> None:
+    model, health = model_workers.model, app.state.health
+    max_bytes = int(settings.max_upload_mb * 2**20)
+    page = resources.files("pipeline.server").joinpath("page.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def the_page() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/health")
+    def get_health() -> dict:
+        """The model is loaded: its classes, engine, input size, the limits and the test accuracy."""
+        return health
+
+    @app.get("/classes")
+    def get_classes() -> dict:
+        """The class names, index = the model's output."""
+        return {"classes": model.classes}
+
+    @app.post("/predict", openapi_extra=_PREDICT_BODY)
+    async def post_predict(
+        request: Request,
+        top_k: int = Query(1, ge=1, description="How many of the most likely labels to list."),
+        threshold: float = Query(0.0, ge=0, le=1, description="Below this confidence the label is 'unknown'."),
+    ) -> list[dict]:
+        """Label, confidence and top k for each image, exactly as `pipeline predict --json` gives them."""
+        uploads = await read_uploads(request, max_bytes, settings.max_files)
+        return await model_workers.predict(uploads, top_k, threshold)
+
+
+# /docs offers a file picker for this body, which the endpoint reads itself (see read_uploads).
+_PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
