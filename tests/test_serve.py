@@ -346,3 +346,43 @@ def test_workers_silencing_native_stderr_at_once_leave_stderr_whole(capfd):
     assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
     print("still heard", file=sys.stderr)
     assert "still heard" in capfd.readouterr().err
+
+
+def test_the_api_docs_render_offline_and_ask_nothing_beyond_loopback(live_server, tmp_path):
+    """/docs in a real browser: Swagger UI draws every route, and every request the page makes
+    (its scripts, styles, icon and the OpenAPI schema) goes to the server itself."""
+    browser, driver_path = chromium(), chromedriver()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1100,800"]:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request the page makes
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    try:
+        driver.get(live_server + "/docs")
+        paths = lambda d: {e.text for e in d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}  # noqa: E731
+        WebDriverWait(driver, 30).until(lambda d: {"/predict", "/health", "/classes"} <= paths(d))
+        requested = [
+            message["params"]["request"]["url"]
+            for entry in driver.get_log("performance")
+            if (message := json.loads(entry["message"])["message"])["method"] == "Network.requestWillBeSent"
+        ]
+    finally:
+        driver.quit()
+    assert any(url.endswith("/openapi.json") for url in requested)
+    assert any(url.endswith(".js") for url in requested)  # Swagger UI's bundle, from the app
+    # the browser's own chrome:// pages aside, every request over a network goes to the server
+    network = [url for url in requested if url.split(":", 1)[0] in ("http", "https", "ws", "wss")]
+    outside = [url for url in network if not url.startswith(live_server + "/")]
+    assert network and not outside, outside
+
+
+def test_the_docs_pages_name_no_other_host(client):
+    for page in ("/docs", "/redoc"):
+        html = client.get(page).text
+        assert re.findall(r"https?://[^\s\"'<>]+", html) == [], page

@@ -2,7 +2,8 @@
 
 `create_app` loads the model folder (`settings.workers` single-threaded copies, each
 owned by one thread) and answers POST /predict, GET /health, /classes, the page at / and
-the API's documentation at /docs. The tests drive it through TestClient.
+the API's documentation at /docs (and /redoc), whose scripts and styles the app serves
+itself from the fastapi-offline package, so the pages work without internet. The tests drive it through TestClient.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 
 from pipeline import __version__
@@ -99,7 +101,9 @@ def create_app(model_dir: Path, settings: ServeSettings | None = None, reports_d
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     model_workers = ModelWorkers(Path(model_dir), settings.engine, settings.workers or cores)
     model = model_workers.model
-    app = FastAPI(
+    # /docs and /redoc with Swagger UI's and ReDoc's files from an installed package, served by
+    # the app itself: FastAPI's own pages load them from a CDN, blank on a machine offline.
+    app = FastAPIOffline(
         title="pipeline serve",
         version=__version__,
         description=f"The image classifier in `{model_dir}`: {len(model.classes)} classes, {model.engine}.",
