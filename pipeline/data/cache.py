@@ -34,6 +34,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import math
 import os
 import struct
 import uuid
@@ -54,6 +55,7 @@ CHECKSUM = struct.Struct("<II")
 CHECKSUM_BYTES = CHECKSUM.size
 INDEX_FILE, PACKS = "index.npy", "packs"
 INDEX_DTYPE = np.dtype([("key", "S40"), ("pack", "S32"), ("offset", "<u8"), ("length", "<u4")])
+IN_MEMORY_KEYS = 1_000_000  # up to 84 MB of index per worker in memory; beyond, searched on the map
 STALE_SECONDS = 3600  # temporary files older than this were left by killed runs
 _HEADER_LEN = struct.Struct("<I")
 _tmp_names = itertools.count()
@@ -134,25 +136,23 @@ class EntryStore:
     def __init__(self, root: str | Path):
         self.root = os.fspath(root)
         self._index: np.ndarray | None = None
+        self._keys = None
         self._fds: dict[str, int] = {}
         self._pending: list[bytes] = []
         self._new: list[tuple[str, int, int]] = []  # (key, offset, length) in the pack to come
         self._pack_bytes = 0
 
-    def _keys(self) -> np.ndarray:
-        if self._index is None:
-            self._index = load_index(self.root, mmap=True)
-        return self._index
-
     def get(self, key: str, shape: tuple[int, ...], counts: CacheCounts) -> tuple[np.ndarray, dict] | None:
         """(row, results) of a sound entry, else None: a missing one is a miss, an unusable
         one is counted in `counts.recomputed` by reason."""
-        index = self._keys()
-        keys, wanted = index["key"], key.encode()  # a view: searchsorted would copy it whole
-        at = bisect.bisect_left(keys, wanted)
+        if self._index is None:
+            self._index, self._keys = _worker_index(self.root)
+        index, keys, wanted = self._index, self._keys, key.encode()
+        at = int(np.searchsorted(keys, wanted)) if isinstance(keys, np.ndarray) else bisect.bisect_left(keys, wanted)
         if at == len(index) or keys[at] != wanted:
             return None
-        pack, offset, length = index["pack"][at].decode(), int(index["offset"][at]), int(index["length"][at])
+        found = index[at]
+        pack, offset, length = found["pack"].decode(), int(found["offset"]), int(found["length"])
         try:
             data = os.pread(self._open(pack), length, offset)
         except OSError:  # evicted by another run since the index was written: a plain miss
@@ -213,7 +213,7 @@ def parse_entry(data: bytes, key: str | None, shape: tuple[int, ...] | None) -> 
     (header_len,) = _HEADER_LEN.unpack_from(data, len(MAGIC))
     try:
         header = json.loads(data[start : start + header_len])
-        row_bytes = int(np.prod(header["shape"]))
+        row_bytes = math.prod(header["shape"])
     except (ValueError, KeyError, TypeError):
         return "truncated" if len(data) < start + header_len else "corrupt"
     end = start + header_len + row_bytes
@@ -254,6 +254,29 @@ def write_atomically(path: str | Path, data: bytes) -> None:
 
 
 # --- the index: written by prepare's own process (cache_index.py), read by every worker ---
+
+
+_loaded: dict[str, tuple] = {}  # per worker process: root -> (the index file's identity, index, keys)
+
+
+def _worker_index(root: str):
+    """The index, loaded once per worker process while the file stays the same (prepare
+    replaces it, never edits it): in memory, its keys contiguous for searchsorted, unless
+    it is very large (then memory-mapped, searched by bisect: searchsorted would copy the
+    strided keys whole for each look-up)."""
+    try:
+        st = os.stat(os.path.join(root, INDEX_FILE))
+        identity = (st.st_ino, st.st_mtime_ns, st.st_size)
+    except OSError:
+        identity = None
+    if root not in _loaded or _loaded[root][0] != identity:
+        index = load_index(root, mmap=True)
+        if len(index) <= IN_MEMORY_KEYS:  # plain arrays: a memmap's item access costs 10 us
+            index = np.array(index)
+            _loaded[root] = (identity, index, np.ascontiguousarray(index["key"]))
+        else:
+            _loaded[root] = (identity, index, index["key"])
+    return _loaded[root][1:]
 
 
 def load_index(root: str | Path, mmap: bool = False) -> np.ndarray:
