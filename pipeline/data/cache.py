@@ -58,6 +58,7 @@ INDEX_DTYPE = np.dtype([("key", "S40"), ("pack", "S32"), ("offset", "<u8"), ("le
 IN_MEMORY_KEYS = 1_000_000  # up to 84 MB of index per worker in memory; beyond, searched on the map
 STALE_SECONDS = 3600  # temporary files older than this were left by killed runs
 _HEADER_LEN = struct.Struct("<I")
+_BINARY = getattr(os, "O_BINARY", 0)  # Windows would translate line ends without it
 _tmp_names = itertools.count()
 
 
@@ -154,7 +155,9 @@ class EntryStore:
         found = index[at]
         pack, offset, length = found["pack"].decode(), int(found["offset"]), int(found["length"])
         try:
-            data = os.pread(self._open(pack), length, offset)
+            fd = self._open(pack)
+            os.lseek(fd, offset, os.SEEK_SET)  # not os.pread: Windows has none
+            data = os.read(fd, length)
         except OSError:  # evicted by another run since the index was written: a plain miss
             return None
         found = parse_entry(data, key, shape)
@@ -166,7 +169,7 @@ class EntryStore:
     def _open(self, pack: str) -> int:
         if pack not in self._fds:
             path = pack_path(self.root, pack)
-            self._fds[pack] = os.open(path, os.O_RDONLY)
+            self._fds[pack] = os.open(path, os.O_RDONLY | _BINARY)
             with contextlib.suppress(OSError):
                 os.utime(path)  # recently used: evicted last
         return self._fds[pack]
@@ -239,7 +242,7 @@ def write_atomically(path: str | Path, data: bytes) -> None:
     """A temporary name in the same folder, then os.replace: readers see all or nothing."""
     tmp = f"{path}.tmp-{os.getpid()}-{next(_tmp_names)}"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _BINARY, 0o666)
         try:
             view = memoryview(data)
             while view:  # os.write may write less than asked

@@ -98,8 +98,9 @@ def _decode_chunk(args: tuple) -> tuple[list[tuple], CacheCounts, list[list | No
 
 
 def _decode(source: str | bytes, size: int, color: str) -> tuple[np.ndarray | None, tuple]:
-    array, reason, digest, phash = _decode_file(source, size, color)
-    return array, (reason, digest, phash)
+    """(row, results): results are whatever _decode_file returns after the row, as the cache keeps them."""
+    array, *results = _decode_file(source, size, color)
+    return array, tuple(results)
 
 
 def _cached_decode(path: str, known: str | None, shape, color: str, store: EntryStore, counts: CacheCounts):
