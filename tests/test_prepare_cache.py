@@ -207,3 +207,14 @@ def test_default_place_no_cache_and_a_cache_in_the_images_folder(folder, tmp_pat
     assert not (folder / "cat" / "c").exists()
     report = json.loads((tmp_path / "art" / "data" / "report.json").read_text())
     assert not {"cache", "no_cache", "cache_limit_gb"} & set(report["settings"])
+
+
+def test_files_changed_just_before_they_were_read_are_hashed_again(folder, tmp_path, monkeypatch):
+    """Within RACY_NS of its last change a file's stat is not recorded: a second edit in the
+    same timestamp tick could keep every field. Such files are read and hashed next time."""
+    monkeypatch.setattr(stat_index, "RACY_NS", 3600 * 10**9)  # every file here is that recent
+    cache_dir, out = tmp_path / "cache", tmp_path / "data"
+    cached(folder, out, cache_dir)
+    run = cached(folder, out, cache_dir)
+    assert run["hits"] == 61 and run["unread"] == 0
+    assert_same_as_fresh(folder, out, tmp_path)
