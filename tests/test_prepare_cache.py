@@ -26,7 +26,7 @@ from pipeline.data import cache, stat_index
 from tests.conftest import run_cli, write_image_folder
 
 OUTPUTS = ("X_train.npy", "X_val.npy", "X_test.npy", "y_train.npy", "y_val.npy", "y_test.npy", "manifest.csv")
-OPTIONS = ("--size", "16", "--workers", "2")
+OPTIONS = ("--size", "32", "--workers", "2")  # 32: perceptual hashes computed per task batch
 
 
 @pytest.fixture
@@ -189,9 +189,9 @@ def test_a_run_killed_mid_way_leaves_a_cache_the_next_run_uses(tmp_path):
 
 def test_the_size_limit_evicts_the_least_recently_used_packs(folder, tmp_path):
     cache_dir, out = tmp_path / "cache", tmp_path / "data"
-    cached(folder, out, cache_dir, "--cache-limit-gb", str(40_000 / 2**30))  # two packs of 30 KB: one stays
+    cached(folder, out, cache_dir, "--cache-limit-gb", str(150_000 / 2**30))  # packs of ~100 KB: one stays
     total = sum(p.stat().st_size for p in pack_files(cache_dir))
-    assert 0 < total <= 40_000 and len(pack_files(cache_dir)) == 1
+    assert 0 < total <= 150_000 and len(pack_files(cache_dir)) == 1
     run = cached(folder, out, cache_dir)
     assert 0 < run["hits"] < 61
     assert_same_as_fresh(folder, out, tmp_path)
