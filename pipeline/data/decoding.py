@@ -131,8 +131,18 @@ def _cached_decode(path: str, known: str | None, shape, color: str, store: Entry
     return (*_decode(data, size, color), seen, False, key)
 
 
-def _jsonable(result: tuple) -> list:
-    return [{"hex": v.hex()} if isinstance(v, bytes) else v.item() if isinstance(v, np.generic) else v for v in result]
+def _jsonable(value):
+    """A file's results as the cache stores them: bytes as {"hex": ...}, numpy values as
+    Python ones, tuples as lists (top-level results come back as a tuple, nested ones as lists)."""
+    if isinstance(value, bytes):
+        return {"hex": value.hex()}
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
 
 
 def _from_json(stored: list) -> tuple:
