@@ -11,7 +11,7 @@ SAMPLE := sample_data
 ART := artifacts
 
 .DEFAULT_GOAL := help
-.PHONY: help install all prepare train evaluate predict serve test lint bench bench-serve clean
+.PHONY: help install all prepare train evaluate predict serve test lint bench bench-serve bench-cache clean
 
 help: ## Show every target with one line
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ bench: $(STAMP) ## Benchmark against the reference scripts in ../shared/bench (s
 
 bench-serve: $(STAMP) ## Load-test pipeline serve on loopback against cold predict processes (not part of CI)
 	$(BIN)/python bench/serve_load.py
+
+bench-cache: $(STAMP) ## prepare's per-file cache: fresh against re-runs after 1 % changes, 20,000 photos (slow)
+	$(BIN)/python bench/cache_bench.py
 
 clean: ## Remove artifacts, caches and the virtual environment
 	rm -rf $(ART) $(VENV) .pytest_cache .ruff_cache bench/work *.egg-info

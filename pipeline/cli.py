@@ -140,6 +140,18 @@ def prepare(
             help="Dask scheduler (tcp://host:8786) whose workers decode; images and --out on storage they share.",
         ),
     ] = PREPARE.scheduler,
+    cache: Annotated[
+        str,
+        typer.Option(
+            help="Per-file cache folder, keyed by content (default: .cache beside --out).", show_default=False
+        ),
+    ] = PREPARE.cache,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Decode every file; neither read nor write the cache.")
+    ] = PREPARE.no_cache,
+    cache_limit_gb: Annotated[
+        float, typer.Option(help="Cache size limit; least recently used entries go first.")
+    ] = PREPARE.cache_limit_gb,
     quiet: Quiet = False,
 ) -> None:
     """Scan IMAGES_DIR, decode, resize, de-duplicate, split and augment into .npy arrays."""

@@ -11,7 +11,9 @@ processes, local or a Dask cluster's (`data.decoding.decode_all`, through
 `worker_pool.open_pool`); choose the source images (`choose_sources`: exact duplicates,
 label conflicts, empty classes, warnings, --strict); split them (`splits.split_by_group`
 on near-duplicate groups); write the arrays and manifest (`write_splits`); write the
-report (`build_report`).
+report (`build_report`). Files decoded before, at the same settings, come from the per-file
+cache (data/cache.py: .cache beside --out, --cache DIR, --no-cache), byte for byte as a
+fresh decode would give them.
 
 Memory stays flat as the folder grows: workers write decoded rows straight into a buffer
 file (`_decoded.npy`, in the temporary output folder), and rows move from there to the
@@ -35,7 +37,7 @@ from pipeline.core import paths, progress
 from pipeline.core.artifacts import atomic_dir, check_out_dir, write_json
 from pipeline.core.errors import PipelineError
 from pipeline.core.settings import PrepareSettings
-from pipeline.data import augment, dedup
+from pipeline.data import augment, cache, dedup
 from pipeline.data.data_folder import (
     COUNT_COLUMNS,
     create_rows_file,
@@ -66,11 +68,12 @@ def prepare_dataset(images_dir: Path, out_dir: Path, settings: PrepareSettings) 
         )
     if not scan.files:
         raise PipelineError(f"no image files found under {images_dir}")
+    cache_dir = cache.cache_dir_for(settings.cache, settings.no_cache, out_dir, images_dir)
     workers = settings.workers or available_cores()
     with atomic_dir(out_dir) as tmp, _worker_pool(workers, len(scan.files), settings) as pool:
         pool.check_storage(scan.root / scan.files[0][0], tmp)  # a cluster's workers must see both
         buffer_path = tmp / "_decoded.npy"
-        decoded = decode_all(scan, settings, buffer_path, pool)
+        decoded = decode_all(scan, settings, buffer_path, pool, cache_dir)
         sources = choose_sources(scan, decoded, settings)
         groups = dedup.group_near_duplicates(decoded.phashes[sources.rows], settings.near_duplicate_distance)
         split_of = split_by_group(
@@ -81,6 +84,8 @@ def prepare_dataset(images_dir: Path, out_dir: Path, settings: PrepareSettings) 
         write_json(tmp / paths.PREPARE_REPORT_FILE, report)
         buffer_path.unlink()
         _save_samples(tmp, report, settings)
+    if decoded.cache is not None:  # after the run, so that an error stays the one line it ends with
+        progress.say(cache.note(decoded.cache, cache_dir, len(scan.files)))
     return report
 
 
@@ -286,13 +291,14 @@ def build_report(
         "near_duplicate_groups": near_duplicate_groups(groups, [files[r][0] for r in sources.rows], split_of),
         "warnings": sources.warnings,
         "settings": recorded_settings(s),
+        **cache.report_section(decoded.cache),
     }
 
 
 def recorded_settings(s: PrepareSettings) -> dict:
-    """The settings that shape the output; where the work ran (the scheduler) does not, so a
-    cluster run's report is byte-identical to a local run's."""
-    return {k: v for k, v in asdict(s).items() if k != "scheduler"}
+    """The settings that shape the output; where the work ran (the scheduler) and the cache
+    do not, so a cluster run's or a cached run's report is byte-identical to a local run's."""
+    return {k: v for k, v in asdict(s).items() if k not in ("scheduler", "cache", "no_cache", "cache_limit_gb")}
 
 
 def _save_samples(tmp: Path, report: dict, s: PrepareSettings) -> None:

@@ -66,6 +66,19 @@ def test_a_cluster_run_writes_the_same_bytes_as_a_local_run(cluster, mixed, loca
     assert b"truncated" in local_run["report.json"] and b"label_conflicts" in local_run["report.json"]
 
 
+def test_cluster_workers_and_local_runs_share_one_cache(cluster, mixed, local_run, tmp_path):
+    """The workers write the cache on the shared storage; a local run then decodes nothing
+    (the corrupt file's skip reason, too, comes from the cache), and both write the same bytes."""
+    cache_dir = tmp_path / "cache"
+    on_cluster = ["--scheduler", cluster.scheduler_address, "--cache", cache_dir]
+    run_cli("prepare", mixed, "--out", tmp_path / "a", *on_cluster, *ARGS)
+    assert files_of(tmp_path / "a") == local_run
+    assert list((cache_dir / "packs").glob("*/*.pack"))
+    result = run_cli("prepare", mixed, "--out", tmp_path / "b", "--cache", cache_dir, *ARGS[:-1])
+    assert f"{3 * 40 + 3} of {3 * 40 + 3} files from the cache" in result.stderr
+    assert files_of(tmp_path / "b") == local_run
+
+
 class KillOnce(WorkerPlugin):
     """Ends its worker's process the moment a decoding task has written its rows but before
     the scheduler hears of it, once per cluster (a marker file says it happened)."""

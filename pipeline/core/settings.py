@@ -34,8 +34,13 @@ class PrepareSettings:
     strict: bool = False  # any skipped file or warning fails the run
     near_duplicate_distance: int = NEAR_DUPLICATE_DISTANCE  # perceptual-hash bits; -1 = off
     scheduler: str = ""  # Dask scheduler address (tcp://host:8786) for the per-file work; "" = local processes
+    cache: str = ""  # per-file cache folder; "" = .cache beside --out (artifacts/.cache)
+    no_cache: bool = False  # decode every file, neither reading nor writing the cache
+    cache_limit_gb: float = 20.0  # least recently used entries go beyond this
 
     def check(self) -> None:
+        if not self.cache_limit_gb > 0:
+            raise PipelineError(f"--cache-limit-gb must be above 0, got {self.cache_limit_gb}")
         if not 10 <= self.size <= 1024:  # the two conv-pool stages need 10 pixels
             raise PipelineError(f"--size must be between 10 and 1024, got {self.size}")
         if self.color not in COLOR_MODES:

@@ -4,12 +4,19 @@ Each task takes `DECODE_CHUNK` consecutive files, decodes and resizes them with
 `images.preprocess`, writes their rows into the buffer file itself (the pixels never
 travel back through a pipe) and returns, per file, its skip reason or its pixel digest
 and perceptual hash. `decode_all` keeps only those small results in the calling process.
+
+With a cache folder (data/cache.py), a file whose content was decoded before at the same
+settings is not decoded again: its row and results come from its entry, and a file whose
+stat is unchanged is not even read. A file's results are a tuple of JSON-able values
+(bytes allowed) that the cache stores as they are, so a new per-file result only needs
+RESULTS_VERSION bumped.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,13 +24,15 @@ import numpy as np
 
 from pipeline.core import progress
 from pipeline.core.settings import PrepareSettings
-from pipeline.data import dedup
+from pipeline.data import cache, cache_index, dedup, stat_index
+from pipeline.data.cache import CacheCounts, EntryStore
 from pipeline.data.data_folder import create_rows_file, write_rows
 from pipeline.data.image_folder import FolderScan
 from pipeline.data.images import UnreadableImage, channels, preprocess
 from pipeline.data.worker_pool import WorkerPool
 
 DECODE_CHUNK = 32  # files per task a worker takes: few messages, and the last tasks still balance
+RESULTS_VERSION = 1  # bump when what a file's results hold changes: cached entries of another are not used
 
 
 @dataclass
@@ -32,9 +41,10 @@ class Decoded:
     reasons: dict[int, str]  # why a file was skipped
     digests: list[bytes | None]
     phashes: np.ndarray  # uint64, 0 where not decoded
+    cache: CacheCounts | None = None  # what the cache served; None without one
 
 
-def _decode_file(path: str, size: int, color: str) -> tuple[np.ndarray | None, str | None, bytes | None, int]:
+def _decode_file(path: str | bytes, size: int, color: str) -> tuple[np.ndarray | None, str | None, bytes | None, int]:
     """(row, skip reason, pixel digest, perceptual hash); the hash is 0 where the batch computes it."""
     try:
         image = preprocess(path, size, color)
@@ -50,30 +60,102 @@ def _decode_file(path: str, size: int, color: str) -> tuple[np.ndarray | None, s
     return image.pixels, None, digest, phash
 
 
-def _decode_chunk(args: tuple[str, int, int, list[str], int, str]) -> list[tuple[str | None, bytes | None, int]]:
-    """Decode consecutive files into their rows of the buffer file; return (reason, digest, phash) each.
+def _decode_chunk(args: tuple) -> tuple[list[tuple], CacheCounts, list[list | None], list[tuple]]:
+    """Decode consecutive files into their rows of the buffer file; return their
+    (reason, digest, phash) results, what the cache served, each file's stat record and
+    the cache entries written.
 
     The worker writes the pixels itself, so they never travel back through a pipe and the
     parent never holds them.
     """
-    buffer_path, offset, start, files, size, color = args
-    rows = np.zeros((len(files), size, size, channels(color)), dtype=np.uint8)
-    results = []
+    buffer_path, offset, start, files, size, color, cache_dir, known = args
+    shape = (size, size, channels(color))
+    rows = np.zeros((len(files), *shape), dtype=np.uint8)
+    store, counts = (EntryStore(cache_dir) if cache_dir else None), CacheCounts()
+    results, seen, to_store, fresh = [], [None] * len(files), {}, []
     for i, path in enumerate(files):
-        array, reason, digest, phash = _decode_file(path, size, color)
+        if store is None:
+            (array, result), served, key = _decode(path, size, color), False, None
+        else:
+            array, result, seen[i], served, key = _cached_decode(path, known[i], shape, color, store, counts)
+        if key is not None:
+            to_store[i] = key
+        if not served:
+            fresh.append(i)
         if array is not None:
             rows[i] = array
-        results.append((reason, digest, phash))
+        results.append(result)
     write_rows(Path(buffer_path), offset, start, rows)
-    if size >= dedup.PHASH_SIDE:
-        decoded = [i for i, (reason, _, _) in enumerate(results) if reason is None]
+    if size >= dedup.PHASH_SIDE:  # for the files decoded now; an entry holds its own
+        decoded = [i for i in fresh if results[i][0] is None]
         for i, phash in zip(decoded, dedup.perceptual_hashes(rows[decoded]).tolist()):
-            results[i] = (None, results[i][1], phash)
-    return results
+            results[i] = (None, results[i][1], phash, *results[i][3:])
+    if store is None:
+        return results, counts, seen, []
+    for i, key in to_store.items():
+        store.put(key, rows[i], _jsonable(results[i]))
+    return results, counts, seen, store.flush()
 
 
-def decode_all(scan: FolderScan, s: PrepareSettings, buffer_path: Path, pool: WorkerPool) -> Decoded:
-    """Decode every scanned file into row i of the buffer file; keep only digests and hashes here."""
+def _decode(source: str | bytes, size: int, color: str) -> tuple[np.ndarray | None, tuple]:
+    """(row, results): results are whatever _decode_file returns after the row, as the cache keeps them."""
+    array, *results = _decode_file(source, size, color)
+    return array, tuple(results)
+
+
+def _cached_decode(path: str, known: str | None, shape, color: str, store: EntryStore, counts: CacheCounts):
+    """(row, results, stat record or None, served from an entry, key of an entry to write or None).
+
+    An unchanged stat (`known` hash) spares reading the file; otherwise its bytes are read
+    once, hashed, and decoded from memory only if no sound entry holds them."""
+    size = shape[0]
+    if known is not None:
+        found = store.get(cache.entry_key(known, size, color, RESULTS_VERSION), shape, counts)
+        if found is not None:
+            counts.hits, counts.unread = counts.hits + 1, counts.unread + 1
+            return found[0], _from_json(found[1]), None, True, None
+    read_ns = time.time_ns()
+    try:
+        with open(path, "rb") as f:
+            st, data = os.fstat(f.fileno()), f.read()
+    except OSError:  # missing, a folder, no permission: the decoder says which; nothing to cache
+        return (*_decode(path, size, color), None, False, None)
+    content = cache.content_hash(data)
+    seen = [*stat_index.signature(st), content] if stat_index.recordable(st, read_ns) else None
+    key = cache.entry_key(content, size, color, RESULTS_VERSION)
+    found = None if content == known else store.get(key, shape, counts)  # known: looked up above
+    if found is not None:
+        counts.hits += 1
+        return found[0], _from_json(found[1]), seen, True, None
+    counts.misses += 1
+    return (*_decode(data, size, color), seen, False, key)
+
+
+def _jsonable(value):
+    """A file's results as the cache stores them: bytes as {"hex": ...}, numpy values as
+    Python ones, tuples as lists (top-level results come back as a tuple, nested ones as lists)."""
+    if isinstance(value, bytes):
+        return {"hex": value.hex()}
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _from_json(stored: list) -> tuple:
+    return tuple(bytes.fromhex(v["hex"]) if isinstance(v, dict) and set(v) == {"hex"} else v for v in stored)
+
+
+def decode_all(
+    scan: FolderScan, s: PrepareSettings, buffer_path: Path, pool: WorkerPool, cache_dir: Path | None = None
+) -> Decoded:
+    """Decode every scanned file into row i of the buffer file; keep only digests and hashes here.
+
+    With `cache_dir`, files decoded before come from the cache; the cache's index and stat
+    index are updated for the next run."""
     n = len(scan.files)
     offset = create_rows_file(buffer_path, (n, s.size, s.size, channels(s.color)))
     ok = np.zeros(n, dtype=bool)
@@ -81,24 +163,58 @@ def decode_all(scan: FolderScan, s: PrepareSettings, buffer_path: Path, pool: Wo
     digests: list[bytes | None] = [None] * n
     phashes = np.zeros(n, dtype=np.uint64)
     root = os.path.abspath(scan.root)  # the same file for a cluster's worker, whatever its working folder
+    rel_paths = [rel for rel, _ in scan.files]
+    books = _CacheBooks(cache_dir, root, rel_paths)
     # Made as they are taken: a list of every task would hold a second copy of every path.
     tasks = (
         (
             os.path.abspath(buffer_path),
             offset,
             start,
-            [os.path.join(root, rel) for rel, _ in scan.files[start : start + DECODE_CHUNK]],
+            [os.path.join(root, rel) for rel in rel_paths[start : start + DECODE_CHUNK]],
         )
-        + (s.size, s.color)
+        + (s.size, s.color, books.arg, books.known[start : start + DECODE_CHUNK])
         for start in range(0, n, DECODE_CHUNK)
     )
     done = progress.track(pool.imap(_decode_chunk, tasks), -(-n // DECODE_CHUNK), f"decoding {n} images")
     i = 0
-    for results in done:
-        for reason, digest, phash in results:
+    for results, counts, seen, written in done:
+        books.add(i, counts, seen, written)
+        for reason, digest, phash, *_ in results:
             if reason is None:
                 ok[i], digests[i], phashes[i] = True, digest, phash
             else:
                 reasons[i] = reason
             i += 1
-    return Decoded(ok, reasons, digests, phashes)
+    return Decoded(ok, reasons, digests, phashes, books.finish(s.cache_limit_gb))
+
+
+class _CacheBooks:
+    """The cache's side of one decode_all, in prepare's process: the stat fast path's hits
+    before, the index and stat index written after."""
+
+    def __init__(self, cache_dir: Path | None, root: str, rel_paths: list[str]):
+        self.cache_dir, self.root, self.rel_paths = cache_dir, root, rel_paths
+        self.arg = os.path.abspath(cache_dir) if cache_dir else ""
+        self.counts, self.recorded = CacheCounts(), {}
+        self.stats = stat_index.load(cache_dir, root) if cache_dir else {}
+        self.known = stat_index.known_hashes(self.stats, root, rel_paths) if self.stats else [None] * len(rel_paths)
+        self.run = cache_index.start_run(cache_dir) if cache_dir else None
+
+    def add(self, first: int, counts: CacheCounts, seen: list, written: list) -> None:
+        self.counts.add(counts)
+        if self.run is not None:
+            self.run.new.extend(written)
+        for i, record in enumerate(seen, start=first):
+            if record is None and self.known[i] is not None:
+                record = self.stats[self.rel_paths[i]]  # unchanged, and not read again
+            if record is not None:
+                self.recorded[self.rel_paths[i]] = record
+
+    def finish(self, limit_gb: float) -> CacheCounts | None:
+        if self.run is None:
+            return None
+        cache_index.finish_run(self.run, int(limit_gb * 2**30))
+        if self.recorded != self.stats:
+            stat_index.save(self.cache_dir, self.root, self.recorded, cache.write_atomically)
+        return self.counts

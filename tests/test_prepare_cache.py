@@ -1,0 +1,220 @@
+"""prepare's per-file cache: a run served from it writes what a fresh run writes, byte for byte.
+
+Every case compares a cached run with a --no-cache run of the same folder: files added,
+removed, edited in place (same name, size and mtime), moved between class folders; broken
+entries (corrupt, truncated, foreign) decoded again and counted; a run killed mid-way
+followed by a good one; the size limit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data import cache, stat_index
+from tests.conftest import run_cli, write_image_folder
+
+OUTPUTS = ("X_train.npy", "X_val.npy", "X_test.npy", "y_train.npy", "y_val.npy", "y_test.npy", "manifest.csv")
+OPTIONS = ("--size", "32", "--workers", "2")  # 32: perceptual hashes computed per task batch
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    images = write_image_folder(tmp_path / "images", per_class=20)  # 61 files: two tasks, two packs
+    # BMP: a fixed size for fixed dimensions, so an edit can keep the file's size exactly
+    Image.fromarray(np.full((24, 24, 3), (200, 30, 30), np.uint8)).save(images / "cat" / "flat.bmp")
+    return images
+
+
+@pytest.fixture(autouse=True)
+def stat_trusted_at_once(monkeypatch):
+    """Files written a moment ago are not trusted by stat (coarse timestamps); these tests
+    write and prepare within the same second, and must exercise the stat fast path."""
+    monkeypatch.setattr(stat_index, "RACY_NS", 0)
+
+
+def cached(images: Path, out: Path, cache_dir: Path, *extra: str) -> dict:
+    """A cached prepare; returns what its note on stderr says it served."""
+    result = run_cli("prepare", images, "--out", out, "--cache", cache_dir, *OPTIONS, *extra)
+    found = re.search(r"cache .*: (\d+) of (\d+) files from the cache \((\d+) not read again\)", result.stderr)
+    assert found, result.stderr
+    hits, files, unread = map(int, found.groups())
+    return {"hits": hits, "files": files, "unread": unread, "stderr": result.stderr}
+
+
+def assert_same_as_fresh(images: Path, out: Path, tmp_path: Path) -> None:
+    fresh = tmp_path / "fresh"
+    run_cli("prepare", images, "--out", fresh, "--no-cache", *OPTIONS, "--quiet")
+    for name in (*OUTPUTS, "report.json"):
+        assert (out / name).read_bytes() == (fresh / name).read_bytes(), name
+    shutil.rmtree(fresh)
+
+
+def test_a_run_from_the_cache_writes_the_bytes_of_a_fresh_run(folder, tmp_path):
+    cache_dir, out = tmp_path / "cache", tmp_path / "data"
+    first = cached(folder, out, cache_dir)
+    assert first["hits"] == 0 and first["files"] == 61
+    assert_same_as_fresh(folder, out, tmp_path)
+    again = cached(folder, out, cache_dir)
+    assert again["hits"] == again["unread"] == 61  # nothing decoded, nothing even read
+    assert_same_as_fresh(folder, out, tmp_path)
+    assert "cache" not in json.loads((out / "report.json").read_text())
+
+
+def test_files_added_removed_and_moved_between_classes(folder, tmp_path):
+    cache_dir, out = tmp_path / "cache", tmp_path / "data"
+    cached(folder, out, cache_dir)
+    write_image_folder(tmp_path / "more", per_class=2, seed=7)
+    for path in (tmp_path / "more").glob("*/*"):
+        shutil.copyfile(path, folder / path.parent.name / f"new_{path.name}")
+    (folder / "dog" / "dog_003.jpg").unlink()
+    (folder / "fox" / "fox_004.png").rename(folder / "cat" / "fox_004.png")  # relabelled
+    (folder / "dog" / "dog_005.jpg").rename(folder / "fox" / "dog_005.jpg")
+    run = cached(folder, out, cache_dir)
+    assert run["files"] == 61 + 6 - 1
+    assert run["hits"] == 61 - 1  # the moved files come from the cache, found by content
+    assert run["unread"] == 61 - 1 - 2  # ... but were read to be hashed: their paths are new
+    assert_same_as_fresh(folder, out, tmp_path)
+    manifest = (out / "manifest.csv").read_text()
+    assert "cat/fox_004.png,cat" in manifest and "fox/dog_005.jpg,fox" in manifest
+
+
+def test_a_file_edited_in_place_with_its_size_and_mtime_kept_is_decoded_again(folder, tmp_path):
+    cache_dir, out = tmp_path / "cache", tmp_path / "data"
+    cached(folder, out, cache_dir)
+    path = folder / "cat" / "flat.bmp"
+    before = os.stat(path)
+    time.sleep(0.02)  # past the timestamps' tick
+    with open(path, "r+b") as f:  # same inode, same size, new pixels
+        image = Image.fromarray(np.full((24, 24, 3), (10, 240, 10), np.uint8))
+        image.save(f, format="BMP")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the same mtime
+    after = os.stat(path)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    run = cached(folder, out, cache_dir)
+    assert run["hits"] == 60 and run["unread"] == 60  # ctime gave the edit away: read, hashed, decoded
+    assert_same_as_fresh(folder, out, tmp_path)
+    rows = np.concatenate([np.load(out / f"X_{split}.npy") for split in ("train", "val", "test")])
+    assert (rows.reshape(len(rows), -1, 3) == (10, 240, 10)).all(axis=(1, 2)).any()  # the new pixels
+
+
+def test_settings_that_change_the_rows_do_not_share_entries(folder, tmp_path):
+    cache_dir, out = tmp_path / "cache", tmp_path / "data"
+    cached(folder, out, cache_dir)
+    run = cached(folder, out, cache_dir, "--color", "grayscale")
+    assert run["hits"] == 0
+    assert cached(folder, out, cache_dir, "--seed", "3")["hits"] == 61  # the split's seed does not decode
+    fresh = tmp_path / "fresh"
+    run_cli("prepare", folder, "--out", fresh, "--no-cache", *OPTIONS, "--seed", "3", "--quiet")
+    for name in (*OUTPUTS, "report.json"):
+        assert (out / name).read_bytes() == (fresh / name).read_bytes(), name
+
+
+def pack_files(cache_dir: Path) -> list[Path]:
+    return sorted((cache_dir / cache.PACKS).glob("*/*.pack"))
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated", "foreign"])
+def test_a_broken_entry_is_decoded_again_and_counted(folder, tmp_path, damage):
+    cache_dir, out = tmp_path / "cache", tmp_path / "data"
+    cached(folder, out, cache_dir)
+    packs = pack_files(cache_dir)
+    assert len(packs) >= 2
+    first = packs[0]
+    data = bytearray(first.read_bytes())
+    if damage == "corrupt":
+        _, length = cache.parse_entry(bytes(data), None, None)
+        data[length - cache.CHECKSUM_BYTES - 1] ^= 0xFF  # the first entry's last pixel byte
+        first.write_bytes(bytes(data))
+    elif damage == "truncated":
+        first.write_bytes(bytes(data[: len(data) - 7]))  # the last entry loses its tail
+    else:
+        first.write_bytes(packs[1].read_bytes()[: len(data)].ljust(len(data), b"\0"))  # another pack's entries
+    run = cached(folder, out, cache_dir)
+    assert f"unusable entries decoded again (1 {damage})" in run["stderr"] or damage == "foreign"
+    report = json.loads((out / "report.json").read_text())
+    assert report["cache"]["reasons"].get(damage, 0) >= 1, report.get("cache")
+    assert report["cache"]["entries_recomputed"] == sum(report["cache"]["reasons"].values())
+    fresh = tmp_path / "fresh"
+    run_cli("prepare", folder, "--out", fresh, "--no-cache", *OPTIONS, "--quiet")
+    for name in OUTPUTS:
+        assert (out / name).read_bytes() == (fresh / name).read_bytes(), name
+    again = cached(folder, out, cache_dir)  # the rewritten entries win over the broken ones
+    assert again["hits"] == 61
+    assert_same_as_fresh(folder, out, tmp_path)
+
+
+def test_a_lost_index_costs_a_scan_of_the_packs_not_a_wrong_row(folder, tmp_path):
+    cache_dir, out = tmp_path / "cache", tmp_path / "data"
+    cached(folder, out, cache_dir)
+    (cache_dir / cache.INDEX_FILE).write_bytes(b"not an index")
+    assert cached(folder, out, cache_dir)["hits"] == 61
+    assert_same_as_fresh(folder, out, tmp_path)
+
+
+def test_a_run_killed_mid_way_leaves_a_cache_the_next_run_uses(tmp_path):
+    images = write_image_folder(tmp_path / "images", per_class=300, size=48)
+    cache_dir, out = tmp_path / "cache", tmp_path / "data"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "prepare", images, "--out", out, "--cache", cache_dir, *OPTIONS],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(pack_files(cache_dir)) < 3 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert process.poll() is None, "prepare finished before it could be killed: give it more images"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not (cache_dir / cache.INDEX_FILE).exists()  # killed before it could index anything
+    run = cached(images, out, cache_dir)
+    assert 0 < run["hits"] < 900  # what the killed run decoded, adopted from its packs
+    assert_same_as_fresh(images, out, tmp_path)
+    assert cached(images, out, cache_dir)["hits"] == 900
+
+
+def test_the_size_limit_evicts_the_least_recently_used_packs(folder, tmp_path):
+    cache_dir, out = tmp_path / "cache", tmp_path / "data"
+    cached(folder, out, cache_dir, "--cache-limit-gb", str(150_000 / 2**30))  # packs of ~100 KB: one stays
+    total = sum(p.stat().st_size for p in pack_files(cache_dir))
+    assert 0 < total <= 150_000 and len(pack_files(cache_dir)) == 1
+    run = cached(folder, out, cache_dir)
+    assert 0 < run["hits"] < 61
+    assert_same_as_fresh(folder, out, tmp_path)
+
+
+def test_default_place_no_cache_and_a_cache_in_the_images_folder(folder, tmp_path):
+    run_cli("prepare", folder, "--out", tmp_path / "art" / "data", *OPTIONS, "--quiet")
+    assert (tmp_path / "art" / ".cache" / cache.INDEX_FILE).is_file()  # beside --out
+    run_cli("prepare", folder, "--out", tmp_path / "other" / "data", *OPTIONS, "--no-cache", "--quiet")
+    assert not (tmp_path / "other" / ".cache").exists()
+    bad = run_cli("prepare", folder, "--out", tmp_path / "d", "--cache", folder / "cat" / "c", expect=1)
+    assert "overlaps the images folder" in bad.output and "Traceback" not in bad.output
+    assert not (folder / "cat" / "c").exists()
+    report = json.loads((tmp_path / "art" / "data" / "report.json").read_text())
+    assert not {"cache", "no_cache", "cache_limit_gb"} & set(report["settings"])
+
+
+def test_files_changed_just_before_they_were_read_are_hashed_again(folder, tmp_path, monkeypatch):
+    """Within RACY_NS of its last change a file's stat is not recorded: a second edit in the
+    same timestamp tick could keep every field. Such files are read and hashed next time."""
+    monkeypatch.setattr(stat_index, "RACY_NS", 3600 * 10**9)  # every file here is that recent
+    cache_dir, out = tmp_path / "cache", tmp_path / "data"
+    cached(folder, out, cache_dir)
+    run = cached(folder, out, cache_dir)
+    assert run["hits"] == 61 and run["unread"] == 0
+    assert_same_as_fresh(folder, out, tmp_path)
