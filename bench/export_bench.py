@@ -45,12 +45,12 @@ def pipeline(*args) -> None:
     subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], check=True, cwd=ROOT)
 
 
-def letters_folder(given: Path | None) -> Path:
+def letters_folder(given: Path | None, shared: Path) -> Path:
     if given:
         return given
     folder = WORK / "letters_images"
     if not (folder / "J").is_dir():
-        subprocess.run([sys.executable, str(SHARED / "make_letters_folder.py"), str(folder)], check=True)
+        subprocess.run([sys.executable, str(shared / "make_letters_folder.py"), str(folder)], check=True)
     return folder
 
 
@@ -83,6 +83,16 @@ def latency(model: Path, engine: str, X: np.ndarray) -> tuple[float, float]:
     return results[0], results[1]
 
 
+def float_litert(model: Path, data: Path) -> dict:
+    """train's float model.tflite, measured the way export checks the others."""
+    from pipeline.export import compare
+    from pipeline.inference.classifier import load_classifier
+
+    X, y = np.load(data / "X_test.npy"), np.load(data / "y_test.npy")
+    found = compare(load_classifier(model, "litert").run(X), load_classifier(model, "keras").run(X), y)
+    return {k: found[k] for k in ("accuracy", "agreement", "max_difference")}
+
+
 def bench(name: str, images: Path, timed: bool) -> list[dict]:
     data, model = trained(name, images)
     for fmt in EXPORT_FORMATS:
@@ -92,7 +102,7 @@ def bench(name: str, images: Path, timed: bool) -> list[dict]:
     keras_accuracy = records[EXPORT_FORMATS[0]]["keras_accuracy"]
     rows = [
         {"format": "keras", "bytes": (model / paths.MODEL_FILE).stat().st_size, "accuracy": keras_accuracy},
-        {"format": "litert", "bytes": (model / paths.TFLITE_FILE).stat().st_size},
+        {"format": "litert", "bytes": (model / paths.TFLITE_FILE).stat().st_size, **float_litert(model, data)},
     ]
     rows += [{"format": fmt, **records[fmt]} for fmt in EXPORT_FORMATS]
     float_size = rows[1]["bytes"]
@@ -127,11 +137,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=["sample_data", "letters"], default=["sample_data", "letters"])
     parser.add_argument("--letters-dir", type=Path, help="letters made by make_letters_folder.py already")
+    parser.add_argument("--shared", type=Path, default=SHARED, help="the folder of make_letters_folder.py")
     parser.add_argument("--no-latency", action="store_true", help="sizes, accuracy and agreement only")
     args = parser.parse_args()
     rows = []
     for name in args.only:
-        images = ROOT / "sample_data" if name == "sample_data" else letters_folder(args.letters_dir)
+        images = ROOT / "sample_data" if name == "sample_data" else letters_folder(args.letters_dir, args.shared)
         rows += bench(name, images, not args.no_latency)
     text = table(rows)
     print(text)

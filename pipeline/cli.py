@@ -67,7 +67,8 @@ class OneLineErrors(TyperGroup):
 app = typer.Typer(
     cls=OneLineErrors,
     help="Turn a folder of class-named image folders into a trained image classifier.\n\n"
-    "Run in order: prepare IMAGES_DIR, train, evaluate, predict FILE... (or serve the model: serve)",
+    "Run in order: prepare IMAGES_DIR, train, evaluate, predict FILE... (or serve the model: serve; "
+    "take it elsewhere: export --format)",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -329,13 +330,15 @@ def serve(
     serve_model(model_dir, settings, reports_dir, say=progress.say)
 
 
-@app.command()
+@app.command(no_args_is_help=True)
 @user_errors
 def export(
     format: Annotated[
-        ExportFormat,
-        typer.Option("--format", help="litert-int8: full-integer LiteRT, uint8 in; or onnx, openvino, saved-model."),
-    ] = ExportFormat[EXPORT.format],
+        ExportFormat | None,
+        typer.Option(
+            "--format", help="Required. litert-int8: full-integer LiteRT, uint8 in; or onnx, openvino, saved-model."
+        ),
+    ] = None,
     model_dir: ModelDir = paths.MODEL_DIR,
     data_dir: Annotated[
         Path,

@@ -81,8 +81,11 @@ def export_model(model_dir: Path, data_dir: Path, settings: ExportSettings) -> d
         _refuse_disagreement(record, settings, fmt)
         record.update(_describe(fmt, target, where, settings, 0 if calibration is None else len(calibration)))
     _record(model_dir, fmt, record)
-    with contextlib.suppress(PipelineError):  # a data folder without report.json: the card says less
-        write_model_card(model_dir, load_prepare_report(data_dir))
+    try:
+        prepare_report = load_prepare_report(data_dir)
+    except PipelineError:  # a data folder without report.json: the card says less
+        prepare_report = {}
+    write_model_card(model_dir, prepare_report)
     return record
 
 

@@ -268,3 +268,29 @@ def test_the_model_card_names_the_real_figures(exported, tmp_path):
         assert f"top-1 agreement with Keras {record['agreement']:.2%}" in card
     evaluation = json.loads((model / paths.EVALUATION_FILE).read_text())
     assert evaluation["accuracy"] == metrics["accuracy"]
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        ([], ["export needs --format", "litert-int8, onnx, openvino, saved-model"]),
+        (["--format", "onnx", "--min-agreement", "2"], ["--min-agreement must be between 0 and 1"]),
+        (["--format", "litert-int8", "--calibration-images", "0"], ["--calibration-images must be at least 1"]),
+    ],
+)
+def test_a_bad_export_option_is_one_line_before_anything_loads(tmp_path, args, words):
+    result = run_cli("export", "--model", tmp_path / "model", *args, expect=1)
+    assert_one_line_error(result, *words)
+
+
+def test_openvino_is_loaded_without_its_telemetry():
+    """openvino's converter would send usage statistics to Google Analytics from a child process
+    (seen as DNS look-ups under strace); pipeline loads it with the converter's own stub instead."""
+    probe = (
+        "from pipeline.inference.engines import require\n"
+        "require('openvino', 'openvino', 'test')\n"
+        "import openvino.tools.ovc.telemetry_utils as t\n"
+        "print(t.tm.__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "openvino.tools.ovc.telemetry_stub", done.stderr[-2000:]

@@ -140,12 +140,14 @@ class ServeSettings:
 
 @dataclass
 class ExportSettings:
-    format: str = "litert-int8"  # one of EXPORT_FORMATS
+    format: str | None = "litert-int8"  # one of EXPORT_FORMATS (the CLI insists on --format)
     calibration_images: int = 300  # training images that set the int8 ranges (evenly spaced over the split)
     min_agreement: float = 0.99  # share of test images where the export's top-1 must equal Keras'
     max_difference: float | None = None  # largest probability difference; None: 1e-3 for float exports, none for int8
 
     def check(self) -> None:
+        if self.format is None:
+            raise PipelineError(f"export needs --format: one of {', '.join(EXPORT_FORMATS)}")
         if self.format not in EXPORT_FORMATS:
             raise PipelineError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {self.format!r}")
         if self.calibration_images < 1:

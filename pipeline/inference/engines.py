@@ -13,6 +13,7 @@ one line with the pip command, never a traceback.
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,6 +43,11 @@ def require(module: str, package: str, needed_for: str):
             from pipeline.core.native_stderr import import_tensorflow
 
             return import_tensorflow()
+        if module == "openvino":
+            # openvino's converter (which Keras' OpenVINO export calls) sends usage statistics to
+            # Google Analytics from a child process unless the user opted out; without its
+            # openvino_telemetry module it falls back to its own stub, which sends nothing.
+            sys.modules.setdefault("openvino_telemetry", None)
         with quiet_native_stderr():
             return importlib.import_module(module)
     except ImportError:

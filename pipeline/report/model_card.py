@@ -56,7 +56,7 @@ def render_model_card(model_dir: Path, prepare_report: dict) -> str:
         *_calibration_section(calibration),
         *_input_section(preprocess),
         *_limits_section(classes, preprocess, saved, prepare_report),
-        *_exports_section(preprocess, exports),
+        *_exports_section(preprocess, exports, model_dir),
     ]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -251,7 +251,7 @@ probabilities = loaded.serve(tf.constant(pixels, tf.float32)).numpy()""",
 }
 
 
-def _exports_section(preprocess: dict, exports: dict) -> list[str]:
+def _exports_section(preprocess: dict, exports: dict, model_dir: Path) -> list[str]:
     size, color = preprocess["size"], preprocess["color"]
     lines = [
         "## Loading each format",
@@ -267,7 +267,15 @@ def _exports_section(preprocess: dict, exports: dict) -> list[str]:
     ]
     for name in ("keras", "litert", *EXPORT_FORMATS):
         file, package, code = _LOAD[name]
-        lines += [f"### {name}: `{file}` ({package})", "", *_export_status(name, exports), "```python", code, "```", ""]
+        lines += [
+            f"### {name}: `{file}` ({package})",
+            "",
+            *_export_status(name, exports, model_dir),
+            "```python",
+            code,
+            "```",
+            "",
+        ]
     lines += [
         "On the command line, `pipeline predict`, `evaluate` and `serve` run any of them with `--engine <format>`.",
         "",
@@ -275,11 +283,11 @@ def _exports_section(preprocess: dict, exports: dict) -> list[str]:
     return lines
 
 
-def _export_status(name: str, exports: dict) -> list[str]:
+def _export_status(name: str, exports: dict, model_dir: Path) -> list[str]:
     if name in ("keras", "litert"):
         return ["Written by `pipeline train`.", ""]
     record = exports.get(name)
-    if not record:
+    if not record or not (model_dir / paths.EXPORT_PATHS[name]).exists():
         return [f"Not exported yet: `pipeline export --format {name}`.", ""]
     return [
         f"Exported and checked on {record['n_test']} test images: top-1 agreement with Keras "
