@@ -31,9 +31,15 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.settings import ExportSettings
 from pipeline.data.data_folder import load_classes, load_prepare_report, load_split
 from pipeline.data.images import channels
-from pipeline.inference.classifier import Classifier, load_classifier
+from pipeline.inference.classifier import Classifier
 from pipeline.inference.engines import export_path, flex_ops, runner_for
-from pipeline.inference.model_folder import check_model_fits, load_keras_model, load_model_classes, load_preprocess
+from pipeline.inference.model_folder import (
+    check_model_fits,
+    keras_model_io,
+    load_keras_model,
+    load_model_classes,
+    load_preprocess,
+)
 from pipeline.report.model_card import write_model_card
 
 FOLDER_FORMATS = ("openvino", "saved-model")  # written as a folder; the others as one file
@@ -53,22 +59,20 @@ def export_model(model_dir: Path, data_dir: Path, settings: ExportSettings) -> d
 
     require_tools(settings.format)  # a missing package is said before anything is read
     model_dir, data_dir = Path(model_dir), Path(data_dir)
-    classes = load_model_classes(model_dir)
-    info = load_preprocess(model_dir)
-    input_shape = (info["size"], info["size"], channels(info["color"]))
-    if load_classes(data_dir) != classes:
-        raise PipelineError(f"the model was trained on classes {classes} but {data_dir} has others: pass its --data")
-    X_test, y_test = load_split(data_dir, "test", len(classes))
-    if len(X_test) == 0:
-        raise PipelineError(f"{data_dir} has an empty test split: the export cannot be checked on it")
-    check_model_fits((input_shape, len(classes)), X_test.shape[1:], len(classes), f"{data_dir}/X_test.npy")
+    classes, info, input_shape, X_test, y_test = _model_and_test_split(model_dir, data_dir)
     fmt, target = settings.format, export_path(model_dir, settings.format)
     calibration = (
         calibration_rows(data_dir, len(classes), settings.calibration_images) if fmt == "litert-int8" else None
     )
     model = load_keras_model(model_dir)
-    keras = load_classifier(model_dir, "keras")
-    reference = keras.probabilities(X_test)
+    check_model_fits(keras_model_io(model), input_shape, len(classes), str(model_dir / paths.PREPROCESS_FILE))
+
+    # Raw probabilities on both sides, through the same batching: a calibration temperature, which
+    # the Classifier of load_classifier may apply, would be the same on both and is no part of the check.
+    def keras_run(batch: np.ndarray) -> np.ndarray:
+        return np.asarray(model.predict_on_batch(batch), dtype=np.float64)
+
+    reference = Classifier(classes, info["size"], info["color"], "keras", keras_run).probabilities(X_test)
 
     progress.say(f"exporting {fmt} to {target} and checking it on {len(X_test)} test images...")
     with _staged(target, fmt in FOLDER_FORMATS) as where:
@@ -87,6 +91,20 @@ def export_model(model_dir: Path, data_dir: Path, settings: ExportSettings) -> d
         prepare_report = {}
     write_model_card(model_dir, prepare_report)
     return record
+
+
+def _model_and_test_split(model_dir: Path, data_dir: Path):
+    """The model folder's classes and preprocessing, and a test split that fits them."""
+    classes = load_model_classes(model_dir)
+    info = load_preprocess(model_dir)
+    input_shape = (info["size"], info["size"], channels(info["color"]))
+    if load_classes(data_dir) != classes:
+        raise PipelineError(f"the model was trained on classes {classes} but {data_dir} has others: pass its --data")
+    X_test, y_test = load_split(data_dir, "test", len(classes))
+    if len(X_test) == 0:
+        raise PipelineError(f"{data_dir} has an empty test split: the export cannot be checked on it")
+    check_model_fits((input_shape, len(classes)), X_test.shape[1:], len(classes), f"{data_dir}/X_test.npy")
+    return classes, info, input_shape, X_test, y_test
 
 
 def calibration_rows(data_dir: Path, num_classes: int, count: int) -> np.ndarray:

@@ -145,7 +145,7 @@ def _test_section(evaluation: dict | None) -> list[str]:
     pairs = evaluation.get("most_confused", [])
     lines.append("")
     if pairs:
-        lines.append("Most confused (true -> predicted, test images): ")
+        lines.append("Most confused (true -> predicted, test images):")
         lines += [f"- {p['true']} -> {p['predicted']}: {p['count']}" for p in pairs]
     else:
         lines.append("No test image was confused with another class.")
