@@ -294,3 +294,23 @@ def test_openvino_is_loaded_without_its_telemetry():
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip().splitlines()[-1] == "openvino.tools.ovc.telemetry_stub", done.stderr[-2000:]
+
+
+def test_the_model_card_s_python_loads_each_format_and_agrees_with_keras(exported, trained, monkeypatch):
+    import re
+
+    card = (exported["model"] / paths.MODEL_CARD_FILE).read_text()
+    blocks = re.findall(r"^### ([\w-]+): .*?```python\n(.*?)```", card, flags=re.S | re.M)
+    assert [name for name, _ in blocks] == ["keras", "litert", *EXPORT_FORMATS]
+    setup = re.search(r"```python\n(.*?)```", card, flags=re.S).group(1)
+    image = sorted((trained["images"] / "fox").iterdir())[0]
+    monkeypatch.chdir(exported["model"])  # the snippets name the files as they lie in the model folder
+    found = {}
+    for name, code in blocks:
+        scope: dict = {}
+        exec(setup.replace("photo.jpg", str(image)), scope)
+        exec(code, scope)
+        found[name] = np.asarray(scope["probabilities"], dtype=np.float64)
+    for name, probabilities in found.items():
+        assert probabilities.shape == found["keras"].shape, name
+        assert np.abs(probabilities - found["keras"]).max() <= (0.02 if name == "litert-int8" else 1e-3), name

@@ -238,7 +238,8 @@ probabilities = session.run(None, {session.get_inputs()[0].name: pixels.astype("
         "model_openvino/",
         "openvino",
         """import openvino
-compiled = openvino.Core().compile_model("model_openvino/model.xml", "CPU")
+config = {"INFERENCE_PRECISION_HINT": "f32"}  # as Keras computes (AMX CPUs would pick bf16)
+compiled = openvino.Core().compile_model("model_openvino/model.xml", "CPU", config)
 probabilities = compiled(pixels.astype("float32"))[compiled.outputs[0]]""",
     ),
     "saved-model": (
@@ -262,6 +263,8 @@ def _exports_section(preprocess: dict, exports: dict, model_dir: Path) -> list[s
         "import numpy as np",
         "from pipeline.data.images import preprocess",
         f'pixels = np.stack([preprocess("photo.jpg", {size}, "{color}").pixels])',
+        "# without pipeline, nearly the same (JPEG's DCT draft aside): PIL's Image.open(path), EXIF-transposed,",
+        f'# .convert("{"L" if color == "grayscale" else "RGB"}").resize(({size}, {size}), Image.BILINEAR, reducing_gap=3.0)',
         "```",
         "",
     ]
