@@ -11,7 +11,7 @@ SAMPLE := sample_data
 ART := artifacts
 
 .DEFAULT_GOAL := help
-.PHONY: help install all prepare train evaluate predict serve test lint bench bench-serve bench-cache clean
+.PHONY: help install all prepare train evaluate predict serve export test lint bench bench-serve bench-cache bench-export clean
 
 help: ## Show every target with one line
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ predict: $(STAMP) ## Predict a few sample images with the trained model
 serve: $(STAMP) ## Serve artifacts/model on http://127.0.0.1:8000 (the page at /, the API at /docs)
 	$(BIN)/pipeline serve
 
+export: $(STAMP) ## Export artifacts/model to every format (int8 LiteRT, ONNX, OpenVINO, SavedModel), each checked
+	for f in litert-int8 onnx openvino saved-model; do $(BIN)/pipeline export --format $$f || exit 1; done
+
 test: $(STAMP) ## Run the test suite
 	$(BIN)/python -m pytest -q
 
@@ -61,6 +64,9 @@ bench-serve: $(STAMP) ## Load-test pipeline serve on loopback against cold predi
 
 bench-cache: $(STAMP) ## prepare's per-file cache: fresh against re-runs after 1 % changes, 20,000 photos (slow)
 	$(BIN)/python bench/cache_bench.py
+
+bench-export: $(STAMP) ## Each export's size, accuracy, agreement with Keras and latency on sample_data and the letters
+	$(BIN)/python bench/export_bench.py
 
 clean: ## Remove artifacts, caches and the virtual environment
 	rm -rf $(ART) $(VENV) .pytest_cache .ruff_cache bench/work *.egg-info

@@ -26,10 +26,12 @@ from pipeline.core.settings import (
     CLASS_WEIGHTS,
     COLOR_MODES,
     ENGINES,
+    EXPORT_FORMATS,
     PEAK_RATE,
     PEAK_RATE_BATCH,
     PRECISIONS,
     SCHEDULES,
+    ExportSettings,
     InspectSettings,
     PredictSettings,
     PrepareSettings,
@@ -65,19 +67,22 @@ class OneLineErrors(TyperGroup):
 app = typer.Typer(
     cls=OneLineErrors,
     help="Turn a folder of class-named image folders into a trained image classifier.\n\n"
-    "Run in order: prepare IMAGES_DIR, train, evaluate, predict FILE... (or serve the model: serve)",
+    "Run in order: prepare IMAGES_DIR, train, evaluate, predict FILE... (or serve the model: serve; "
+    "take it elsewhere: export --format)",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 # Option defaults come from the settings, the one place they are set.
 PREPARE, TRAIN, PREDICT, INSPECT = PrepareSettings(), TrainSettings(), PredictSettings(), InspectSettings()
-SERVE = ServeSettings()
+SERVE, EXPORT = ServeSettings(), ExportSettings()
 Color = Enum("Color", {mode: mode for mode in COLOR_MODES}, type=str)
 Precision = Enum("Precision", {p: p for p in PRECISIONS}, type=str)
 Engine = Enum("Engine", {e: e for e in ENGINES}, type=str)
 Schedule = Enum("Schedule", {s: s for s in SCHEDULES}, type=str)
 ClassWeight = Enum("ClassWeight", {w: w for w in CLASS_WEIGHTS}, type=str)
+ExportFormat = Enum("ExportFormat", {f: f for f in EXPORT_FORMATS}, type=str)
+ENGINE_HELP = "auto: LiteRT when installed, else Keras; or an export by its format's name (pipeline export)."
 
 
 def user_errors(command):
@@ -254,13 +259,16 @@ def evaluate(
     model_dir: ModelDir = paths.MODEL_DIR,
     out_dir: Annotated[Path, typer.Option("--out", help="Where to write metrics and figures.")] = paths.REPORTS_DIR,
     as_json: Annotated[bool, typer.Option("--json", help="Print exactly the metrics JSON to stdout.")] = False,
+    engine: Annotated[
+        Engine, typer.Option(help="keras: model.keras itself; or litert, or an export by its format's name.")
+    ] = Engine.keras,
     quiet: Quiet = False,
 ) -> None:
     """Measure the model on the test split: accuracy, per-class report, confusion matrix."""
     progress.set_quiet(quiet)
     from pipeline.evaluate import evaluate_model
 
-    metrics = evaluate_model(data_dir, model_dir, out_dir)
+    metrics = evaluate_model(data_dir, model_dir, out_dir, engine.value)
     if as_json:
         typer.echo(json.dumps(metrics, indent=2))
     else:
@@ -280,7 +288,7 @@ def predict(
     threshold: Annotated[
         float, typer.Option(help="Below this confidence (0-1) the label is 'unknown'.")
     ] = PREDICT.threshold,
-    engine: Annotated[Engine, typer.Option(help="auto: LiteRT when installed, else Keras.")] = Engine[PREDICT.engine],
+    engine: Annotated[Engine, typer.Option(help=ENGINE_HELP)] = Engine[PREDICT.engine],
     quiet: Quiet = False,
 ) -> None:
     """Label and confidence for each file, preprocessed exactly as the training images were."""
@@ -323,7 +331,7 @@ def serve(
             "--reports", help="evaluate's folder, for the test accuracy (default: reports beside the model folder)."
         ),
     ] = None,
-    engine: Annotated[Engine, typer.Option(help="auto: LiteRT when installed, else Keras.")] = Engine[SERVE.engine],
+    engine: Annotated[Engine, typer.Option(help=ENGINE_HELP)] = Engine[SERVE.engine],
     quiet: Quiet = False,
 ) -> None:
     """Serve the model over HTTP: POST /predict (the JSON of predict --json), a page at /, the API at /docs."""
@@ -332,6 +340,46 @@ def serve(
 
     settings = settings_from(ServeSettings, locals())
     serve_model(model_dir, settings, reports_dir, say=progress.say)
+
+
+@app.command(no_args_is_help=True)
+@user_errors
+def export(
+    format: Annotated[
+        ExportFormat | None,
+        typer.Option(
+            "--format", help="Required. litert-int8: full-integer LiteRT, uint8 in; or onnx, openvino, saved-model."
+        ),
+    ] = None,
+    model_dir: ModelDir = paths.MODEL_DIR,
+    data_dir: Annotated[
+        Path,
+        typer.Option(
+            "--data",
+            help="Prepared data folder: int8 calibrates on its training images; its test split checks the export.",
+        ),
+    ] = paths.DATA_DIR,
+    calibration_images: Annotated[
+        int, typer.Option(help="Training images the int8 ranges are calibrated on.")
+    ] = EXPORT.calibration_images,
+    min_agreement: Annotated[
+        float, typer.Option(help="Refuse an export whose top-1 agrees with Keras on fewer test images (0-1).")
+    ] = EXPORT.min_agreement,
+    max_difference: Annotated[
+        float | None,
+        typer.Option(
+            help="Refuse an export whose probabilities differ more from Keras' (default: 0.001 for float formats, none for int8).",
+            show_default=False,
+        ),
+    ] = EXPORT.max_difference,
+    quiet: Quiet = False,
+) -> None:
+    """Write the model in another format into the model folder, checked against Keras on the test split."""
+    progress.set_quiet(quiet)
+    from pipeline.export import export_model
+
+    settings = settings_from(ExportSettings, locals())
+    terminal.print_export(export_model(model_dir, data_dir, settings), settings.format, model_dir)
 
 
 def _interrupt(signum, frame):

@@ -5,28 +5,32 @@ atomically, into the reports folder: metrics.json (accuracy, loss, per-class pre
 recall, F1 and support, confusion matrix [true][predicted]), predictions.csv (one row per
 test image), confusion_matrix.png, misclassified.png and report.html (one self-contained
 page with the dataset summary, every stage's settings, the curves, metrics and figures).
+Into the model folder, atomically: evaluation.json (the test figures the model card names)
+and MODEL_CARD.md, rewritten with them. `--engine` runs an export instead of model.keras.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from pipeline.core import paths
-from pipeline.core.artifacts import atomic_dir, check_out_dir, write_json
+from pipeline.core import paths, progress
+from pipeline.core.artifacts import atomic_dir, atomic_write_text, check_out_dir, write_json
 from pipeline.core.errors import PipelineError
-from pipeline.data.data_folder import load_classes, load_split, read_split_paths
+from pipeline.data.data_folder import load_classes, load_prepare_report, load_split, read_split_paths
 from pipeline.data.images import channels
 from pipeline.inference.classifier import load_classifier
 from pipeline.inference.model_folder import check_model_fits, load_model_classes
 from pipeline.report import plots
 from pipeline.report.html import write_report
+from pipeline.report.model_card import write_model_card
 
 
-def evaluate_model(data_dir: Path, model_dir: Path, out_dir: Path) -> dict:
+def evaluate_model(data_dir: Path, model_dir: Path, out_dir: Path, engine: str = "keras") -> dict:
     data_dir, model_dir, out_dir = Path(data_dir), Path(model_dir), Path(out_dir)
     check_out_dir(out_dir, paths.METRICS_FILE, {"data folder": data_dir, "model folder": model_dir})
     classes = load_model_classes(model_dir)
@@ -38,7 +42,7 @@ def evaluate_model(data_dir: Path, model_dir: Path, out_dir: Path) -> dict:
     X, y = load_split(data_dir, "test", len(classes))
     if len(X) == 0:
         raise PipelineError(f"{data_dir} has an empty test split: prepare again with --test-size above 0")
-    classifier = load_classifier(model_dir, engine="keras")  # the saved model itself, not its export
+    classifier = load_classifier(model_dir, engine)  # keras: the saved model itself, not an export
     check_model_fits(
         ((classifier.size, classifier.size, channels(classifier.color)), len(classifier.classes)),
         X.shape[1:],
@@ -48,6 +52,7 @@ def evaluate_model(data_dir: Path, model_dir: Path, out_dir: Path) -> dict:
     )
     probabilities = classifier.probabilities(X, progress_label="evaluating")
     metrics = compute_metrics(y, probabilities, classes)
+    metrics["engine"] = classifier.engine
     test_paths = read_split_paths(data_dir, "test", len(X))
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / paths.METRICS_FILE, metrics)
@@ -55,7 +60,22 @@ def evaluate_model(data_dir: Path, model_dir: Path, out_dir: Path) -> dict:
         plots.save_confusion_matrix(np.array(metrics["confusion_matrix"]), classes, tmp / paths.CONFUSION_PNG)
         plots.save_misclassified(X, y, probabilities, classes, test_paths, tmp / paths.MISCLASSIFIED_PNG)
         write_report(tmp / paths.REPORT_HTML, metrics, data_dir, model_dir, tmp)
+    _complete_model_card(model_dir, data_dir, metrics)
     return metrics
+
+
+def _complete_model_card(model_dir: Path, data_dir: Path, metrics: dict) -> None:
+    """evaluation.json beside the model (what its card names), then the card rewritten."""
+    kept = ("engine", "accuracy", "macro_f1", "loss", "n_test", "per_class", "most_confused")
+    try:
+        prepare_report = load_prepare_report(data_dir)
+    except PipelineError:  # a data folder without report.json: the card says less
+        prepare_report = {}
+    try:
+        atomic_write_text(model_dir / paths.EVALUATION_FILE, json.dumps({k: metrics[k] for k in kept}, indent=2) + "\n")
+        write_model_card(model_dir, prepare_report)
+    except OSError as e:  # a read-only model folder: the reports are written, only the card is not
+        progress.say(f"note: {model_dir / paths.MODEL_CARD_FILE} not updated: {e.strerror or e}")
 
 
 def compute_metrics(y: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict:

@@ -2,7 +2,7 @@
 
 Reads the model folder through `inference.classifier.load_classifier`: preprocess.json,
 classes.json, and model.tflite (the LiteRT interpreter) or model.keras (Keras, safe mode)
-when LiteRT is not installed. Writes nothing, except the --csv file the CLI asks
+when LiteRT is not installed, or with --engine <format> an export (inference/engines.py). Writes nothing, except the --csv file the CLI asks
 `write_csv` for.
 """
 

@@ -3,9 +3,9 @@
 Reads X_train/y_train, X_val/y_val, classes.json and report.json from the data folder (the
 test split is never touched here). Writes, atomically, the model folder (see
 model_folder.py): model.keras (best weights by validation loss), model.tflite,
-classes.json, preprocess.json, history.csv, training_curves.png and settings.json (this
+classes.json, preprocess.json, history.csv, training_curves.png, settings.json (this
 run's settings and prepare's, the precision used, and whether the arrays were trained
-from memory or streamed from disk).
+from memory or streamed from disk) and MODEL_CARD.md (report/model_card.py).
 
 The steps, in `train_model`'s order: check the inputs before TensorFlow loads
 (`load_training_data`); build the model under its precision, its optimizer following the
@@ -39,6 +39,7 @@ from pipeline.core.settings import TrainSettings
 from pipeline.data.data_folder import TrainingData, load_training_data
 from pipeline.inference.model_folder import write_model_folder
 from pipeline.report import plots
+from pipeline.report.model_card import write_model_card
 from pipeline.training import distribute
 from pipeline.training.batches import class_weights_from_epoch, in_memory_bytes
 from pipeline.training.fit import FitResult, ctrl_c_noted, fit_model
@@ -83,6 +84,9 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
         if plan.is_chief:
             with plots.TrainingCurvesBeside(tmp / paths.HISTORY_FILE, fit.best_epoch, tmp / paths.CURVES_PNG):
                 write_model_folder(tmp, model, data.classes, data_dir, data.prepare_report, settings, summary)
+                write_model_card(
+                    tmp, data.prepare_report
+                )  # here, not in write_model_folder: report sits above inference
     plan.barrier("the chief wrote the model folder")  # no worker leaves before the model is in place
     _raise_if_interrupted(fit, ctrl_c, summary, f"is saved in {out_dir}" if plan.is_chief else "is saved by the chief")
     return summary

@@ -131,6 +131,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{_TMP_TAG}", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result is an ordinary file
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -184,3 +187,18 @@ def load_array(path: Path, missing_hint: str, mmap: bool = True) -> np.ndarray:
     if not isinstance(array, np.ndarray) or array.dtype.hasobject:
         raise PipelineError(refused)
     return array
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path) -> Iterator[Path]:
+    """Yield a path to write one file at, in a temporary folder beside `target`: on success the
+    file replaces `target` (os.replace), on failure it vanishes, and `target` is untouched."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{_TMP_TAG}{os.getpid()}-", dir=target.parent))
+    try:
+        yield tmp / target.name
+        os.replace(tmp / target.name, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -24,6 +24,18 @@ TRAIN_SETTINGS_FILE = "settings.json"
 CURVES_PNG = "training_curves.png"
 TENSORBOARD_DIR = "logs"
 LR_FIND_PNG = "lr_find.png"  # train --find-lr: beside the model folder, never in it
+MODEL_CARD_FILE = "MODEL_CARD.md"  # train writes it; evaluate and export complete it
+
+# export: each format beside model.keras, under a name that says what it is
+EXPORT_PATHS = {
+    "litert-int8": "model_int8.tflite",  # full-integer LiteRT, uint8 pixels in
+    "onnx": "model.onnx",
+    "openvino": "model_openvino",  # a folder: model.xml and model.bin
+    "saved-model": "model_saved",  # a folder: TensorFlow SavedModel, endpoint `serve`
+}
+OPENVINO_XML = "model.xml"  # inside model_openvino/
+EXPORTS_FILE = "exports.json"  # each export's check against Keras on the test split
+EVALUATION_FILE = "evaluation.json"  # evaluate's test figures, kept with the model for its card
 
 # evaluate
 METRICS_FILE = "metrics.json"
@@ -35,6 +47,10 @@ REPORT_HTML = "report.html"
 # What to run when an input folder is missing: said the same way by every stage.
 PREPARE_HINT = "run `pipeline prepare IMAGES_DIR` first"
 TRAIN_HINT = "run `pipeline train` first"
+
+
+def export_hint(fmt: str) -> str:
+    return f"run `pipeline export --format {fmt}` first"
 
 
 def images_file(split: str) -> str:

@@ -14,10 +14,12 @@ COLOR_MODES = ("rgb", "grayscale")
 NEAR_DUPLICATE_DISTANCE = 4  # bits of 64: resized or re-encoded copies land well inside
 IMBALANCE_RATIO = 3.0  # largest/smallest class above this is a warning (prepare, inspect)
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")  # float16: mixed, for GPUs
-ENGINES = ("auto", "litert", "keras")
+EXPORT_FORMATS = ("litert-int8", "onnx", "openvino", "saved-model")  # `pipeline export --format`
+ENGINES = ("auto", "litert", "keras", *EXPORT_FORMATS)  # an export runs under its format's name
 SCHEDULES = ("one-cycle", "constant")
 PEAK_RATE, PEAK_RATE_BATCH = 3e-3, 64  # the default peak learning rate, measured at this batch size
 CLASS_WEIGHTS = ("none", "balanced")
+FLOAT_EXPORT_DIFFERENCE = 1e-3  # a float export that moves a probability further is broken, not rounded
 INFERENCE_BATCH = 256  # images per model call in evaluate and predict
 
 
@@ -139,3 +141,30 @@ class ServeSettings:
             raise PipelineError(f"--workers must be 0 (one per core) or more, got {self.workers}")
         if self.engine not in ENGINES:
             raise PipelineError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+
+
+@dataclass
+class ExportSettings:
+    format: str | None = "litert-int8"  # one of EXPORT_FORMATS (the CLI insists on --format)
+    calibration_images: int = 300  # training images that set the int8 ranges (evenly spaced over the split)
+    min_agreement: float = 0.99  # share of test images where the export's top-1 must equal Keras'
+    max_difference: float | None = None  # largest probability difference; None: 1e-3 for float exports, none for int8
+
+    def check(self) -> None:
+        if self.format is None:
+            raise PipelineError(f"export needs --format: one of {', '.join(EXPORT_FORMATS)}")
+        if self.format not in EXPORT_FORMATS:
+            raise PipelineError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {self.format!r}")
+        if self.calibration_images < 1:
+            raise PipelineError(f"--calibration-images must be at least 1, got {self.calibration_images}")
+        if not 0 <= self.min_agreement <= 1:
+            raise PipelineError(f"--min-agreement must be between 0 and 1, got {self.min_agreement}")
+        if self.max_difference is not None and not 0 <= self.max_difference <= 1:
+            raise PipelineError(f"--max-difference must be between 0 and 1, got {self.max_difference}")
+
+    def difference_bound(self) -> float:
+        """A float export computes what Keras computes, up to rounding; int8 moves probabilities by
+        design (steps of 1/256), so only its agreement is bounded unless asked."""
+        if self.max_difference is not None:
+            return self.max_difference
+        return 1.0 if self.format == "litert-int8" else FLOAT_EXPORT_DIFFERENCE

@@ -3,8 +3,9 @@
 predict, evaluate and serve all load a model folder through `load_classifier` and turn
 probabilities into predictions with `Classifier.label`, and every image goes through
 `images.preprocess`, so they agree on the same file. Engines: the LiteRT interpreter on
-model.tflite (it starts in a fraction of TensorFlow's import time), or Keras in safe mode
-on model.keras.
+model.tflite (it starts in a fraction of TensorFlow's import time), Keras in safe mode
+on model.keras, or an export by its format's name (litert-int8, onnx, openvino,
+saved-model: inference/engines.py).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import numpy as np
 
 from pipeline.core import paths, progress
 from pipeline.core.errors import PipelineError
-from pipeline.core.native_stderr import quiet_native_stderr
-from pipeline.core.settings import INFERENCE_BATCH
+from pipeline.core.settings import EXPORT_FORMATS, INFERENCE_BATCH
 from pipeline.data.images import channels, preprocess
+from pipeline.inference.engines import litert_runner, load_export_runner
 from pipeline.inference.model_folder import (
     check_model_fits,
     keras_model_io,
@@ -50,7 +51,7 @@ class Classifier:
     classes: list[str]
     size: int
     color: str
-    engine: str  # "litert" or "keras"
+    engine: str  # "litert", "keras" or an export format (settings.EXPORT_FORMATS)
     run: Callable[[np.ndarray], np.ndarray]  # uint8 batch (N, size, size, channels) -> float64 probabilities
 
     def preprocess(self, source: Path | str | bytes) -> np.ndarray:
@@ -75,7 +76,8 @@ class Classifier:
 
 
 def load_classifier(model_dir: Path, engine: str = "auto", threads: int | None = None) -> Classifier:
-    """Load a model folder once: LiteRT when possible (auto, litert), else Keras in safe mode.
+    """Load a model folder once: LiteRT when possible (auto, litert), else Keras in safe mode;
+    an export format's name runs that export.
 
     `threads`: the LiteRT interpreter's threads (default: one per core); serve loads one
     single-threaded copy per worker, since an interpreter must not be shared between threads."""
@@ -84,17 +86,20 @@ def load_classifier(model_dir: Path, engine: str = "auto", threads: int | None =
     classes = load_model_classes(model_dir)
     size, color = preprocess_info["size"], preprocess_info["color"]
     input_shape = (size, size, channels(color))
+    if engine in EXPORT_FORMATS:  # an export `pipeline export` wrote, run by its own runtime
+        run = load_export_runner(engine, model_dir, input_shape, len(classes), threads or os.cpu_count() or 1)
+        return Classifier(classes, size, color, engine, run)
     tflite = model_dir / paths.TFLITE_FILE
     if engine in ("auto", "litert") and tflite.is_file():
         try:
-            from ai_edge_litert.interpreter import Interpreter
+            import ai_edge_litert.interpreter  # noqa: F401
         except ImportError:
             if engine == "litert":
                 raise PipelineError(
                     "--engine litert needs the ai-edge-litert package: pip install ai-edge-litert"
                 ) from None
         else:
-            run = _litert_runner(Interpreter, tflite, input_shape, len(classes), threads or os.cpu_count() or 1)
+            run = litert_runner(tflite, input_shape, len(classes), threads or os.cpu_count() or 1)
             return Classifier(classes, size, color, "litert", run)
     elif engine == "litert":
         raise PipelineError(f"{tflite} not found: train again to export it")
@@ -109,30 +114,3 @@ def load_classifier(model_dir: Path, engine: str = "auto", threads: int | None =
     return Classifier(
         classes, size, color, "keras", lambda batch: np.asarray(model.predict_on_batch(batch), dtype=np.float64)
     )
-
-
-def _litert_runner(Interpreter, path: Path, input_shape, num_classes, threads: int):
-    try:
-        interpreter = Interpreter(model_path=str(path), num_threads=threads)
-    except (ValueError, RuntimeError) as e:
-        raise PipelineError(f"could not load {path}: {e}") from None
-    source = interpreter.get_input_details()[0]
-    target = interpreter.get_output_details()[0]
-    model_io = (tuple(int(n) for n in source["shape"][1:]), int(target["shape"][-1]))
-    check_model_fits(
-        model_io, input_shape, num_classes, paths.PREPROCESS_FILE, paths.CLASSES_FILE, model_name=str(path)
-    )
-
-    allocated_for = []  # the batch shape the tensors were last allocated for
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        if allocated_for != [batch.shape]:  # serve sends batches of one, again and again
-            interpreter.resize_tensor_input(source["index"], batch.shape)
-            with quiet_native_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
-                interpreter.allocate_tensors()
-            allocated_for[:] = [batch.shape]
-        interpreter.set_tensor(source["index"], batch.astype(source["dtype"]))
-        interpreter.invoke()
-        return np.asarray(interpreter.get_tensor(target["index"]), dtype=np.float64)
-
-    return run

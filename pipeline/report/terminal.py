@@ -128,3 +128,14 @@ def print_predictions(results) -> None:
         others = r.top_k[1:] if r.label == r.top_k[0]["label"] else r.top_k  # "unknown": show the guesses
         extra = "  ".join(f"{t['label']} {t['probability']:.1%}" for t in others)
         out.print(f"{r.file}\t{r.label}\t{r.confidence:.1%}" + (f"\t({extra})" if extra else ""), markup=False)
+
+
+def print_export(record: dict, fmt: str, model_dir: Path) -> None:
+    """The export and its check: agreement with Keras, the largest probability difference, accuracies."""
+    out.print(
+        f"exported {fmt} to {model_dir / record['path']} ({record['bytes'] / 1e6:.2f} MB); on {record['n_test']} "
+        f"test images: top-1 agreement with Keras {record['agreement']:.2%}, largest probability difference "
+        f"{record['max_difference']:.3g}, accuracy {record['accuracy']:.2%} (Keras {record['keras_accuracy']:.2%}); "
+        f"recorded in {model_dir / paths.EXPORTS_FILE}",
+        markup=False,
+    )

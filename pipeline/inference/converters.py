@@ -1,0 +1,121 @@
+"""A Keras model into each export format: `convert(fmt, model, target, calibration)`.
+
+Reads nothing but the model (and, for int8, the calibration pixels it is handed); writes
+the export at `target`, a path the caller stages (export.py checks it before it is kept):
+model_int8.tflite (full-integer LiteRT: uint8 pixels in, uint8 probabilities out, through
+Keras' LiteRT export and its converter options), model.onnx (tf2onnx), model_openvino/
+(Keras' OpenVINO export: model.xml and model.bin) and model_saved/ (Keras' SavedModel
+export, endpoint `serve`). Every model takes raw uint8 pixels (as floats for the float
+formats): the first layer standardizes them itself (training/model.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.core import paths
+from pipeline.core.errors import PipelineError
+from pipeline.core.native_stderr import import_tensorflow, quiet_native_stderr
+from pipeline.inference.engines import RUNTIMES, require
+
+# What writing each format needs beyond TensorFlow and Keras, and the runtime its check runs on
+_CONVERTERS = {"onnx": [("tf2onnx", "tf2onnx"), ("onnx", "onnx")], "openvino": [("openvino", "openvino")]}
+
+
+def require_tools(fmt: str) -> None:
+    """The converter and the runtime `fmt` needs, each installed, or one line naming it:
+    before anything is loaded or written."""
+    for module, package in [*_CONVERTERS.get(fmt, []), RUNTIMES[fmt]]:
+        if module != "tensorflow":  # a main dependency, loaded later the quiet way
+            require(module, package, f"export --format {fmt}")
+
+
+def convert(fmt: str, model, target: Path, calibration: np.ndarray | None = None) -> None:
+    """Write `model` as format `fmt` at `target` (a file, or a folder that exists and is empty)."""
+    require_tools(fmt)
+    tf = import_tensorflow()
+    quiet = [logging.getLogger(name) for name in ("tensorflow", "tf2onnx", "absl")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:  # conversion notes and deprecation warnings: not the user's business
+        logger.setLevel(logging.ERROR)
+    try:
+        with quiet_native_stderr():  # the MLIR converter's and tf2onnx's native lines
+            if fmt == "litert-int8":
+                _to_litert_int8(tf, model, Path(target), calibration)
+            elif fmt == "onnx":
+                _to_onnx(tf, model, Path(target))
+            elif fmt == "openvino":
+                model.export(str(Path(target) / paths.OPENVINO_XML), format="openvino", verbose=False)
+            elif fmt == "saved-model":
+                model.export(str(target), format="tf_saved_model", verbose=False)
+            else:
+                raise ValueError(fmt)
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
+
+
+def _to_litert_int8(tf, model, target: Path, calibration: np.ndarray | None) -> None:
+    """Full-integer LiteRT: every op int8 builtins (no Select TF ops, no float fallback), uint8
+    in and out, the ranges calibrated on `calibration` (training pixels, one image at a time)."""
+    if calibration is None or not len(calibration):
+        raise PipelineError("export --format litert-int8 needs training images to calibrate on")
+
+    def representative() -> Iterator[list[np.ndarray]]:
+        for row in calibration:
+            yield [np.asarray(row[None], dtype=np.float32)]  # the model's float input, 0-255 pixels
+
+    try:
+        model.export(
+            str(target),
+            format="litert",
+            verbose=False,
+            optimizations=[tf.lite.Optimize.DEFAULT],
+            representative_dataset=representative,
+            # replaces Keras' default [TFLITE_BUILTINS, SELECT_TF_OPS]: no Flex op can enter
+            target_spec={"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]},
+            inference_input_type=tf.uint8,
+            inference_output_type=tf.uint8,
+        )
+    except Exception as e:  # the converter's ConverterError, RuntimeError or ValueError
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise PipelineError(f"cannot convert to full-integer LiteRT (int8 builtin ops only): {first.strip()}") from None
+
+
+def _to_onnx(tf, model, target: Path) -> None:
+    """ONNX by tf2onnx from the frozen forward pass.
+
+    Not Keras' own model.export(format="onnx") (Keras 3.15, tf2onnx 1.17): it hands tf2onnx's
+    from_function the traced function, whose every input, captured constants included, becomes
+    a graph input, so the Normalization layer's mean and variance came out as two more required
+    inputs ("Required inputs (['cifar_cnn_1/standardize_1/Sub/y:0', ...]) are missing").
+    tf2onnx.convert.from_keras fails on Keras 3 models (KeyError on the output's Keras tensor
+    name). Freezing the function first turns the captured constants into constants of the graph.
+    """
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    try:
+        from keras.src.export.tf2onnx_lib import patch_tf2onnx
+    except ImportError:  # a Keras without it: a tf2onnx that needs no patch, we hope
+        pass
+    else:
+        with warnings.catch_warnings():  # numpy's FutureWarning on the np.object it restores
+            warnings.simplefilter("ignore", FutureWarning)
+            patch_tf2onnx()  # Keras' own fixes for tf2onnx under numpy 2 (np.object, constant folding)
+    import tf2onnx
+
+    spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, name="pixels")
+    forward = tf.function(lambda pixels: model(pixels, training=False)).get_concrete_function(spec)
+    frozen = convert_variables_to_constants_v2(forward)
+    tf2onnx.convert.from_graph_def(
+        frozen.graph.as_graph_def(),
+        name=model.name,
+        input_names=[t.name for t in frozen.inputs],
+        output_names=[t.name for t in frozen.outputs],
+        output_path=str(target),
+    )

@@ -1,0 +1,316 @@
+"""export: each format written from the tiny trained model, checked, loaded back and run by
+predict, evaluate and serve with --engine; refusals that write nothing; a missing extra in
+one line; and the model card naming the real figures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from pipeline.core import paths
+from pipeline.core.errors import PipelineError
+from pipeline.core.settings import EXPORT_FORMATS, ExportSettings
+from pipeline.data.data_folder import read_split_paths
+from pipeline.export import export_model
+from pipeline.inference.classifier import load_classifier
+from pipeline.inference.engines import flex_ops
+from pipeline.report.model_card import write_model_card
+from pipeline.server.app import create_app
+from tests.conftest import run_cli, snapshot
+from tests.test_light_imports_and_engines import HEAVY, imported_modules
+
+
+def copy_model(trained, where: Path) -> Path:
+    return Path(shutil.copytree(trained["model"], where))
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def assert_one_line_error(result, *words: str) -> None:
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory) -> dict:
+    """A copy of the trained model folder with every format exported into it, once."""
+    model = copy_model(trained, tmp_path_factory.mktemp("exported") / "model")
+    printed = {}
+    for fmt in EXPORT_FORMATS:
+        result = run_cli("export", "--model", model, "--data", trained["data"], "--format", fmt)
+        printed[fmt] = result.stdout
+    return {"model": model, "data": trained["data"], "printed": printed}
+
+
+def test_every_format_is_written_checked_and_recorded(exported):
+    model = exported["model"]
+    records = json.loads((model / paths.EXPORTS_FILE).read_text())
+    assert sorted(records) == sorted(EXPORT_FORMATS)
+    for fmt, record in records.items():
+        where = model / paths.EXPORT_PATHS[fmt]
+        assert where.exists() and record["path"] == where.name
+        size = (
+            sum(f.stat().st_size for f in where.rglob("*") if f.is_file()) if where.is_dir() else where.stat().st_size
+        )
+        assert record["bytes"] == size
+        assert record["n_test"] == len(np.load(exported["data"] / "X_test.npy"))
+        assert record["agreement"] >= 0.99, (fmt, record)
+        bound = 1.0 if fmt == "litert-int8" else 1e-3
+        assert record["max_difference"] <= bound and record["max_difference_bound"] == bound
+        assert f"top-1 agreement with Keras {record['agreement']:.2%}" in exported["printed"][fmt]
+        assert f"largest probability difference {record['max_difference']:.3g}" in exported["printed"][fmt]
+    assert (model / "model_openvino" / "model.xml").is_file() and (model / "model_openvino" / "model.bin").is_file()
+    assert (model / "model_saved" / "saved_model.pb").is_file()
+    assert leftovers(model) == []
+
+
+def test_int8_is_full_integer_with_uint8_input_and_a_fraction_of_the_float_size(exported):
+    from ai_edge_litert.interpreter import Interpreter
+
+    model = exported["model"]
+    int8 = model / "model_int8.tflite"
+    interpreter = Interpreter(model_path=str(int8))
+    source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    assert source["dtype"] == np.uint8 and target["dtype"] == np.uint8
+    assert source["quantization"] == (1.0, 0)  # the pixels as they are
+    float_kinds = {np.dtype(t["dtype"]) for t in interpreter.get_tensor_details()} & {np.dtype("float32")}
+    assert not float_kinds, "a float tensor left in a full-integer model"
+    assert flex_ops(int8.read_bytes()) == []
+    assert int8.stat().st_size <= 0.30 * (model / paths.TFLITE_FILE).stat().st_size
+    record = json.loads((model / paths.EXPORTS_FILE).read_text())["litert-int8"]
+    assert record["input_quantization"] == {"scale": 1.0, "zero_point": 0}
+    assert record["calibration_images"] == len(np.load(exported["data"] / "X_train.npy"))  # fewer than 300 here
+
+
+def test_predict_with_each_engine_agrees_with_keras_on_the_test_split(exported, trained):
+    model, data = exported["model"], exported["data"]
+    relative = read_split_paths(data, "test", len(np.load(data / "y_test.npy")))
+    test_files = [trained["images"] / p for p in relative if p]
+    assert test_files
+
+    def predicted(engine: str) -> dict[str, dict]:
+        result = run_cli("predict", *test_files, "--model", model, "--engine", engine, "--top-k", "3", "--json")
+        return {r["file"]: r for r in json.loads(result.stdout)}
+
+    keras = predicted("keras")
+    for fmt in EXPORT_FORMATS:
+        answers = predicted(fmt)
+        assert set(answers) == set(keras)
+        agree = np.mean([answers[f]["label"] == keras[f]["label"] for f in keras])
+        assert agree >= 0.99, fmt
+        step = 1 / 256 + 1e-6 if fmt == "litert-int8" else 1e-3
+        for f in keras:
+            assert abs(answers[f]["confidence"] - keras[f]["confidence"]) <= step, (fmt, f)
+
+
+def test_evaluate_with_an_engine_gives_the_export_s_checked_accuracy(exported, tmp_path):
+    model, data = exported["model"], exported["data"]
+    records = json.loads((model / paths.EXPORTS_FILE).read_text())
+    for fmt in ("litert-int8", "onnx"):
+        result = run_cli(
+            "evaluate", "--data", data, "--model", model, "--out", tmp_path / fmt, "--engine", fmt, "--json"
+        )
+        metrics = json.loads(result.stdout)
+        assert metrics["engine"] == fmt and metrics["accuracy"] == pytest.approx(records[fmt]["accuracy"])
+
+
+def test_serve_runs_an_export_with_its_engine(exported, trained):
+    from pipeline.core.settings import ServeSettings
+
+    image = sorted((trained["images"] / "cat").iterdir())[0]
+    keras = load_classifier(exported["model"], "keras")
+    expected = keras.probabilities([keras.preprocess(image)])[0]
+    for fmt in ("openvino", "saved-model"):
+        app = create_app(exported["model"], ServeSettings(engine=fmt, workers=1))
+        with TestClient(app) as client:
+            assert client.get("/health").json()["engine"] == fmt
+            answer = client.post("/predict", files=[("files", (image.name, image.read_bytes()))]).json()
+        assert answer[0]["label"] == keras.classes[int(expected.argmax())]
+        assert answer[0]["confidence"] == pytest.approx(float(expected.max()), abs=1e-3)
+
+
+def test_an_export_beyond_the_bound_is_refused_and_nothing_is_written(trained, tmp_path):
+    model = copy_model(trained, tmp_path / "model")
+    before = snapshot(model)  # its files, byte for byte (the folder's own time moves with the staging)
+    result = run_cli(
+        "export",
+        "--model",
+        model,
+        "--data",
+        trained["data"],
+        "--format",
+        "onnx",
+        "--max-difference",
+        "0",
+        "-q",
+        expect=1,
+    )
+    assert_one_line_error(result, "refused", "onnx export disagrees", "(bound 0)", "nothing was written")
+    assert snapshot(model) == before and leftovers(model) == []
+
+
+def test_flex_ops_are_found_and_such_an_int8_file_is_refused(trained, tmp_path, monkeypatch):
+    from pipeline.core.native_stderr import import_tensorflow
+    from pipeline.inference import converters
+
+    tf = import_tensorflow()
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32)])
+    def cumulative_product(x):
+        return tf.math.cumprod(x, axis=1)  # no LiteRT builtin: a Select TF op
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [cumulative_product.get_concrete_function()], cumulative_product
+    )
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS]
+    with_flex = converter.convert()
+    assert flex_ops(with_flex) == ["FlexCumprod"]
+    assert flex_ops((trained["model"] / paths.TFLITE_FILE).read_bytes()) == []
+
+    # A converter that let a Flex op through (Keras' LiteRT export allows them by default):
+    monkeypatch.setattr(converters, "convert", lambda fmt, model, target, calibration: target.write_bytes(with_flex))
+    model = copy_model(trained, tmp_path / "model")
+    before = snapshot(model)  # its files, byte for byte (the folder's own time moves with the staging)
+    with pytest.raises(PipelineError, match=r"Select TF \(Flex\) ops \(FlexCumprod\).*nothing was written"):
+        export_model(model, trained["data"], ExportSettings(format="litert-int8"))
+    assert snapshot(model) == before and leftovers(model) == []
+
+
+def test_an_engine_without_its_export_says_which_command_writes_it(trained):
+    image = sorted((trained["images"] / "cat").iterdir())[0]
+    result = run_cli("predict", image, "--model", trained["model"], "--engine", "onnx", expect=1)
+    assert_one_line_error(result, "model.onnx not found", "pipeline export --format onnx")
+
+
+_BLOCKED_RUN = """
+import sys
+sys.modules[sys.argv[1]] = None  # as if the package were not installed
+from typer.testing import CliRunner
+from pipeline.cli import app
+result = CliRunner().invoke(app, sys.argv[2:])
+print(result.exit_code)
+print(result.output)
+"""
+
+
+@pytest.mark.parametrize(
+    "blocked, command, package",
+    [
+        ("onnxruntime", ["predict"], "onnxruntime"),
+        ("tf2onnx", ["export", "--format", "onnx"], "tf2onnx"),
+    ],
+)
+def test_a_missing_extra_is_one_line_with_the_install_command(exported, trained, tmp_path, blocked, command, package):
+    image = sorted((trained["images"] / "dog").iterdir())[0]
+    if command[0] == "predict":  # the export is there, its runtime is not
+        args = ["predict", str(image), "--model", str(exported["model"]), "--engine", "onnx", "-q"]
+    else:  # the converter is not there: nothing may be written
+        model = copy_model(trained, tmp_path / "model")
+        args = [*command, "--model", str(model), "--data", str(trained["data"]), "-q"]
+    done = subprocess.run(
+        [sys.executable, "-c", _BLOCKED_RUN, blocked, *args], capture_output=True, text=True, timeout=300
+    )
+    code, *output = done.stdout.strip().splitlines()
+    assert code == "1" and len(output) == 1, done.stdout + done.stderr[-2000:]
+    assert output[0].startswith("error: ") and f"needs the {package} package" in output[0]
+    assert "pip install 'pipeline[export]'" in output[0] and f"pip install {package}" in output[0]
+    if command[0] == "export":
+        assert not (model / "model.onnx").exists() and leftovers(model) == []
+
+
+def test_export_help_and_an_int8_predict_import_no_heavy_module(exported, trained):
+    assert not imported_modules("export", "--help") & set(HEAVY)
+    image = sorted((trained["images"] / "fox").iterdir())[0]
+    modules = imported_modules("predict", str(image), "--model", str(exported["model"]), "--engine", "litert-int8")
+    assert "ai_edge_litert" in modules and not modules & set(HEAVY), sorted(modules & set(HEAVY))
+
+
+def test_the_model_card_names_the_real_figures(exported, tmp_path):
+    model, data = copy_model(exported, tmp_path / "model"), exported["data"]
+    (model / paths.EVALUATION_FILE).unlink(missing_ok=True)  # as train and export leave it
+    write_model_card(model, json.loads((data / "report.json").read_text()))
+    assert "Not evaluated yet: run `pipeline evaluate`" in (model / paths.MODEL_CARD_FILE).read_text()
+    (model / "calibration.json").write_text(json.dumps({"temperature": 1.734, "method": "temperature scaling"}))
+    result = run_cli("evaluate", "--data", data, "--model", model, "--out", tmp_path / "reports", "--json")
+    metrics = json.loads(result.stdout)
+    card = (model / paths.MODEL_CARD_FILE).read_text()
+    report = json.loads((data / "report.json").read_text())
+    saved = json.loads((model / paths.TRAIN_SETTINGS_FILE).read_text())
+    assert f"accuracy **{metrics['accuracy']:.4f}**" in card and f"macro F1 **{metrics['macro_f1']:.4f}**" in card
+    assert f"On {metrics['n_test']} test images (engine `keras`)" in card
+    for name, m in metrics["per_class"].items():
+        counts = report["counts"][name]
+        assert f"| {name} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['support']} |" in card
+        row = [counts[k] for k in ("found", "skipped", "duplicates", "train", "val", "test", "train_augmented")]
+        assert f"| {name} | " + " | ".join(map(str, row)) + " |" in card
+    for pair in metrics["most_confused"]:
+        assert f"- {pair['true']} -> {pair['predicted']}: {pair['count']}" in card
+    assert f"{report['totals']['duplicates_removed']} removed" in card
+    assert f"| epochs run (budget) | {saved['summary']['epochs_run']} ({saved['train']['epochs']}) |" in card
+    assert "| temperature | 1.734 |" in card
+    size = saved["prepare"]["size"]
+    assert f"shape (batch, {size}, {size}, 3)" in card and "uint8 pixels 0-255" in card
+    records = json.loads((model / paths.EXPORTS_FILE).read_text())
+    for fmt, record in records.items():
+        assert f"### {fmt}: `{paths.EXPORT_PATHS[fmt]}" in card
+        assert f"top-1 agreement with Keras {record['agreement']:.2%}" in card
+    evaluation = json.loads((model / paths.EVALUATION_FILE).read_text())
+    assert evaluation["accuracy"] == metrics["accuracy"]
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        ([], ["export needs --format", "litert-int8, onnx, openvino, saved-model"]),
+        (["--format", "onnx", "--min-agreement", "2"], ["--min-agreement must be between 0 and 1"]),
+        (["--format", "litert-int8", "--calibration-images", "0"], ["--calibration-images must be at least 1"]),
+    ],
+)
+def test_a_bad_export_option_is_one_line_before_anything_loads(tmp_path, args, words):
+    result = run_cli("export", "--model", tmp_path / "model", *args, expect=1)
+    assert_one_line_error(result, *words)
+
+
+def test_openvino_is_loaded_without_its_telemetry():
+    """openvino's converter would send usage statistics to Google Analytics from a child process
+    (seen as DNS look-ups under strace); pipeline loads it with the converter's own stub instead."""
+    probe = (
+        "from pipeline.inference.engines import require\n"
+        "require('openvino', 'openvino', 'test')\n"
+        "import openvino.tools.ovc.telemetry_utils as t\n"
+        "print(t.tm.__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "openvino.tools.ovc.telemetry_stub", done.stderr[-2000:]
+
+
+def test_the_model_card_s_python_loads_each_format_and_agrees_with_keras(exported, trained, monkeypatch):
+    import re
+
+    card = (exported["model"] / paths.MODEL_CARD_FILE).read_text()
+    blocks = re.findall(r"^### ([\w-]+): .*?```python\n(.*?)```", card, flags=re.S | re.M)
+    assert [name for name, _ in blocks] == ["keras", "litert", *EXPORT_FORMATS]
+    setup = re.search(r"```python\n(.*?)```", card, flags=re.S).group(1)
+    image = sorted((trained["images"] / "fox").iterdir())[0]
+    monkeypatch.chdir(exported["model"])  # the snippets name the files as they lie in the model folder
+    found = {}
+    for name, code in blocks:
+        scope: dict = {}
+        exec(setup.replace("photo.jpg", str(image)), scope)
+        exec(code, scope)
+        found[name] = np.asarray(scope["probabilities"], dtype=np.float64)
+    for name, probabilities in found.items():
+        assert probabilities.shape == found["keras"].shape, name
+        assert np.abs(probabilities - found["keras"]).max() <= (0.02 if name == "litert-int8" else 1e-3), name
