@@ -30,6 +30,7 @@ from pipeline.core.settings import (
     PEAK_RATE_BATCH,
     PRECISIONS,
     SCHEDULES,
+    AuditSettings,
     InspectSettings,
     PredictSettings,
     PrepareSettings,
@@ -140,6 +141,14 @@ def prepare(
             help="Dask scheduler (tcp://host:8786) whose workers decode; images and --out on storage they share.",
         ),
     ] = PREPARE.scheduler,
+    fixes: Annotated[
+        str,
+        typer.Option(
+            help="An audit.csv: relabel or leave out the files it names (action keep | relabel:CLASS | exclude); "
+            "the images folder is never changed.",
+            show_default=False,
+        ),
+    ] = PREPARE.fixes,
     quiet: Quiet = False,
 ) -> None:
     """Scan IMAGES_DIR, decode, resize, de-duplicate, split and augment into .npy arrays."""
@@ -320,6 +329,28 @@ def serve(
 
     settings = settings_from(ServeSettings, locals())
     serve_model(model_dir, settings, reports_dir, say=progress.say)
+
+
+AUDIT = AuditSettings()
+
+
+@app.command()
+@user_errors
+def audit(
+    data_dir: DataDir = paths.DATA_DIR,
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Where to write audit.html, .json and .csv.")
+    ] = paths.AUDIT_DIR,
+    folds: Annotated[int, typer.Option(help="Out-of-fold models, each trained on the other folds.")] = AUDIT.folds,
+    epochs: Annotated[int, typer.Option(help="Each fold's training budget in epochs.")] = AUDIT.epochs,
+    seed: Annotated[int, typer.Option(help="Seed for the folds and the models.")] = AUDIT.seed,
+    quiet: Quiet = False,
+) -> None:
+    """Find images whose label looks wrong (out-of-fold CNNs and cleanlab) and ones unfit to train on."""
+    progress.set_quiet(quiet)
+    from pipeline.audit import audit_dataset
+
+    terminal.print_audit_summary(audit_dataset(data_dir, out_dir, settings_from(AuditSettings, locals())), out_dir)
 
 
 def _interrupt(signum, frame):

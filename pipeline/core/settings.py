@@ -34,6 +34,7 @@ class PrepareSettings:
     strict: bool = False  # any skipped file or warning fails the run
     near_duplicate_distance: int = NEAR_DUPLICATE_DISTANCE  # perceptual-hash bits; -1 = off
     scheduler: str = ""  # Dask scheduler address (tcp://host:8786) for the per-file work; "" = local processes
+    fixes: str = ""  # an audit.csv whose actions (keep, relabel:CLASS, exclude) apply to the scan; "" = none
 
     def check(self) -> None:
         if not 10 <= self.size <= 1024:  # the two conv-pool stages need 10 pixels
@@ -88,6 +89,22 @@ class TrainSettings:
         if self.learning_rate is not None:
             return self.learning_rate
         return float(f"{PEAK_RATE * (self.batch_size / PEAK_RATE_BATCH) ** 0.5:.3g}")
+
+
+@dataclass
+class AuditSettings:
+    folds: int = 4  # out-of-fold models; each trains on the other folds' images (bench/audit_bench.py)
+    epochs: int = 4  # each fold's budget: shorter than train's, it ranks the planted errors as well
+    batch_size: int = 64
+    seed: int = 42  # same seed, same data folder: the same folds and the same issues
+
+    def check(self) -> None:
+        if self.folds < 2:
+            raise PipelineError(f"--folds must be at least 2, got {self.folds}")
+        if self.epochs < 1:
+            raise PipelineError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise PipelineError(f"--batch-size must be at least 1, got {self.batch_size}")
 
 
 @dataclass

@@ -128,3 +128,31 @@ def print_predictions(results) -> None:
         others = r.top_k[1:] if r.label == r.top_k[0]["label"] else r.top_k  # "unknown": show the guesses
         extra = "  ".join(f"{t['label']} {t['probability']:.1%}" for t in others)
         out.print(f"{r.file}\t{r.label}\t{r.confidence:.1%}" + (f"\t({extra})" if extra else ""), markup=False)
+
+
+def print_audit_summary(findings: dict, out_dir: Path, shown: int = 10) -> None:
+    """The audit in a few lines: the counts, the worst suspects, the noise per class, the page."""
+    counts = findings["counts"]
+    health = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in counts["health"].items() if n) or "none"
+    out.print(
+        f"Audited {counts['source_images']} source images in {len(findings['folds'])} folds "
+        f"(out-of-fold agreement with the labels {findings['out_of_fold_agreement']:.1%}): "
+        f"{counts['label_issues']} label issue(s); health: {health}; "
+        f"{counts['exact_duplicates_across_classes']} exact and {counts['near_duplicates_across_classes']} "
+        "near duplicate group(s) across classes"
+    )
+    if findings["label_issues"]:
+        table = Table(title="Most likely wrong labels", title_justify="left")
+        for column in ("file", "given", "suggested", "score"):
+            table.add_column(column, justify="right" if column == "score" else "left")
+        for item in findings["label_issues"][:shown]:
+            table.add_row(item["path"], item["given"], item["suggested"], f"{item['score']:.3f}")
+        out.print(table)
+    for noise in findings["label_noise"][:shown]:
+        out.print(noise["text"], markup=False)
+    out.print(f"page: {out_dir / paths.AUDIT_HTML}", markup=False)
+    out.print(
+        f"edit the action column of {out_dir / paths.AUDIT_CSV}, then: pipeline prepare IMAGES --fixes "
+        f"{out_dir / paths.AUDIT_CSV}",
+        markup=False,
+    )
