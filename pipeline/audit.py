@@ -2,7 +2,8 @@
 
 Reads the data folder prepare wrote (every split's arrays, classes.json, manifest.csv,
 health.csv, report.json); never the model folder, never the images folder. Writes,
-atomically, the audit folder: audit.json (everything found), audit.csv (one row per
+atomically, the audit folder: audit.json (everything found), pred_probs.npy (the
+out-of-fold probabilities, a row per audit.json image), audit.csv (one row per
 flagged file with an `action` the user edits: keep, relabel:CLASS, exclude; `prepare
 --fixes` reads it) and audit.html (the page: counts, the suspects as thumbnails, the
 health issues by kind).
@@ -37,9 +38,11 @@ from pipeline.data.label_issues import find_suspects, noise_shares
 from pipeline.data.splits import audit_folds
 
 CSV_COLUMNS = ["path", "class", "split", "issues", "suggested", "score", "action"]
-# What audit.csv suggests for a file with only health issues: unusable pictures left out,
-# the rest kept (prepare squashes every image to a square anyway; grey is still a picture).
-HEALTH_ACTION = {"dark": "exclude", "light": "exclude", "low_information": "exclude", "blurry": "keep"}
+# audit.csv suggests leaving out a picture with only health issues when it is near constant
+# (a low-information score under this: entropy under 2 bits, as a flat black, white or grey
+# frame); the rest are kept for the user to judge: cleanvision's own thresholds flag dark
+# photos and plain letters on a page (a fifth of the letters folder) that train well.
+EXCLUDE_BELOW_INFORMATION = 0.2
 
 
 def audit_dataset(data_dir: Path, out_dir: Path, settings: AuditSettings) -> dict:
@@ -68,7 +71,7 @@ def audit_dataset(data_dir: Path, out_dir: Path, settings: AuditSettings) -> dic
         "folds": folds,
         "out_of_fold_agreement": round(float(np.mean(probabilities.argmax(1) == labels)), 4),
         "label_issues": [
-            {**_who(sources, s["position"], classes), "suggested": classes[s["suggested"]], **_rest(s)}
+            {**_who(sources, s["position"]), "suggested": classes[s["suggested"]], **_rest(s)}
             for s in find_suspects(labels, probabilities)
         ],
         "label_noise": noise_shares(labels, probabilities, classes),
@@ -92,6 +95,7 @@ def audit_dataset(data_dir: Path, out_dir: Path, settings: AuditSettings) -> dic
     findings["counts"] = _counts(findings, len(labels))
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / paths.AUDIT_JSON, findings)
+        np.save(tmp / paths.AUDIT_PROBABILITIES, probabilities)
         atomic_write_text(tmp / paths.AUDIT_CSV, audit_csv(findings))
         from pipeline.report.audit_page import write_audit_page
 
@@ -142,7 +146,7 @@ def _group_ids(source_paths: list[str], report: dict) -> np.ndarray:
     return np.array([group_of.get(p, offset + i) for i, p in enumerate(source_paths)], dtype=np.int64)
 
 
-def _who(sources: dict, i: int, classes: list[str]) -> dict:
+def _who(sources: dict, i: int) -> dict:
     return {"path": sources["path"][i], "split": sources["split"][i], "given": sources["class"][i]}
 
 
@@ -218,8 +222,9 @@ def audit_csv(findings: dict) -> str:
         for item in items:
             r = row(item["path"], item["class"], item["split"])
             r["issues"].append(kind)
-            if "action" not in r or HEALTH_ACTION.get(kind) == "exclude":
-                r["action"] = HEALTH_ACTION.get(kind, "keep")
+            if kind == "low_information" and item["score"] < EXCLUDE_BELOW_INFORMATION:
+                r["action"] = "exclude"  # nothing to learn from it, whatever its label
+            r.setdefault("action", "keep")
     for group in findings["near_duplicates_across_classes"]:
         for path, cls in zip(group["paths"], group["class_of"]):
             r = row(path, cls, group.get("split") or "")

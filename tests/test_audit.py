@@ -176,3 +176,32 @@ def test_health_scores_match_cleanvision(tmp_path):
     assert "b/blurred.png" in found["blurry"] and "b/flat.png" in found["low_information"]
     assert found["odd_aspect_ratio"] == {"a/wide.png"} and "b/big.png" in found["odd_size"]
     assert "b/grey.png" in found["grayscale"]
+
+
+def test_audit_page_escapes_every_user_string(tmp_path):
+    from pipeline.report.audit_page import write_audit_page
+
+    evil = "<img src=x onerror=alert(1)>"
+    item = {"path": f"{evil}/a.png", "split": "train", "given": evil, "suggested": "b", "score": 0.01}
+    findings = {
+        "data_dir": evil,
+        "classes": [evil, "b"],
+        "folds": [{}, {}],
+        "counts": {
+            "source_images": 1,
+            "label_issues": 1,
+            "health": {"dark": 1},
+            "exact_duplicates_across_classes": 0,
+            "near_duplicates_across_classes": 1,
+        },
+        "label_noise": [{"text": f"about 4 % of '{evil}' look like 'b'"}],
+        "label_issues": [item],
+        "health": {"dark": [{**item, "class": evil}]},
+        "exact_duplicates_across_classes": [],
+        "near_duplicates_across_classes": [{"paths": [item["path"]], "classes": [evil, "b"]}],
+    }
+    page = tmp_path / "audit.html"
+    write_audit_page(page, findings, np.zeros((1, 16, 16, 3), dtype=np.uint8), [item["path"]])
+    text = page.read_text()
+    assert evil not in text and "&lt;img src=x onerror=alert(1)&gt;" in text
+    assert text.count("data:image/png;base64,") == 2

@@ -38,6 +38,7 @@ REPORT_HTML = "report.html"
 AUDIT_JSON = "audit.json"
 AUDIT_CSV = "audit.csv"
 AUDIT_HTML = "audit.html"
+AUDIT_PROBABILITIES = "pred_probs.npy"  # out-of-fold probabilities, rows as audit.json's images (cleanlab's pred_probs)
 
 # What to run when an input folder is missing: said the same way by every stage.
 PREPARE_HINT = "run `pipeline prepare IMAGES_DIR` first"

@@ -42,6 +42,7 @@ ENTROPY_FACTOR = 0.1
 BLUR_FACTOR, BLUR_COLOR_THRESHOLD = 0.01, 0.18
 BLUR_MAX_SIDE = 64  # cleanvision's MAX_RESOLUTION_FOR_BLURRY_DETECTION
 SIZE_IQR_FACTOR = 3.0
+GREY_FOLDER_SHARE = 0.5  # from this share of grey pictures on, a folder is grey, and grey is no issue
 
 
 def raw_values(picture: Image.Image, original_size: tuple[int, int], original_mode: str = "RGB") -> tuple[float, ...]:
@@ -112,11 +113,14 @@ def odd_size_scores(sizes: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def flagged(raw: np.ndarray, colour_folder: bool = True) -> dict[str, np.ndarray]:
-    """A boolean per row and kind: cleanvision's default thresholds (grayscale only in a colour folder)."""
+    """A boolean per row and kind: cleanvision's default thresholds. Grayscale only in a
+    colour folder: prepared in colour, and most of its pictures not grey (a folder of grey
+    scans, or letters, is not a colour folder with grey strays)."""
     scores = issue_scores(raw)
     sizes = np.sqrt(raw[:, RAW_COLUMNS.index("width")]) * np.sqrt(raw[:, RAW_COLUMNS.index("height")])
     size_threshold = odd_size_scores(sizes)[1]
     found = {kind: scores[kind] < THRESHOLDS[kind] for kind in THRESHOLDS}
     found["odd_size"] = scores["odd_size"] < size_threshold
-    found["grayscale"] = (scores["grayscale"] == 0) & colour_folder
+    grey = scores["grayscale"] == 0
+    found["grayscale"] = grey & (colour_folder and grey.mean() < GREY_FOLDER_SHARE)
     return {kind: found[kind] for kind in ISSUE_KINDS}

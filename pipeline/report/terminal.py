@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.core import paths
 from pipeline.data.data_folder import COUNT_COLUMNS
@@ -145,8 +146,8 @@ def print_audit_summary(findings: dict, out_dir: Path, shown: int = 10) -> None:
         table = Table(title="Most likely wrong labels", title_justify="left")
         for column in ("file", "given", "suggested", "score"):
             table.add_column(column, justify="right" if column == "score" else "left")
-        for item in findings["label_issues"][:shown]:
-            table.add_row(item["path"], item["given"], item["suggested"], f"{item['score']:.3f}")
+        for item in findings["label_issues"][:shown]:  # Text: a bracket in a file name is not markup
+            table.add_row(Text(item["path"]), Text(item["given"]), Text(item["suggested"]), f"{item['score']:.3f}")
         out.print(table)
     for noise in findings["label_noise"][:shown]:
         out.print(noise["text"], markup=False)
