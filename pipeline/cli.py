@@ -344,6 +344,9 @@ def audit(
     folds: Annotated[int, typer.Option(help="Out-of-fold models, each trained on the other folds.")] = AUDIT.folds,
     epochs: Annotated[int, typer.Option(help="Each fold's training budget in epochs.")] = AUDIT.epochs,
     seed: Annotated[int, typer.Option(help="Seed for the folds and the models.")] = AUDIT.seed,
+    precision: Annotated[
+        Precision, typer.Option(help="As train's: auto is mixed bfloat16 on CPUs with native bfloat16, else float32.")
+    ] = Precision[AUDIT.precision],
     quiet: Quiet = False,
 ) -> None:
     """Find images whose label looks wrong (out-of-fold CNNs and cleanlab) and ones unfit to train on."""

@@ -3,8 +3,8 @@
 Reads nothing from disk and writes nothing the user keeps: the rows come in memory, each
 fold's model trains in a temporary folder (fit's history.csv) that is deleted with it,
 and only the held-out fold's probabilities come back. Each fold trains as `train` does
-(`training.fit.fit_model`: the one-cycle schedule, float32, seeded) on a shorter budget
-and with no validation split: the held-out fold is what it is judged on, and its labels
+(`training.fit.fit_model`: the one-cycle schedule, train's precision, seeded) for
+--epochs, with no validation split: the held-out fold is what it is judged on, and its labels
 are the ones in question, so none of them may choose the weights.
 """
 
@@ -63,6 +63,7 @@ def out_of_fold_probabilities(
                 "epochs_run": len(fit.history),
                 "seconds": round(fit.seconds, 2),
                 "held_out_agreement": round(held_accuracy, 4),  # with the given labels, errors and all
+                "precision": model.dtype_policy.name,
             }
         )
         del model
@@ -74,17 +75,18 @@ def _train_one(X: np.ndarray, y: np.ndarray, classes: list[str], s: AuditSetting
     """One fold's CNN, trained as `train` trains it on a budget of s.epochs."""
     from pipeline.training.fit import ctrl_c_noted, fit_model
     from pipeline.training.model import PixelStats, compile_model
-    from pipeline.training.precision import build_with_precision
+    from pipeline.training.precision import build_with_precision, resolve_precision
 
     keras = import_keras()
+    precision = resolve_precision(s.precision)
     settings = TrainSettings(
-        epochs=s.epochs, batch_size=s.batch_size, seed=seed, patience=s.epochs, precision="float32"
+        epochs=s.epochs, batch_size=s.batch_size, seed=seed, patience=s.epochs, precision=precision
     )
     keras.utils.set_random_seed(seed)
     stats = PixelStats.of(X)
     steps = s.epochs * math.ceil(len(X) / s.batch_size)
     model = compile_model(
-        build_with_precision(X.shape[1:], len(classes), "float32", stats),
+        build_with_precision(X.shape[1:], len(classes), precision, stats),
         settings.peak_learning_rate(),
         steps,
         settings.warmup,
