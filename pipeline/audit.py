@@ -38,11 +38,12 @@ from pipeline.data.label_issues import find_suspects, noise_shares
 from pipeline.data.splits import audit_folds
 
 CSV_COLUMNS = ["path", "class", "split", "issues", "suggested", "score", "action"]
-# audit.csv suggests leaving out a picture with only health issues when it is near constant
-# (a low-information score under this: entropy under 2 bits, as a flat black, white or grey
-# frame); the rest are kept for the user to judge: cleanvision's own thresholds flag dark
-# photos and plain letters on a page (a fifth of the letters folder) that train well.
-EXCLUDE_BELOW_INFORMATION = 0.2
+# audit.csv suggests leaving out a picture with only health issues when it is flat as the
+# model sees it (every channel's pixels within a few levels of their mean: a black, white
+# or single-colour frame); the rest are kept for the user to judge: cleanvision's own
+# thresholds call plain letters on a page low-information (a sixth of the letters folder,
+# entropy under 2 bits for 4 % of it), and those train well.
+FLAT_STD = 3.0  # of 255
 
 
 def audit_dataset(data_dir: Path, out_dir: Path, settings: AuditSettings) -> dict:
@@ -75,7 +76,7 @@ def audit_dataset(data_dir: Path, out_dir: Path, settings: AuditSettings) -> dic
             for s in find_suspects(labels, probabilities)
         ],
         "label_noise": noise_shares(labels, probabilities, classes),
-        "health": _health_issues(data_dir, sources, classes, fold_rows.X.shape[-1] == 3),
+        "health": _health_issues(data_dir, sources, _flat(fold_rows.X), fold_rows.X.shape[-1] == 3),
         "exact_duplicates_across_classes": report.get("label_conflicts", []),
         "near_duplicates_across_classes": _near_duplicates_across(report, sources, classes),
         "images": [  # every source's out-of-fold verdict, for a closer look
@@ -154,7 +155,16 @@ def _rest(suspect: dict) -> dict:
     return {"score": suspect["score"], "suggested_probability": suspect["suggested_probability"]}
 
 
-def _health_issues(data_dir: Path, sources: dict, classes: list[str], colour: bool) -> dict[str, list[dict]]:
+def _flat(X: np.ndarray) -> np.ndarray:
+    """Per row: is every channel within FLAT_STD of its mean (a picture with nothing in it)?"""
+    flat = np.zeros(len(X), dtype=bool)
+    for start in range(0, len(X), 1024):  # a float copy of 1024 rows at a time
+        rows = X[start : start + 1024].astype(np.float32)
+        flat[start : start + 1024] = rows.std(axis=(1, 2)).max(axis=1) < FLAT_STD
+    return flat
+
+
+def _health_issues(data_dir: Path, sources: dict, flat: np.ndarray, colour: bool) -> dict[str, list[dict]]:
     """Per kind, the flagged sources, worst first, from health.csv (empty before it existed)."""
     measured = read_health(data_dir)
     have = [i for i, p in enumerate(sources["path"]) if p in measured]
@@ -173,6 +183,7 @@ def _health_issues(data_dir: Path, sources: dict, classes: list[str], colour: bo
                     "split": sources["split"][i],
                     "class": sources["class"][i],
                     "score": round(float(scores[kind][j]), 4),
+                    "flat": bool(flat[i]),
                 }
             )
     return found
@@ -222,7 +233,7 @@ def audit_csv(findings: dict) -> str:
         for item in items:
             r = row(item["path"], item["class"], item["split"])
             r["issues"].append(kind)
-            if kind == "low_information" and item["score"] < EXCLUDE_BELOW_INFORMATION:
+            if item["flat"]:
                 r["action"] = "exclude"  # nothing to learn from it, whatever its label
             r.setdefault("action", "keep")
     for group in findings["near_duplicates_across_classes"]:
