@@ -53,7 +53,7 @@ def out_of_fold_probabilities(
             f"predicting {len(held_out)} held out"
         )
         model, fit = _train_one(X, y, classes, s, seed=s.seed + fold)
-        probabilities[held_out] = model.predict(rows.X[held_out], batch_size=INFERENCE_BATCH, verbose=0)
+        probabilities[held_out] = _predict(model, rows.X[held_out])
         held_accuracy = float(np.mean(probabilities[held_out].argmax(1) == rows.labels[held_out]))
         summaries.append(
             {
@@ -69,6 +69,13 @@ def out_of_fold_probabilities(
         del model
         keras.backend.clear_session()  # K models in one process: free each one's graph
     return probabilities, summaries
+
+
+def _predict(model, X: np.ndarray) -> np.ndarray:
+    """The model's probabilities, called eagerly a batch at a time: a new model's predict()
+    traced a new function per fold, and TensorFlow warned of retracing on the terminal."""
+    batches = [model(X[i : i + INFERENCE_BATCH], training=False) for i in range(0, len(X), INFERENCE_BATCH)]
+    return np.concatenate([np.asarray(b, dtype=np.float64) for b in batches])
 
 
 def _train_one(X: np.ndarray, y: np.ndarray, classes: list[str], s: AuditSettings, seed: int):
