@@ -79,19 +79,7 @@ def audit_dataset(data_dir: Path, out_dir: Path, settings: AuditSettings) -> dic
         "health": _health_issues(data_dir, sources, _flat(fold_rows.X), fold_rows.X.shape[-1] == 3),
         "exact_duplicates_across_classes": report.get("label_conflicts", []),
         "near_duplicates_across_classes": _near_duplicates_across(report, sources, classes),
-        "images": [  # every source's out-of-fold verdict, for a closer look
-            {
-                "path": path,
-                "split": split,
-                "given": classes[given],
-                "predicted": classes[int(p.argmax())],
-                "given_probability": round(float(p[given]), 4),
-                "fold": int(fold) + 1,
-            }
-            for path, split, given, p, fold in zip(
-                sources["path"], sources["split"], labels.tolist(), probabilities, fold_of
-            )
-        ],
+        "images": _verdicts(sources, labels, probabilities, fold_of, classes),
     }
     findings["counts"] = _counts(findings, len(labels))
     with atomic_dir(out_dir) as tmp:
@@ -135,6 +123,23 @@ def _fold_rows(data_dir: Path, classes: list[str]):
     labels = np.concatenate(y_parts).astype(np.int64)
     sources["class"] = [classes[label] for label in labels.tolist()]
     return sources, FoldRows(X_all, labels, X_augmented, augmented_source)
+
+
+def _verdicts(sources: dict, labels: np.ndarray, probabilities: np.ndarray, fold_of, classes) -> list[dict]:
+    """Every source's out-of-fold verdict, in pred_probs.npy's row order, for a closer look."""
+    return [
+        {
+            "path": path,
+            "split": split,
+            "given": classes[given],
+            "predicted": classes[int(p.argmax())],
+            "given_probability": round(float(p[given]), 4),
+            "fold": int(fold) + 1,
+        }
+        for path, split, given, p, fold in zip(
+            sources["path"], sources["split"], labels.tolist(), probabilities, fold_of
+        )
+    ]
 
 
 def _group_ids(source_paths: list[str], report: dict) -> np.ndarray:
