@@ -11,7 +11,7 @@ SAMPLE := sample_data
 ART := artifacts
 
 .DEFAULT_GOAL := help
-.PHONY: help install all prepare train evaluate predict serve export test lint bench bench-serve bench-cache bench-export clean
+.PHONY: help install all prepare train evaluate predict serve export test lint bench bench-serve bench-cache bench-export bench-audit clean
 
 help: ## Show every target with one line
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ lint: $(STAMP) ## Lint and check formatting with ruff
 
 bench: $(STAMP) ## Benchmark against the reference scripts in ../shared/bench (slow; not part of CI)
 	$(BIN)/python bench/run_bench.py
+
+bench-audit: $(STAMP) ## The audit on the letters folder with 5% planted wrong labels: precision, recall, time, accuracy won back
+	$(BIN)/python bench/audit_bench.py --make-letters
 
 bench-serve: $(STAMP) ## Load-test pipeline serve on loopback against cold predict processes (not part of CI)
 	$(BIN)/python bench/serve_load.py

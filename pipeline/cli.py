@@ -31,6 +31,7 @@ from pipeline.core.settings import (
     PEAK_RATE_BATCH,
     PRECISIONS,
     SCHEDULES,
+    AuditSettings,
     ExportSettings,
     InspectSettings,
     PredictSettings,
@@ -157,6 +158,14 @@ def prepare(
     cache_limit_gb: Annotated[
         float, typer.Option(help="Cache size limit; least recently used entries go first.")
     ] = PREPARE.cache_limit_gb,
+    fixes: Annotated[
+        str,
+        typer.Option(
+            help="An audit.csv: relabel or leave out the files it names (action keep | relabel:CLASS | exclude); "
+            "the images folder is never changed.",
+            show_default=False,
+        ),
+    ] = PREPARE.fixes,
     quiet: Quiet = False,
 ) -> None:
     """Scan IMAGES_DIR, decode, resize, de-duplicate, split and augment into .npy arrays."""
@@ -380,6 +389,31 @@ def export(
 
     settings = settings_from(ExportSettings, locals())
     terminal.print_export(export_model(model_dir, data_dir, settings), settings.format, model_dir)
+
+
+AUDIT = AuditSettings()
+
+
+@app.command()
+@user_errors
+def audit(
+    data_dir: DataDir = paths.DATA_DIR,
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Where to write audit.html, .json and .csv.")
+    ] = paths.AUDIT_DIR,
+    folds: Annotated[int, typer.Option(help="Out-of-fold models, each trained on the other folds.")] = AUDIT.folds,
+    epochs: Annotated[int, typer.Option(help="Each fold's training budget in epochs.")] = AUDIT.epochs,
+    seed: Annotated[int, typer.Option(help="Seed for the folds and the models.")] = AUDIT.seed,
+    precision: Annotated[
+        Precision, typer.Option(help="As train's: auto is mixed bfloat16 on CPUs with native bfloat16, else float32.")
+    ] = Precision[AUDIT.precision],
+    quiet: Quiet = False,
+) -> None:
+    """Find images whose label looks wrong (out-of-fold CNNs and cleanlab) and ones unfit to train on."""
+    progress.set_quiet(quiet)
+    from pipeline.audit import audit_dataset
+
+    terminal.print_audit_summary(audit_dataset(data_dir, out_dir, settings_from(AuditSettings, locals())), out_dir)
 
 
 def _interrupt(signum, frame):

@@ -3,8 +3,12 @@
 Reads IMAGES_DIR (never writes to it). Writes, atomically, into the output folder:
 X_{train,val,test}.npy (uint8, N x size x size x channels), y_{train,val,test}.npy
 (int64 labels), classes.json, manifest.csv (split,index,path,label,augmented: one row
-per array row), report.json (counts, skipped and ignored files, duplicates, warnings,
-settings) and samples.png.
+per array row), health.csv (each source image's image properties, measured as it was
+decoded: `data.health`), report.json (counts, skipped and ignored files, duplicates,
+warnings, the --fixes applied, settings) and samples.png.
+
+With --fixes (an audit.csv), the files it names are relabelled or left out of the scan
+before anything is decoded (`data.fixes`); the images folder is never written to.
 
 The steps, in `prepare_dataset`'s order: scan the folder; decode every file in worker
 processes, local or a Dask cluster's (`data.decoding.decode_all`, through
@@ -43,10 +47,12 @@ from pipeline.data.data_folder import (
     create_rows_file,
     read_rows,
     write_classes,
+    write_health,
     write_manifest,
     write_rows,
 )
 from pipeline.data.decoding import Decoded, decode_all
+from pipeline.data.fixes import apply_fixes, read_fixes
 from pipeline.data.image_folder import FolderScan, class_imbalance, scan_folder
 from pipeline.data.images import channels
 from pipeline.data.splits import near_duplicate_groups, split_by_group
@@ -60,6 +66,9 @@ def prepare_dataset(images_dir: Path, out_dir: Path, settings: PrepareSettings) 
     settings.check()
     images_dir, out_dir = Path(images_dir), Path(out_dir)
     scan = scan_folder(images_dir)
+    fixes_applied = None
+    if settings.fixes:
+        scan, fixes_applied = apply_fixes(scan, read_fixes(Path(settings.fixes), scan))
     check_out_dir(out_dir, paths.PREPARE_REPORT_FILE, {"images folder": images_dir})
     if len(scan.class_names) < 2:
         raise PipelineError(
@@ -80,7 +89,10 @@ def prepare_dataset(images_dir: Path, out_dir: Path, settings: PrepareSettings) 
             sources.labels, groups, settings.test_size, settings.val_size, settings.seed, sources.class_names
         )
         counts = write_splits(scan, sources, split_of, settings, buffer_path, tmp, pool)
+        write_health(tmp / paths.HEALTH_FILE, scan, sources, split_of, decoded.health)
         report = build_report(scan, decoded, sources, groups, split_of, counts, settings)
+        if fixes_applied is not None:
+            report["fixes"] = fixes_applied
         write_json(tmp / paths.PREPARE_REPORT_FILE, report)
         buffer_path.unlink()
         _save_samples(tmp, report, settings)

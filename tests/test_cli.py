@@ -48,12 +48,16 @@ def one_line_error(result, *words: str) -> None:
         (["predict", "x.png", "--engine", "tpu"], ["--engine", "tpu"]),
         (["predict"], ["Missing argument"]),
         (["inspect", "IMAGES", "--workers", "-1"], ["--workers"]),
+        (["prepare", "IMAGES", "--fixes", "no-such-audit.csv"], ["--fixes", "no-such-audit.csv"]),
+        (["audit", "--folds", "1"], ["--folds"]),
+        (["audit", "--epochs", "0"], ["--epochs"]),
+        (["audit", "--precision", "bfloat8"], ["--precision", "bfloat8"]),
         (["no-such-command"], ["no-such-command"]),
     ],
 )
 def test_every_bad_option_is_one_line_and_exit_1(images, tmp_path, args, words):
     args = [str(images) if a == "IMAGES" else a for a in args]
-    if args[0] in ("train", "prepare"):
+    if args[0] in ("train", "prepare", "audit"):
         args += ["--out", str(tmp_path / "out")]
     one_line_error(run_cli(*args, expect=None), *words)
     assert not (tmp_path / "out").exists()

@@ -392,7 +392,8 @@ def test_strict_fails_on_any_problem_and_writes_nothing(tmp_path, problem):
     assert len(lines) == 1 and lines[0].startswith("error: --strict:"), result.output
     assert "nothing written" in lines[0] and "Traceback" not in result.output
     assert snapshot(out) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "images"]  # no temporary folder left
+    # no temporary folder left; the decoded files' cache (.cache beside --out) stays for the next run
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache", "data", "images"]
     run_cli("prepare", images, "--out", out, "--size", "16", "--quiet")  # without --strict it goes through
 
 

@@ -6,6 +6,7 @@ ARTIFACTS_DIR = Path("artifacts")
 DATA_DIR = ARTIFACTS_DIR / "data"  # written by prepare, read by train and evaluate
 MODEL_DIR = ARTIFACTS_DIR / "model"  # written by train, read by evaluate and predict
 REPORTS_DIR = ARTIFACTS_DIR / "reports"  # written by evaluate
+AUDIT_DIR = ARTIFACTS_DIR / "audit"  # written by audit, read by the user (and prepare --fixes)
 
 SPLITS = ("train", "val", "test")
 
@@ -14,6 +15,7 @@ CLASSES_FILE = "classes.json"
 MANIFEST_FILE = "manifest.csv"
 PREPARE_REPORT_FILE = "report.json"
 SAMPLES_PNG = "samples.png"
+HEALTH_FILE = "health.csv"  # per source image: cleanvision's raw image properties (audit reads them)
 
 # train
 MODEL_FILE = "model.keras"
@@ -43,6 +45,12 @@ CONFUSION_PNG = "confusion_matrix.png"
 MISCLASSIFIED_PNG = "misclassified.png"
 PREDICTIONS_FILE = "predictions.csv"
 REPORT_HTML = "report.html"
+
+# audit
+AUDIT_JSON = "audit.json"
+AUDIT_CSV = "audit.csv"
+AUDIT_HTML = "audit.html"
+AUDIT_PROBABILITIES = "pred_probs.npy"  # out-of-fold probabilities, rows as audit.json's images (cleanlab's pred_probs)
 
 # What to run when an input folder is missing: said the same way by every stage.
 PREPARE_HINT = "run `pipeline prepare IMAGES_DIR` first"

@@ -39,6 +39,7 @@ class PrepareSettings:
     cache: str = ""  # per-file cache folder; "" = .cache beside --out (artifacts/.cache)
     no_cache: bool = False  # decode every file, neither reading nor writing the cache
     cache_limit_gb: float = 20.0  # least recently used entries go beyond this
+    fixes: str = ""  # an audit.csv whose actions (keep, relabel:CLASS, exclude) apply to the scan; "" = none
 
     def check(self) -> None:
         if not self.cache_limit_gb > 0:
@@ -95,6 +96,27 @@ class TrainSettings:
         if self.learning_rate is not None:
             return self.learning_rate
         return float(f"{PEAK_RATE * (self.batch_size / PEAK_RATE_BATCH) ** 0.5:.3g}")
+
+
+@dataclass
+class AuditSettings:
+    # 3 folds of train's 6 epochs: on the letters with 5 % planted, 4 x 4 and 4 x 6 ranked
+    # worse or cost 3.6x one train; this costs 2.4x (bench/audit_bench.py)
+    folds: int = 3  # out-of-fold models; each trains on the other folds' images
+    epochs: int = 6  # each fold's budget
+    batch_size: int = 64
+    seed: int = 42  # same seed, same data folder: the same folds and the same issues
+    precision: str = "auto"  # as train's: mixed bfloat16 on CPUs with native bf16 (twice as fast), else float32
+
+    def check(self) -> None:
+        if self.folds < 2:
+            raise PipelineError(f"--folds must be at least 2, got {self.folds}")
+        if self.epochs < 1:
+            raise PipelineError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise PipelineError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.precision not in PRECISIONS:
+            raise PipelineError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 X_{split}.npy are uint8 rows (N x size x size x channels), y_{split}.npy int64 labels,
 classes.json the class names (index = label), manifest.csv one row per array row
-(split,index,path,label,augmented). Rows are written and read with plain file I/O or
+(split,index,path,label,augmented), health.csv one row per source image (split, path,
+label and health.RAW_COLUMNS). Rows are written and read with plain file I/O or
 short-lived memory maps, so no process holds a whole array it does not need; arrays load
 without pickle.
 """
@@ -58,6 +59,40 @@ def write_manifest(path: Path, rows: list[tuple[str, int, str, str, int]]) -> No
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(MANIFEST_COLUMNS)
         writer.writerows(rows)
+
+
+def read_manifest(data_dir: Path) -> list[dict]:
+    """Every row of manifest.csv: split, index (int), path, label, augmented (bool)."""
+    manifest = Path(data_dir) / paths.MANIFEST_FILE
+    if not manifest.is_file():
+        raise PipelineError(f"{manifest} is missing: {paths.PREPARE_HINT}")
+    with open(manifest, newline="", encoding="utf-8") as f:
+        return [{**row, "index": int(row["index"]), "augmented": row["augmented"] == "1"} for row in csv.DictReader(f)]
+
+
+def write_health(path: Path, scan, sources, split_of: np.ndarray, values: np.ndarray) -> None:
+    """health.csv: the kept source images' health values (`data.health.RAW_COLUMNS`), in split order."""
+    from pipeline.data.health import RAW_COLUMNS
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["split", "path", "label", *RAW_COLUMNS])
+        for split in paths.SPLITS:
+            for member in np.flatnonzero(split_of == split):
+                row = sources.rows[member]
+                label = sources.class_names[sources.labels[member]]
+                writer.writerow([split, scan.files[row][0], label, *(repr(float(v)) for v in values[row])])
+
+
+def read_health(data_dir: Path) -> dict[str, np.ndarray]:
+    """health.csv as {path: values}; empty for a data folder prepared before it existed."""
+    from pipeline.data.health import RAW_COLUMNS
+
+    file = Path(data_dir) / paths.HEALTH_FILE
+    if not file.is_file():
+        return {}
+    with open(file, newline="", encoding="utf-8") as f:
+        return {row["path"]: np.array([float(row[c]) for c in RAW_COLUMNS]) for row in csv.DictReader(f)}
 
 
 def read_split_paths(data_dir: Path, split: str, n: int) -> list[str]:

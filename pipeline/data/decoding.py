@@ -3,7 +3,9 @@
 Each task takes `DECODE_CHUNK` consecutive files, decodes and resizes them with
 `images.preprocess`, writes their rows into the buffer file itself (the pixels never
 travel back through a pipe) and returns, per file, its skip reason or its pixel digest
-and perceptual hash. `decode_all` keeps only those small results in the calling process.
+and perceptual hash, and its health values (`health.raw_values`, measured on the decoded
+picture, so the folder is decoded once). `decode_all` keeps only those small results in
+the calling process.
 
 With a cache folder (data/cache.py), a file whose content was decoded before at the same
 settings is not decoded again: its row and results come from its entry, and a file whose
@@ -24,7 +26,7 @@ import numpy as np
 
 from pipeline.core import progress
 from pipeline.core.settings import PrepareSettings
-from pipeline.data import cache, cache_index, dedup, stat_index
+from pipeline.data import cache, cache_index, dedup, health, stat_index
 from pipeline.data.cache import CacheCounts, EntryStore
 from pipeline.data.data_folder import create_rows_file, write_rows
 from pipeline.data.image_folder import FolderScan
@@ -32,7 +34,7 @@ from pipeline.data.images import UnreadableImage, channels, preprocess
 from pipeline.data.worker_pool import WorkerPool
 
 DECODE_CHUNK = 32  # files per task a worker takes: few messages, and the last tasks still balance
-RESULTS_VERSION = 1  # bump when what a file's results hold changes: cached entries of another are not used
+RESULTS_VERSION = 2  # bump when what a file's results hold changes: cached entries of another are not used
 
 
 @dataclass
@@ -41,28 +43,30 @@ class Decoded:
     reasons: dict[int, str]  # why a file was skipped
     digests: list[bytes | None]
     phashes: np.ndarray  # uint64, 0 where not decoded
+    health: np.ndarray  # float64, one row of health.RAW_COLUMNS per file, NaN where not decoded
     cache: CacheCounts | None = None  # what the cache served; None without one
 
 
-def _decode_file(path: str | bytes, size: int, color: str) -> tuple[np.ndarray | None, str | None, bytes | None, int]:
-    """(row, skip reason, pixel digest, perceptual hash); the hash is 0 where the batch computes it."""
+def _decode_file(path: str | bytes, size: int, color: str):
+    """(row, skip reason, pixel digest, perceptual hash, health values); the hash is 0 where
+    the batch computes it, the health values None where the file was skipped."""
     try:
         image = preprocess(path, size, color)
     except UnreadableImage as e:
-        return None, str(e), None, 0
+        return None, str(e), None, 0, None
     except Exception as e:  # a decoder bug must not end the whole run: skip and say why
-        return None, f"could not decode ({type(e).__name__}: {e})", None, 0
+        return None, f"could not decode ({type(e).__name__}: {e})", None, 0, None
     # Exact duplicates are rows the model could not tell apart: identical pixels at --size.
     digest = hashlib.blake2b(image.pixels.data, digest_size=16).digest()
     # Near-duplicates are judged at the resolution the model sees (hashed for the whole
     # chunk at once), unless that is below the hash's own 32x32: then on the decoded image.
     phash = 0 if size >= dedup.PHASH_SIDE else dedup.perceptual_hash(image.decoded)
-    return image.pixels, None, digest, phash
+    return image.pixels, None, digest, phash, health.raw_values(image.decoded, image.original_size, image.original_mode)
 
 
 def _decode_chunk(args: tuple) -> tuple[list[tuple], CacheCounts, list[list | None], list[tuple]]:
     """Decode consecutive files into their rows of the buffer file; return their
-    (reason, digest, phash) results, what the cache served, each file's stat record and
+    (reason, digest, phash, health values) results, what the cache served, each file's stat record and
     the cache entries written.
 
     The worker writes the pixels itself, so they never travel back through a pipe and the
@@ -162,6 +166,7 @@ def decode_all(
     reasons: dict[int, str] = {}
     digests: list[bytes | None] = [None] * n
     phashes = np.zeros(n, dtype=np.uint64)
+    health_values = np.full((n, len(health.RAW_COLUMNS)), np.nan)
     root = os.path.abspath(scan.root)  # the same file for a cluster's worker, whatever its working folder
     rel_paths = [rel for rel, _ in scan.files]
     books = _CacheBooks(cache_dir, root, rel_paths)
@@ -180,13 +185,13 @@ def decode_all(
     i = 0
     for results, counts, seen, written in done:
         books.add(i, counts, seen, written)
-        for reason, digest, phash, *_ in results:
+        for reason, digest, phash, values, *_ in results:
             if reason is None:
-                ok[i], digests[i], phashes[i] = True, digest, phash
+                ok[i], digests[i], phashes[i], health_values[i] = True, digest, phash, values
             else:
                 reasons[i] = reason
             i += 1
-    return Decoded(ok, reasons, digests, phashes, books.finish(s.cache_limit_gb))
+    return Decoded(ok, reasons, digests, phashes, health_values, books.finish(s.cache_limit_gb))
 
 
 class _CacheBooks:

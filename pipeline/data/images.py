@@ -34,6 +34,13 @@ def decode_image(source: Path | str | bytes, color: str, draft_size: int | None 
     """Decode for real: EXIF orientation, alpha on a fixed background, 8-bit RGB or L.
 
     `source` is a file's path or its bytes (an upload)."""
+    return _decode_sized(source, color, draft_size)[0]
+
+
+def _decode_sized(
+    source: Path | str | bytes, color: str, draft_size: int | None
+) -> tuple[Image.Image, tuple[int, int], str]:
+    """decode_image's picture, the file's own width and height (before any JPEG draft), and its mode."""
     try:
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that; refuse both,
@@ -46,11 +53,12 @@ def decode_image(source: Path | str | bytes, color: str, draft_size: int | None 
                     data = f.read()  # one read, not dozens of small ones
             image = Image.open(io.BytesIO(data))
             image.seek(0)  # animated GIF/WebP: the first frame
+            original_size, original_mode = image.size, image.mode
             if draft_size and image.format == "JPEG":
                 image.draft(image.mode, (draft_size, draft_size))  # DCT-domain downscale
             image.load()
             ImageOps.exif_transpose(image, in_place=True)  # no copy when upright (most photos)
-            return _normalise_mode(image, color)
+            return _normalise_mode(image, color), original_size, original_mode
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UnreadableImage(
             f"too many pixels: refused as a possible decompression bomb (limit {Image.MAX_IMAGE_PIXELS:,} pixels)"
@@ -127,12 +135,14 @@ def to_array(image: Image.Image, size: int) -> np.ndarray:
 class Preprocessed:
     pixels: np.ndarray  # uint8 (size, size, channels): what the model sees
     decoded: Image.Image  # the upright, colour-normalised picture before the resize
+    original_size: tuple[int, int] = (0, 0)  # the file's width and height, as stored (health's odd size)
+    original_mode: str = ""  # the file's own Pillow mode (health measures a one-band file as one band)
 
 
 def preprocess(source: Path | str | bytes, size: int, color: str) -> Preprocessed:
     """One file (path or bytes) as the model sees it. Raises UnreadableImage."""
-    decoded = decode_image(source, color, draft_size=size)
-    return Preprocessed(to_array(decoded, size), decoded)
+    decoded, original_size, original_mode = _decode_sized(source, color, draft_size=size)
+    return Preprocessed(to_array(decoded, size), decoded, original_size, original_mode)
 
 
 def channels(color: str) -> int:

@@ -77,3 +77,25 @@ def near_duplicate_groups(groups: np.ndarray, group_paths: list[str], split_of: 
         if len(members) > 1:
             found.append({"paths": [group_paths[m] for m in members], "split": str(split_of[members[0]])})
     return found
+
+
+def audit_folds(labels: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """The audit's fold (0..folds-1) of each source image: stratified by label, and a
+    near-duplicate group (`groups`, one id per image) always within one fold, as it stays
+    within one split; scikit-learn's StratifiedGroupKFold, shuffled with the seed."""
+    import warnings
+
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if len(np.unique(groups)) < folds:
+        raise PipelineError(
+            f"--folds {folds}: the data folder has only {len(np.unique(groups))} distinct images or "
+            "near-duplicate groups; use fewer folds"
+        )
+    fold_of = np.full(len(labels), -1, dtype=np.int64)
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # a class smaller than the folds: it simply misses some
+        warnings.simplefilter("ignore", UserWarning)
+        for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
+            fold_of[held_out] = fold
+    return fold_of

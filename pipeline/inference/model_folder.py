@@ -9,6 +9,7 @@ line, so an old model is never served with a different resize.
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -69,7 +70,8 @@ def read_history(path: Path) -> list[dict]:
     if len(lines) < 2:
         return []
     header = lines[0].split(",")
-    return [dict(zip(header, map(float, line.split(",")))) for line in lines[1:]]
+    # CSVLogger writes NA for val_ columns when there is no validation split (--val-size 0, audit's folds)
+    return [dict(zip(header, (math.nan if v == "NA" else float(v) for v in line.split(",")))) for line in lines[1:]]
 
 
 def export_tflite(model, path: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.core import paths
 from pipeline.data.data_folder import COUNT_COLUMNS
@@ -137,5 +138,33 @@ def print_export(record: dict, fmt: str, model_dir: Path) -> None:
         f"test images: top-1 agreement with Keras {record['agreement']:.2%}, largest probability difference "
         f"{record['max_difference']:.3g}, accuracy {record['accuracy']:.2%} (Keras {record['keras_accuracy']:.2%}); "
         f"recorded in {model_dir / paths.EXPORTS_FILE}",
+        markup=False,
+    )
+
+
+def print_audit_summary(findings: dict, out_dir: Path, shown: int = 10) -> None:
+    """The audit in a few lines: the counts, the worst suspects, the noise per class, the page."""
+    counts = findings["counts"]
+    health = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in counts["health"].items() if n) or "none"
+    out.print(
+        f"Audited {counts['source_images']} source images in {len(findings['folds'])} folds "
+        f"(out-of-fold agreement with the labels {findings['out_of_fold_agreement']:.1%}): "
+        f"{counts['label_issues']} label issue(s); health: {health}; "
+        f"{counts['exact_duplicates_across_classes']} exact and {counts['near_duplicates_across_classes']} "
+        "near duplicate group(s) across classes"
+    )
+    if findings["label_issues"]:
+        table = Table(title="Most likely wrong labels", title_justify="left")
+        for column in ("file", "given", "suggested", "score"):
+            table.add_column(column, justify="right" if column == "score" else "left")
+        for item in findings["label_issues"][:shown]:  # Text: a bracket in a file name is not markup
+            table.add_row(Text(item["path"]), Text(item["given"]), Text(item["suggested"]), f"{item['score']:.3f}")
+        out.print(table)
+    for noise in findings["label_noise"][:shown]:
+        out.print(noise["text"], markup=False)
+    out.print(f"page: {out_dir / paths.AUDIT_HTML}", markup=False)
+    out.print(
+        f"edit the action column of {out_dir / paths.AUDIT_CSV}, then: pipeline prepare IMAGES --fixes "
+        f"{out_dir / paths.AUDIT_CSV}",
         markup=False,
     )

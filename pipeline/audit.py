@@ -1,0 +1,259 @@
+"""audit: the images whose label looks wrong, and the ones unfit to train on.
+
+Reads the data folder prepare wrote (every split's arrays, classes.json, manifest.csv,
+health.csv, report.json); never the model folder, never the images folder. Writes,
+atomically, the audit folder: audit.json (everything found), pred_probs.npy (the
+out-of-fold probabilities, a row per audit.json image), audit.csv (one row per
+flagged file with an `action` the user edits: keep, relabel:CLASS, exclude; `prepare
+--fixes` reads it) and audit.html (the page: counts, the suspects as thumbnails, the
+health issues by kind).
+
+The steps, in `audit_dataset`'s order: gather every source image of every split once and
+the augmented copies of the training ones (`_fold_rows`); assign folds, stratified, a
+near-duplicate group within one fold (`splits.audit_folds`); train one CNN per fold on the
+others and predict the held-out fold (`training.out_of_fold`); rank the label issues and
+estimate each class's noise with cleanlab (`data.label_issues`); flag the health issues
+from prepare's measurements (`data.health`); list the duplicates across classes; write.
+The audit's models are thrown away.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.core import paths, progress
+from pipeline.core.artifacts import atomic_dir, atomic_write_text, check_out_dir, write_json
+from pipeline.core.errors import PipelineError
+from pipeline.core.settings import AuditSettings
+from pipeline.data import health
+from pipeline.data.data_folder import load_classes, load_prepare_report, load_split, read_health, read_manifest
+from pipeline.data.label_issues import find_suspects, noise_shares
+from pipeline.data.splits import audit_folds
+
+CSV_COLUMNS = ["path", "class", "split", "issues", "suggested", "score", "action"]
+# audit.csv suggests leaving out a picture with only health issues when it is flat as the
+# model sees it (every channel's pixels within a few levels of their mean: a black, white
+# or single-colour frame); the rest are kept for the user to judge: cleanvision's own
+# thresholds call plain letters on a page low-information (a sixth of the letters folder,
+# entropy under 2 bits for 4 % of it), and those train well.
+FLAT_STD = 3.0  # of 255
+
+
+def audit_dataset(data_dir: Path, out_dir: Path, settings: AuditSettings) -> dict:
+    """Run the whole audit; returns what is also written as audit.json."""
+    settings.check()
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    check_out_dir(out_dir, paths.AUDIT_JSON, {"data folder": data_dir})
+    classes = load_classes(data_dir)
+    report = load_prepare_report(data_dir)
+    sources, fold_rows = _fold_rows(data_dir, classes)
+    groups = _group_ids(sources["path"], report)
+    fold_of = audit_folds(fold_rows.labels, groups, settings.folds, settings.seed)
+    progress.say("loading TensorFlow...")
+    from pipeline.training.out_of_fold import out_of_fold_probabilities
+
+    started = time.perf_counter()
+    probabilities, folds = out_of_fold_probabilities(fold_rows, fold_of, classes, settings)
+    seconds = time.perf_counter() - started
+    labels = fold_rows.labels
+    findings = {
+        "version": __version__,
+        "data_dir": str(data_dir.resolve()),
+        "classes": classes,
+        "settings": asdict(settings),
+        "seconds": round(seconds, 1),
+        "folds": folds,
+        "out_of_fold_agreement": round(float(np.mean(probabilities.argmax(1) == labels)), 4),
+        "label_issues": [
+            {**_who(sources, s["position"]), "suggested": classes[s["suggested"]], **_rest(s)}
+            for s in find_suspects(labels, probabilities)
+        ],
+        "label_noise": noise_shares(labels, probabilities, classes),
+        "health": _health_issues(data_dir, sources, _flat(fold_rows.X), fold_rows.X.shape[-1] == 3),
+        "exact_duplicates_across_classes": report.get("label_conflicts", []),
+        "near_duplicates_across_classes": _near_duplicates_across(report, sources, classes),
+        "images": _verdicts(sources, labels, probabilities, fold_of, classes),
+    }
+    findings["counts"] = _counts(findings, len(labels))
+    with atomic_dir(out_dir) as tmp:
+        write_json(tmp / paths.AUDIT_JSON, findings)
+        np.save(tmp / paths.AUDIT_PROBABILITIES, probabilities)
+        atomic_write_text(tmp / paths.AUDIT_CSV, audit_csv(findings))
+        from pipeline.report.audit_page import write_audit_page
+
+        write_audit_page(tmp / paths.AUDIT_HTML, findings, fold_rows.X, sources["path"])
+    return findings
+
+
+def _fold_rows(data_dir: Path, classes: list[str]):
+    """({"split", "index", "path"} per source, FoldRows): every split's source rows once, in
+    split order, and the training split's augmented copies with their source's position."""
+    from pipeline.training.out_of_fold import FoldRows
+
+    manifest = read_manifest(data_dir)
+    sources = {"split": [], "index": [], "path": []}
+    X_parts, y_parts, copies, copy_paths = [], [], [], []
+    for split in paths.SPLITS:
+        X, y = load_split(data_dir, split, len(classes))
+        rows = [r for r in manifest if r["split"] == split and r["index"] < len(X)]
+        originals = [r["index"] for r in rows if not r["augmented"]]
+        for r in rows:
+            if r["augmented"]:
+                copies.append(np.asarray(X[r["index"]]))
+                copy_paths.append(r["path"])
+            else:
+                sources["split"].append(split)
+                sources["index"].append(r["index"])
+                sources["path"].append(r["path"])
+        X_parts.append(np.asarray(X[originals]) if originals else np.asarray(X[:0]))
+        y_parts.append(y[originals] if originals else y[:0])
+    if not sources["path"]:
+        raise PipelineError(f"{data_dir}/{paths.MANIFEST_FILE} lists no source image: prepare again")
+    position = {path: i for i, path in enumerate(sources["path"])}
+    X_all = np.concatenate(X_parts)
+    X_augmented = np.stack(copies) if copies else X_all[:0]
+    augmented_source = np.array([position[p] for p in copy_paths], dtype=np.int64)
+    labels = np.concatenate(y_parts).astype(np.int64)
+    sources["class"] = [classes[label] for label in labels.tolist()]
+    return sources, FoldRows(X_all, labels, X_augmented, augmented_source)
+
+
+def _verdicts(sources: dict, labels: np.ndarray, probabilities: np.ndarray, fold_of, classes) -> list[dict]:
+    """Every source's out-of-fold verdict, in pred_probs.npy's row order, for a closer look."""
+    return [
+        {
+            "path": path,
+            "split": split,
+            "given": classes[given],
+            "predicted": classes[int(p.argmax())],
+            "given_probability": round(float(p[given]), 4),
+            "fold": int(fold) + 1,
+        }
+        for path, split, given, p, fold in zip(
+            sources["path"], sources["split"], labels.tolist(), probabilities, fold_of
+        )
+    ]
+
+
+def _group_ids(source_paths: list[str], report: dict) -> np.ndarray:
+    """One id per source: its near-duplicate group's (report.json), else its own."""
+    group_of = {}
+    for g, group in enumerate(report.get("near_duplicate_groups", [])):
+        for path in group["paths"]:
+            group_of[path] = g
+    offset = len(report.get("near_duplicate_groups", []))
+    return np.array([group_of.get(p, offset + i) for i, p in enumerate(source_paths)], dtype=np.int64)
+
+
+def _who(sources: dict, i: int) -> dict:
+    return {"path": sources["path"][i], "split": sources["split"][i], "given": sources["class"][i]}
+
+
+def _rest(suspect: dict) -> dict:
+    return {"score": suspect["score"], "suggested_probability": suspect["suggested_probability"]}
+
+
+def _flat(X: np.ndarray) -> np.ndarray:
+    """Per row: is every channel within FLAT_STD of its mean (a picture with nothing in it)?"""
+    flat = np.zeros(len(X), dtype=bool)
+    for start in range(0, len(X), 1024):  # a float copy of 1024 rows at a time
+        rows = X[start : start + 1024].astype(np.float32)
+        flat[start : start + 1024] = rows.std(axis=(1, 2)).max(axis=1) < FLAT_STD
+    return flat
+
+
+def _health_issues(data_dir: Path, sources: dict, flat: np.ndarray, colour: bool) -> dict[str, list[dict]]:
+    """Per kind, the flagged sources, worst first, from health.csv (empty before it existed)."""
+    measured = read_health(data_dir)
+    have = [i for i, p in enumerate(sources["path"]) if p in measured]
+    found = {kind: [] for kind in health.ISSUE_KINDS}
+    if not have:
+        return found
+    raw = np.stack([measured[sources["path"][i]] for i in have])
+    scores, flags = health.issue_scores(raw), health.flagged(raw, colour)
+    for kind in health.ISSUE_KINDS:
+        hits = np.flatnonzero(flags[kind])
+        for j in hits[np.argsort(scores[kind][hits], kind="stable")].tolist():
+            i = have[j]
+            found[kind].append(
+                {
+                    "path": sources["path"][i],
+                    "split": sources["split"][i],
+                    "class": sources["class"][i],
+                    "score": round(float(scores[kind][j]), 4),
+                    "flat": bool(flat[i]),
+                }
+            )
+    return found
+
+
+def _near_duplicates_across(report: dict, sources: dict, classes: list[str]) -> list[dict]:
+    label_of = dict(zip(sources["path"], sources["class"]))
+    found = []
+    for group in report.get("near_duplicate_groups", []):
+        names = sorted({label_of[p] for p in group["paths"] if p in label_of})
+        if len(names) > 1:
+            found.append(
+                {
+                    "paths": group["paths"],
+                    "classes": names,
+                    "split": group.get("split"),
+                    "class_of": [label_of.get(p, "") for p in group["paths"]],
+                }
+            )
+    return found
+
+
+def _counts(findings: dict, n: int) -> dict:
+    return {
+        "source_images": n,
+        "label_issues": len(findings["label_issues"]),
+        "health": {kind: len(items) for kind, items in findings["health"].items()},
+        "exact_duplicates_across_classes": len(findings["exact_duplicates_across_classes"]),
+        "near_duplicates_across_classes": len(findings["near_duplicates_across_classes"]),
+    }
+
+
+def audit_csv(findings: dict) -> str:
+    """One row per flagged file, its action filled in with the suggestion (the user edits it)."""
+    rows: dict[str, dict] = {}
+
+    def row(path: str, cls: str, split: str) -> dict:
+        return rows.setdefault(
+            path, {"path": path, "class": cls, "split": split, "issues": [], "suggested": "", "score": ""}
+        )
+
+    for item in findings["label_issues"]:
+        r = row(item["path"], item["given"], item["split"])
+        r["issues"].append("label")
+        r["suggested"], r["score"], r["action"] = item["suggested"], item["score"], f"relabel:{item['suggested']}"
+    for kind, items in findings["health"].items():
+        for item in items:
+            r = row(item["path"], item["class"], item["split"])
+            r["issues"].append(kind)
+            if item["flat"]:
+                r["action"] = "exclude"  # nothing to learn from it, whatever its label
+            r.setdefault("action", "keep")
+    for group in findings["near_duplicates_across_classes"]:
+        for path, cls in zip(group["paths"], group["class_of"]):
+            r = row(path, cls, group.get("split") or "")
+            r["issues"].append("near duplicate across classes")
+            r.setdefault("action", "keep")
+    for group in findings["exact_duplicates_across_classes"]:  # prepare leaves these out until they agree
+        for path in group["paths"]:
+            r = row(path, path.split("/")[0], "")
+            r["issues"].append("exact duplicate across classes")
+            r.setdefault("action", "keep")
+    out = io.StringIO()
+    writer = csv.DictWriter(out, CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for r in rows.values():
+        writer.writerow({**r, "issues": "; ".join(r["issues"]), "action": r.get("action", "keep")})
+    return out.getvalue()

@@ -1,0 +1,72 @@
+"""Label issues from out-of-fold probabilities, with cleanlab (confident learning).
+
+Reads given labels and out-of-sample predicted probabilities (rows x classes); returns
+the suspects ranked by severity (`cleanlab.filter.find_label_issues`, ranked by
+self-confidence: the probability the models gave the label the folder gives) and, per
+class, the estimated share of its labels that belong to another class, from cleanlab's
+calibrated confident joint (`cleanlab.count.estimate_joint`). Writes nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SHARE_SHOWN = 0.01  # per-class shares below this are not worth a sentence
+# cleanlab's filter: per class, as many of its lowest-confidence labels as the confident
+# joint says are wrong. On the letters with 5 % planted (bench/audit_bench.py) it found
+# more of them than the default prune_by_noise_rate at the same precision.
+FILTER_BY = "prune_by_class"
+
+
+def find_suspects(labels: np.ndarray, probabilities: np.ndarray) -> list[dict]:
+    """The label issues, most severe first: position, suggested label, score (the given
+    label's quality, 0-1, low = likely wrong) and the suggested label's probability."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    labels = np.asarray(labels, dtype=np.int64)
+    ranked = find_label_issues(
+        labels, probabilities, filter_by=FILTER_BY, return_indices_ranked_by="self_confidence", n_jobs=1
+    )
+    scores = get_label_quality_scores(labels, probabilities, method="self_confidence")
+    found = []
+    for i in np.asarray(ranked, dtype=np.int64).tolist():
+        others = probabilities[i].copy()
+        others[labels[i]] = -1  # the suggestion is another class, however unsure
+        suggested = int(others.argmax())
+        found.append(
+            {
+                "position": i,
+                "suggested": suggested,
+                "score": round(float(scores[i]), 4),
+                "suggested_probability": round(float(probabilities[i, suggested]), 4),
+            }
+        )
+    return found
+
+
+def noise_shares(labels: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> list[dict]:
+    """Per given class, the estimated share of its labels whose true class is another one,
+    largest first, as sentences: "about 4 % of 'cat' look like 'dog'"."""
+    from cleanlab.count import estimate_joint
+
+    joint = estimate_joint(np.asarray(labels, dtype=np.int64), probabilities)  # p(given, true)
+    row_sums = joint.sum(axis=1, keepdims=True)
+    share = np.divide(joint, row_sums, out=np.zeros_like(joint), where=row_sums > 0)  # p(true | given)
+    found = []
+    for given, true in zip(*np.nonzero(share >= SHARE_SHOWN)):
+        if given != true:
+            value = float(share[given, true])
+            found.append(
+                {
+                    "given": classes[given],
+                    "looks_like": classes[true],
+                    "share": round(value, 4),
+                    "text": f"about {_percent(value)} of '{classes[given]}' look like '{classes[true]}'",
+                }
+            )
+    return sorted(found, key=lambda x: -x["share"])
+
+
+def _percent(value: float) -> str:
+    return f"{value * 100:.0f} %" if value >= 0.095 else f"{value * 100:.1g} %"

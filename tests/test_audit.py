@@ -1,0 +1,207 @@
+"""audit and prepare --fixes: planted wrong labels and unfit pictures are found, fixes apply
+to the arrays and never to the images, and health holds to cleanvision's own scores."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from pipeline.data import health
+from tests.conftest import read_manifest, run_cli, snapshot, write_image_folder
+
+PLANTED = {  # file -> the class folder it is moved into (its true class is its name's)
+    "cat/cat_001.jpg": "dog",
+    "cat/cat_002.png": "dog",
+    "dog/dog_001.jpg": "fox",
+    "dog/dog_002.png": "fox",
+    "fox/fox_001.jpg": "cat",
+    "fox/fox_002.png": "cat",
+}
+UNFIT = {"cat/black.png": "dark", "dog/white.png": "light", "fox/flat.png": "low_information"}
+BLURRED = "cat/blurred.png"
+
+
+def blurred_glow(side: int = 24) -> Image.Image:
+    """A soft radial glow, blurred: cleanvision's own check calls it blurry (score about 0.15)."""
+    y, x = np.mgrid[:side, :side]
+    grey = 220 * (1 - np.hypot(x - side / 2 + 0.5, y - side / 2 + 0.5) / (side / 2 * 1.42))
+    pixels = np.stack([grey, grey * 0.8, grey * 0.5], -1).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(0.75))
+
+
+def planted_folder(root: Path) -> tuple[Path, dict[str, str]]:
+    """Three colour classes with two files of each moved into another class, and a black,
+    a white, a flat-coloured and a blurred picture; returns (folder, {new path: true class})."""
+    images = write_image_folder(root, per_class=20)
+    moved = {}
+    for path, to_class in PLANTED.items():
+        target = images / to_class / Path(path).name
+        (images / path).rename(target)
+        moved[f"{to_class}/{Path(path).name}"] = path.split("/")[0]
+    Image.new("RGB", (24, 24), (0, 0, 0)).save(images / "cat/black.png")
+    Image.new("RGB", (24, 24), (255, 255, 255)).save(images / "dog/white.png")
+    Image.new("RGB", (24, 24), (128, 128, 90)).save(images / "fox/flat.png")
+    blurred_glow().save(images / BLURRED)
+    return images, moved
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("audit")
+    images, moved = planted_folder(root / "images")
+    data, out = root / "data", root / "audit"
+    run_cli("prepare", images, "--out", data, "--size", "16", "--quiet")
+    result = run_cli("audit", "--data", data, "--out", out, "--epochs", "6", "--quiet")
+    findings = json.loads((out / "audit.json").read_text())
+    return {
+        "root": root,
+        "images": images,
+        "data": data,
+        "out": out,
+        "moved": moved,
+        "findings": findings,
+        **{"stdout": result.output},
+    }
+
+
+def test_audit_finds_every_planted_label_and_unfit_picture(audited):
+    findings, moved = audited["findings"], audited["moved"]
+    suspects = {item["path"]: item for item in findings["label_issues"]}
+    for path, true_class in moved.items():
+        assert path in suspects, f"{path} (really {true_class}) not flagged: {findings['label_issues']}"
+        assert suspects[path]["suggested"] == true_class
+    scores = [item["score"] for item in findings["label_issues"]]
+    assert scores == sorted(scores)  # most severe first
+    # the real images among the suspects are few: the planted ones and the unfit pictures
+    real = set(suspects) - set(moved) - set(UNFIT) - {BLURRED}
+    assert len(real) <= 2, real
+    flagged = {kind: {item["path"] for item in items} for kind, items in findings["health"].items()}
+    for path, kind in UNFIT.items():
+        assert path in flagged[kind], (path, kind, flagged)
+    assert BLURRED in flagged["blurry"]
+    assert findings["counts"]["source_images"] == len(findings["images"]) == 64
+    noise = {(n["given"], n["looks_like"]) for n in findings["label_noise"]}
+    assert {("dog", "cat"), ("fox", "dog"), ("cat", "fox")} <= noise
+    assert "look like" in audited["stdout"] and "audit.html" in audited["stdout"]
+
+
+def test_audit_page_and_csv(audited):
+    page = (audited["out"] / "audit.html").read_text()
+    assert page.count("data:image/png;base64,") >= len(audited["moved"])
+    assert "<script" not in page and "http" not in page.replace("http-equiv", "")  # self-contained
+    with open(audited["out"] / "audit.csv", newline="") as f:
+        rows = {row["path"]: row for row in csv.DictReader(f)}
+    for path, true_class in audited["moved"].items():
+        assert rows[path]["action"] == f"relabel:{true_class}"
+    assert rows["cat/black.png"]["action"] == "exclude"
+    assert not (audited["root"] / "model").exists()  # the folds' models are thrown away
+
+
+def test_fixes_change_the_arrays_and_never_the_images(audited, tmp_path):
+    images = audited["images"]
+    before = snapshot(images)
+    fixes = tmp_path / "fixes.csv"
+    fixes.write_text((audited["out"] / "audit.csv").read_text())
+    data = tmp_path / "data"
+    run_cli("prepare", images, "--out", data, "--size", "16", "--fixes", fixes, "--quiet")
+    assert snapshot(images) == before
+    report = json.loads((data / "report.json").read_text())
+    applied = {fix["path"]: fix for fix in report["fixes"]}
+    manifest = {row["path"]: row["label"] for row in read_manifest(data)}
+    for path, true_class in audited["moved"].items():
+        assert applied[path] == {"path": path, "action": "relabel", "from": path.split("/")[0], "to": true_class}
+        assert manifest[path] == true_class
+    assert applied["cat/black.png"]["action"] == "exclude" and "cat/black.png" not in manifest
+    labels = json.loads((data / "classes.json").read_text())
+    for split in ("train", "val", "test"):  # the arrays say what the manifest says
+        y = np.load(data / f"y_{split}.npy")
+        rows = [r for r in read_manifest(data) if r["split"] == split]
+        assert [labels[v] for v in y.tolist()] == [r["label"] for r in rows]
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ("cat/nothere.png,keep", "'cat/nothere.png' is not an image file in the images folder"),
+        ("cat/cat_000.png,relabel:wolf", "class 'wolf' does not exist"),
+        ("cat/cat_000.png,delete", "cannot read the action 'delete'"),
+    ],
+)
+def test_bad_fix_rows_get_one_line_naming_the_row(tmp_path, row, message):
+    images = write_image_folder(tmp_path / "images", per_class=4)
+    before = snapshot(images)
+    fixes = tmp_path / "audit.csv"
+    fixes.write_text(f"path,action\ndog/dog_000.png,keep\n{row}\n")
+    result = run_cli("prepare", images, "--out", tmp_path / "data", "--fixes", fixes, "--quiet", expect=1)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "line 3" in lines[0] and message in lines[0], result.output
+    assert snapshot(images) == before and not (tmp_path / "data").exists()
+
+
+def test_health_scores_match_cleanvision(tmp_path):
+    """Our scores, from the pixels prepare decoded, against cleanvision's Imagelab on the same files."""
+    imagelab = pytest.importorskip("cleanvision").Imagelab
+    images = write_image_folder(tmp_path / "images", per_class=6, classes=("a", "b"))
+    Image.new("RGB", (24, 24), (0, 0, 0)).save(images / "a/black.png")
+    Image.new("RGB", (24, 24), (255, 255, 255)).save(images / "a/white.png")
+    Image.new("RGB", (24, 24), (128, 128, 90)).save(images / "b/flat.png")
+    blurred_glow().save(images / "b/blurred.png")
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (24, 24), dtype=np.uint8)).save(images / "b/grey.png")
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (20, 80, 3), dtype=np.uint8)).save(images / "a/wide.png")
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (300, 300, 3), dtype=np.uint8)).save(images / "b/big.png")
+    run_cli("prepare", images, "--out", tmp_path / "data", "--size", "16", "--quiet")
+    with open(tmp_path / "data/health.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    raw = np.array([[float(row[c]) for c in health.RAW_COLUMNS] for row in rows])
+    ours, flags = health.issue_scores(raw), health.flagged(raw)
+
+    lab = imagelab(filepaths=[str(images / row["path"]) for row in rows])
+    lab.find_issues({kind: {} for kind in health.ISSUE_KINDS}, n_jobs=1, verbose=False)
+    theirs = lab.issues.loc[[str(images / row["path"]) for row in rows]]
+    for kind in health.ISSUE_KINDS:
+        if kind == "grayscale":  # theirs: the file's mode; ours: grey content, whatever the mode
+            continue
+        np.testing.assert_allclose(ours[kind], theirs[f"{kind}_score"].to_numpy(float), atol=1e-9, err_msg=kind)
+        assert flags[kind].tolist() == theirs[f"is_{kind}_issue"].tolist(), kind
+    grey_content = {"a/black.png", "a/white.png"}
+    for j, row in enumerate(rows):
+        assert flags["grayscale"][j] == (bool(theirs["is_grayscale_issue"].iloc[j]) or row["path"] in grey_content)
+    found = {kind: {rows[j]["path"] for j in np.flatnonzero(flags[kind])} for kind in health.ISSUE_KINDS}
+    assert {"a/black.png"} <= found["dark"] and "a/white.png" in found["light"]
+    assert "b/blurred.png" in found["blurry"] and "b/flat.png" in found["low_information"]
+    assert found["odd_aspect_ratio"] == {"a/wide.png"} and "b/big.png" in found["odd_size"]
+    assert "b/grey.png" in found["grayscale"]
+
+
+def test_audit_page_escapes_every_user_string(tmp_path):
+    from pipeline.report.audit_page import write_audit_page
+
+    evil = "<img src=x onerror=alert(1)>"
+    item = {"path": f"{evil}/a.png", "split": "train", "given": evil, "suggested": "b", "score": 0.01}
+    findings = {
+        "data_dir": evil,
+        "classes": [evil, "b"],
+        "folds": [{}, {}],
+        "counts": {
+            "source_images": 1,
+            "label_issues": 1,
+            "health": {"dark": 1},
+            "exact_duplicates_across_classes": 0,
+            "near_duplicates_across_classes": 1,
+        },
+        "label_noise": [{"text": f"about 4 % of '{evil}' look like 'b'"}],
+        "label_issues": [item],
+        "health": {"dark": [{**item, "class": evil}]},
+        "exact_duplicates_across_classes": [],
+        "near_duplicates_across_classes": [{"paths": [item["path"]], "classes": [evil, "b"]}],
+    }
+    page = tmp_path / "audit.html"
+    write_audit_page(page, findings, np.zeros((1, 16, 16, 3), dtype=np.uint8), [item["path"]])
+    text = page.read_text()
+    assert evil not in text and "&lt;img src=x onerror=alert(1)&gt;" in text
+    assert text.count("data:image/png;base64,") == 2
