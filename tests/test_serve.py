@@ -84,7 +84,7 @@ def test_predict_answers_as_predict_json_does(client, served, photos):
         assert_same_predictions(one.json(), {photo.name: expected[photo.name]})
         raw = client.post("/predict?top_k=3", content=photo.read_bytes(), headers={"Content-Type": "image/png"})
         assert_same_predictions([{**raw.json()[0], "file": photo.name}], {photo.name: expected[photo.name]})
-    # --threshold: below it the label is unknown, on both sides
+    # --threshold: below it the label is unsure, on both sides
     cut = sorted(p["confidence"] for p in expected.values())[len(expected) // 2]
     expected = cli_predictions(served, photos, "--top-k", "2", "--threshold", str(cut))
     answer = client.post("/predict", params={"top_k": 2, "threshold": cut}, files=upload(*photos[:4]))

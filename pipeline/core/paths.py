@@ -22,6 +22,7 @@ PREPROCESS_FILE = "preprocess.json"
 HISTORY_FILE = "history.csv"
 TRAIN_SETTINGS_FILE = "settings.json"
 CURVES_PNG = "training_curves.png"
+CALIBRATION_FILE = "calibration.json"  # the temperature and thresholds fitted on the validation split
 TENSORBOARD_DIR = "logs"
 LR_FIND_PNG = "lr_find.png"  # train --find-lr: beside the model folder, never in it
 
@@ -31,6 +32,9 @@ CONFUSION_PNG = "confusion_matrix.png"
 MISCLASSIFIED_PNG = "misclassified.png"
 PREDICTIONS_FILE = "predictions.csv"
 REPORT_HTML = "report.html"
+RELIABILITY_PNG = "reliability.png"
+RISK_COVERAGE_PNG = "risk_coverage.png"
+MISCLASSIFIED_GRADCAM_PNG = "misclassified_gradcam.png"
 
 # What to run when an input folder is missing: said the same way by every stage.
 PREPARE_HINT = "run `pipeline prepare IMAGES_DIR` first"
