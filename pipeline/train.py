@@ -42,7 +42,7 @@ from pipeline.core.native_stderr import import_keras
 from pipeline.core.settings import INFERENCE_BATCH, TrainSettings
 from pipeline.data.data_folder import TrainingData, load_training_data
 from pipeline.inference.calibration import calibrate_on_validation
-from pipeline.inference.model_folder import calibration_record, write_model_folder
+from pipeline.inference.model_folder import calibration_record, write_calibration, write_model_folder
 from pipeline.report import plots
 from pipeline.training import distribute
 from pipeline.training.batches import class_weights_from_epoch, in_memory_bytes
@@ -87,26 +87,33 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
         model.set_weights(weights)
         if plan.is_chief:
             with plots.TrainingCurvesBeside(tmp / paths.HISTORY_FILE, fit.best_epoch, tmp / paths.CURVES_PNG):
-                calibration = calibrate(model, data)
-                write_model_folder(
-                    tmp, model, data.classes, data_dir, data.prepare_report, settings, summary, calibration
-                )
+                write_model_folder(tmp, model, data.classes, data_dir, data.prepare_report, settings, summary)
+                calibration = calibrate(tmp, model, data)
+                write_calibration(tmp, calibration)
             summary["calibration"] = calibration_record(calibration)  # for the CLI's line; settings.json has it
     plan.barrier("the chief wrote the model folder")  # no worker leaves before the model is in place
     _raise_if_interrupted(fit, ctrl_c, summary, f"is saved in {out_dir}" if plan.is_chief else "is saved by the chief")
     return summary
 
 
-def calibrate(model, data: TrainingData) -> dict | None:
-    """The float32 model's validation probabilities -> calibration.json's content (None without
-    a validation split, said on stderr)."""
+def calibrate(folder: Path, model, data: TrainingData) -> dict | None:
+    """The validation probabilities of the model just written to `folder` -> calibration.json's
+    content (None without a validation split, said on stderr). They come from its model.tflite
+    when LiteRT is installed: an interpreter starts in milliseconds, where Keras would first
+    trace a predict function for the float32 copy (1-2 s of a loaded machine's time)."""
     if len(data.X_val) == 0:
         progress.say("note: no validation split, so no temperature: the probabilities are not calibrated")
         return None
+    from pipeline.inference.classifier import load_classifier
+
     started = time.perf_counter()
+    try:
+        run = load_classifier(folder, "litert").run
+    except PipelineError:  # no LiteRT here: the float32 Keras copy
+        run = model.predict_on_batch
     probabilities = np.concatenate(
         [
-            np.asarray(model.predict_on_batch(np.asarray(data.X_val[i : i + INFERENCE_BATCH])), dtype=np.float64)
+            np.asarray(run(np.asarray(data.X_val[i : i + INFERENCE_BATCH])), dtype=np.float64)
             for i in range(0, len(data.X_val), INFERENCE_BATCH)
         ]
     )

@@ -122,9 +122,9 @@ def test_train_fits_a_temperature_that_lowers_validation_nll_and_changes_no_clas
     assert settings["calibration"]["val_nll_after"] < settings["calibration"]["val_nll_before"]
     assert "calibrated on validation: temperature" in planted["train"].stdout
     raw, y = raw_validation_probabilities(planted)
-    assert cal.negative_log_likelihood(raw, y) == pytest.approx(calibration["before"]["nll"], abs=1e-6)
+    assert cal.negative_log_likelihood(raw, y) == pytest.approx(calibration["before"]["nll"], abs=1e-5)
     calibrated = cal.apply_temperature(raw, calibration["temperature"])
-    assert cal.negative_log_likelihood(calibrated, y) == pytest.approx(calibration["after"]["nll"], abs=1e-6)
+    assert cal.negative_log_likelihood(calibrated, y) == pytest.approx(calibration["after"]["nll"], abs=1e-5)
     assert (calibrated.argmax(axis=1) == raw.argmax(axis=1)).all()
     assert set(calibration["thresholds"]) == {"0.95", "0.99"}
 

@@ -28,21 +28,11 @@ _RESIZE_OF_VERSION = {
 
 
 def write_model_folder(
-    folder: Path,
-    model,
-    classes: list[str],
-    data_dir: Path,
-    prepare_report: dict,
-    settings,
-    summary: dict,
-    calibration: dict | None = None,
+    folder: Path, model, classes: list[str], data_dir: Path, prepare_report: dict, settings, summary: dict
 ) -> None:
     """Everything but the curves and history: model.keras, model.tflite, classes.json,
-    preprocess.json, calibration.json (when given) and settings.json, into `folder` (a
-    temporary one, swapped in later)."""
+    preprocess.json and settings.json, into `folder` (a temporary one, swapped in later)."""
     folder = Path(folder)
-    if calibration is not None:
-        write_json(folder / paths.CALIBRATION_FILE, calibration)
     model.save(folder / paths.MODEL_FILE)
     export_tflite(model, folder / paths.TFLITE_FILE)
     shutil.copyfile(Path(data_dir) / paths.CLASSES_FILE, folder / paths.CLASSES_FILE)
@@ -66,9 +56,18 @@ def write_model_folder(
             "data_dir": str(Path(data_dir).resolve()),
             "prepare": prepare_report.get("settings", {}),
             "classes": classes,
-            "calibration": calibration_record(calibration),
         },
     )
+
+
+def write_calibration(folder: Path, calibration: dict | None) -> None:
+    """calibration.json (none without a validation split) and settings.json's `calibration`
+    line, into the model folder train is writing (measured on its exported model)."""
+    folder = Path(folder)
+    if calibration is not None:
+        write_json(folder / paths.CALIBRATION_FILE, calibration)
+    settings = read_json(folder / paths.TRAIN_SETTINGS_FILE, paths.TRAIN_HINT)
+    write_json(folder / paths.TRAIN_SETTINGS_FILE, {**settings, "calibration": calibration_record(calibration)})
 
 
 def calibration_record(calibration: dict | None) -> dict:
