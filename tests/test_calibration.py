@@ -43,18 +43,33 @@ def test_lowest_threshold_and_risk_coverage_by_hand():
     correct = np.array([0, 1, 0, 1, 1], dtype=bool)
     # most confident first: 0.99 right, 0.9 right, 0.8 wrong, 0.7 right, 0.6 wrong
     # answered accuracy: 1, 1, 2/3, 3/4, 3/5
-    assert cal.lowest_threshold(confidence, correct, 0.75) == {
+    assert cal.lowest_threshold(confidence, correct, 0.75, z=0) == {
         "threshold": 0.7,
         "coverage": 0.8,
         "accuracy": 0.75,
         "answered": 4,
     }
-    assert cal.lowest_threshold(confidence, correct, 0.99)["threshold"] == 0.9
-    assert cal.lowest_threshold(confidence, correct, 0.5)["coverage"] == 1.0
-    assert cal.lowest_threshold(np.array([0.9, 0.9]), np.array([True, False]), 0.9) is None  # ties answered together
+    assert cal.lowest_threshold(confidence, correct, 0.99, z=0)["threshold"] == 0.9
+    assert cal.lowest_threshold(confidence, correct, 0.5, z=0)["coverage"] == 1.0
+    assert cal.lowest_threshold(np.array([0.9, 0.9]), np.array([True, False]), 0.9, z=0) is None  # ties together
     curve = cal.risk_coverage(confidence, correct)
     assert [p["coverage"] for p in curve] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
     assert [p["accuracy"] for p in curve] == pytest.approx([0.6, 0.75, 2 / 3, 1, 1])
+
+
+def test_the_threshold_must_reach_the_target_beyond_chance():
+    # 10 answered, all right: the 95 % Wilson lower bound is 10 / (10 + 1.645^2) = 0.787
+    confidence, correct = np.linspace(0.99, 0.9, 10), np.ones(10, dtype=bool)
+    assert cal.wilson_lower_bound(1.0, 10) == pytest.approx(10 / (10 + 1.645**2))
+    assert cal.lowest_threshold(confidence, correct, 0.78)["threshold"] == pytest.approx(0.9)
+    assert cal.lowest_threshold(confidence, correct, 0.80) is None
+    assert cal.lowest_threshold(confidence, correct, 0.80, z=0)["coverage"] == 1.0
+    # 300 right, then a run of 30 wrong at lower confidence: the bound stops before the run
+    confidence = np.linspace(0.999, 0.5, 330)
+    correct = np.r_[np.ones(300, dtype=bool), np.zeros(30, dtype=bool)]
+    found = cal.lowest_threshold(confidence, correct, 0.95)
+    assert found["answered"] < 330 and found["accuracy"] >= 0.95
+    assert cal.wilson_lower_bound(found["accuracy"], found["answered"]) >= 0.95
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -157,21 +172,29 @@ def test_predict_serve_and_evaluate_give_the_same_calibrated_numbers(planted):
 
 
 def test_unsure_below_the_recorded_threshold_with_the_top_k(planted):
-    recorded = json.loads((planted["model"] / "calibration.json").read_text())["thresholds"]["0.95"]["threshold"]
+    # 36 validation images: 12 marked ones all right, so the Wilson bound shows 0.8 (12 / 14.7)
+    # there, and 0.95, which needs 52 right in a row, nowhere.
+    calibration = json.loads((planted["model"] / "calibration.json").read_text())
+    assert calibration["thresholds"]["0.95"] is None
+    recorded = cal.threshold_for(calibration, 0.8)["threshold"]
     files = sorted((planted["images"]).rglob("*.png"))[::4]
     options = ("--model", planted["model"], "--json", "--top-k", "2", "--quiet")
     plain = json.loads(run_cli("predict", *files, *options).stdout)
-    unsure = json.loads(run_cli("predict", *files, *options, "--target-accuracy", "0.95").stdout)
+    unsure = json.loads(run_cli("predict", *files, *options, "--target-accuracy", "0.8").stdout)
     for before, after in zip(plain, unsure):
         assert after["label"] == ("unsure" if before["confidence"] < recorded else before["label"])
         assert after["top_k"] == before["top_k"] and len(after["top_k"]) == 2
     assert {"unsure"} < {p["label"] for p in unsure}  # some unsure, some answered
-    client = TestClient(create_app(planted["model"], ServeSettings(workers=1, target_accuracy=0.95)))
+    client = TestClient(create_app(planted["model"], ServeSettings(workers=1, target_accuracy=0.8)))
     assert client.get("/health").json()["threshold"] == recorded
     sent = [("files", (f.name, f.read_bytes())) for f in files[:8]]
     assert [p["label"] for p in client.post("/predict", files=sent).json()] == [p["label"] for p in unsure[:8]]
     both = run_cli("predict", files[0], *options, "--threshold", "0.5", "--target-accuracy", "0.9", expect=1)
     assert "not both" in both.output and "Traceback" not in both.output
+    unreached = run_cli("predict", files[0], *options, "--target-accuracy", "0.95", expect=1)
+    assert "no confidence threshold reached" in unreached.output and "Traceback" not in unreached.output
+    refused = client.post("/predict", params={"target_accuracy": 0.95}, files=sent[:1])
+    assert refused.status_code == 422 and "no confidence threshold reached" in refused.json()["error"]
 
 
 def test_gradcam_puts_the_planted_class_on_its_corner_and_explain_writes_one_png_each(planted, tmp_path):
