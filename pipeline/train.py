@@ -88,22 +88,25 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
         if plan.is_chief:
             with plots.TrainingCurvesBeside(tmp / paths.HISTORY_FILE, fit.best_epoch, tmp / paths.CURVES_PNG):
                 write_model_folder(tmp, model, data.classes, data_dir, data.prepare_report, settings, summary)
-                calibration = calibrate(tmp, model, data)
-                write_calibration(tmp, calibration)
-            summary["calibration"] = calibration_record(calibration)  # for the CLI's line; settings.json has it
+                calibration, seconds = calibrate(tmp, model, data)
+                write_calibration(tmp, calibration, seconds)
+            summary["calibration"] = calibration_record(
+                calibration, seconds
+            )  # for the CLI's line; settings.json has it
     plan.barrier("the chief wrote the model folder")  # no worker leaves before the model is in place
     _raise_if_interrupted(fit, ctrl_c, summary, f"is saved in {out_dir}" if plan.is_chief else "is saved by the chief")
     return summary
 
 
-def calibrate(folder: Path, model, data: TrainingData) -> dict | None:
+def calibrate(folder: Path, model, data: TrainingData) -> tuple[dict | None, float | None]:
     """The validation probabilities of the model just written to `folder` -> calibration.json's
-    content (None without a validation split, said on stderr). They come from its model.tflite
-    when LiteRT is installed: an interpreter starts in milliseconds, where Keras would first
-    trace a predict function for the float32 copy (1-2 s of a loaded machine's time)."""
+    content, and the seconds it took (None, None without a validation split, said on stderr).
+    The probabilities come from its model.tflite when LiteRT is installed: an interpreter
+    starts in milliseconds, where Keras would first trace a predict function for the float32
+    copy (1-2 s of a loaded machine's time)."""
     if len(data.X_val) == 0:
         progress.say("note: no validation split, so no temperature: the probabilities are not calibrated")
-        return None
+        return None, None
     from pipeline.inference.classifier import load_classifier
 
     started = time.perf_counter()
@@ -118,8 +121,7 @@ def calibrate(folder: Path, model, data: TrainingData) -> dict | None:
         ]
     )
     calibration = calibrate_on_validation(probabilities, np.asarray(data.y_val))
-    calibration["seconds"] = round(time.perf_counter() - started, 3)
-    return calibration
+    return calibration, round(time.perf_counter() - started, 3)
 
 
 def _compiled_model(data: TrainingData, settings: TrainSettings, precision: str, pixel_stats):

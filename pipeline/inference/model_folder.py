@@ -60,17 +60,19 @@ def write_model_folder(
     )
 
 
-def write_calibration(folder: Path, calibration: dict | None) -> None:
-    """calibration.json (none without a validation split) and settings.json's `calibration`
-    line, into the model folder train is writing (measured on its exported model)."""
+def write_calibration(folder: Path, calibration: dict | None, seconds: float | None = None) -> None:
+    """calibration.json (none without a validation split; the same bytes for the same model
+    and data) and settings.json's `calibration` line with the `seconds` it took, into the
+    model folder train is writing (measured on its exported model)."""
     folder = Path(folder)
     if calibration is not None:
         write_json(folder / paths.CALIBRATION_FILE, calibration)
     settings = read_json(folder / paths.TRAIN_SETTINGS_FILE, paths.TRAIN_HINT)
-    write_json(folder / paths.TRAIN_SETTINGS_FILE, {**settings, "calibration": calibration_record(calibration)})
+    record = calibration_record(calibration, seconds)
+    write_json(folder / paths.TRAIN_SETTINGS_FILE, {**settings, "calibration": record})
 
 
-def calibration_record(calibration: dict | None) -> dict:
+def calibration_record(calibration: dict | None, seconds: float | None = None) -> dict:
     """settings.json's line on calibration: the temperature, validation ECE and NLL before and after."""
     if calibration is None:
         return {"temperature": None, "note": "no validation split: probabilities are not calibrated"}
@@ -81,7 +83,7 @@ def calibration_record(calibration: dict | None) -> dict:
         "val_ece_after": after["ece"],
         "val_nll_before": before["nll"],
         "val_nll_after": after["nll"],
-        "seconds": calibration.get("seconds"),
+        "seconds": seconds,
     }
 
 
