@@ -94,6 +94,13 @@ def test_temperature_recovers_a_known_over_confidence():
     assert after < before / 3 and after <= floor["p95"] and 0 < floor["p5"] < floor["mean"] < floor["p95"]
 
 
+def test_no_mistake_on_validation_keeps_the_probabilities():
+    # all right: the NLL only falls as T -> 0; sharpening every answer on no evidence is refused
+    p = np.array([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4]])
+    assert cal.fit_temperature(p, np.array([0, 1, 0])) == 1.0
+    assert cal.fit_temperature(p, np.array([0, 1, 1])) != 1.0
+
+
 def write_planted_folder(root: Path, per_class: int = 40) -> Path:
     rng = np.random.default_rng(1)
     for name in ("marked", "plain_a", "plain_b"):

@@ -119,14 +119,14 @@ def print_train_summary(summary: dict, out_dir: Path) -> None:
     if "role" in summary:  # a worker of a cluster other than the chief: the chief writes the model
         out.print(f"{summary['role']}: {trained}; the chief writes the model folder{in_sync}")
     else:
-        out.print(f"{trained}; model written to {out_dir}, curves in {out_dir / paths.CURVES_PNG}{in_sync}")
         calibration = summary.get("calibration") or {}
-        if calibration.get("temperature") is not None:
+        if calibration.get("temperature") is not None:  # before the last line, which says where the model is
             out.print(
                 f"calibrated on validation: temperature {calibration['temperature']:.3f}, "
                 f"ECE {calibration['val_ece_before']:.2%} -> {calibration['val_ece_after']:.2%}, "
                 f"NLL {calibration['val_nll_before']:.4f} -> {calibration['val_nll_after']:.4f}"
             )
+        out.print(f"{trained}; model written to {out_dir}, curves in {out_dir / paths.CURVES_PNG}{in_sync}")
 
 
 def print_learning_rate_found(found: dict) -> None:
