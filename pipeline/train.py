@@ -114,13 +114,17 @@ def calibrate(folder: Path, model, data: TrainingData) -> tuple[dict | None, flo
         run = load_classifier(folder, "litert").run
     except PipelineError:  # no LiteRT here: the float32 Keras copy
         run = model.predict_on_batch
-    probabilities = np.concatenate(
-        [
-            np.asarray(run(np.asarray(data.X_val[i : i + INFERENCE_BATCH])), dtype=np.float64)
-            for i in range(0, len(data.X_val), INFERENCE_BATCH)
-        ]
+
+    def probabilities(mirror: bool) -> np.ndarray:
+        rows = (np.asarray(data.X_val[i : i + INFERENCE_BATCH]) for i in range(0, len(data.X_val), INFERENCE_BATCH))
+        return np.concatenate(
+            [np.asarray(run(np.ascontiguousarray(b[:, :, ::-1] if mirror else b)), dtype=np.float64) for b in rows]
+        )
+
+    flips = bool(data.prepare_report.get("settings", {}).get("flip", False))  # --tta's mirror images
+    calibration = calibrate_on_validation(
+        probabilities(False), np.asarray(data.y_val), probabilities(True) if flips else None
     )
-    calibration = calibrate_on_validation(probabilities, np.asarray(data.y_val))
     return calibration, round(time.perf_counter() - started, 3)
 
 

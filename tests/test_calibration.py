@@ -94,6 +94,22 @@ def test_temperature_recovers_a_known_over_confidence():
     assert after < before / 3 and after <= floor["p95"] and 0 < floor["p5"] < floor["mean"] < floor["p95"]
 
 
+def test_a_temperature_for_the_mean_of_two_views():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(3000, 4)) * 3
+    y = np.array([rng.choice(4, p=p) for p in softmax(logits / 2.0)])
+    p = softmax(logits)
+    assert cal.fit_temperature(np.stack([p, p]), y) == pytest.approx(cal.fit_temperature(p, y), abs=1e-4)
+    other = softmax(logits + rng.normal(size=logits.shape))  # a second view, as a mirror image gives
+
+    def nll_of_mean(t):
+        return cal.negative_log_likelihood((cal.apply_temperature(p, t) + cal.apply_temperature(other, t)) / 2, y)
+
+    both, alone = cal.fit_temperature(np.stack([p, other]), y), cal.fit_temperature(p, y)
+    assert both != alone and nll_of_mean(both) < nll_of_mean(alone)
+    assert nll_of_mean(both) <= min(nll_of_mean(both * 0.97), nll_of_mean(both * 1.03))  # the minimum
+
+
 def test_no_mistake_on_validation_keeps_the_probabilities():
     # all right: the NLL only falls as T -> 0; sharpening every answer on no evidence is refused
     p = np.array([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4]])
@@ -234,8 +250,10 @@ def test_tta_is_the_mean_of_the_image_and_its_mirror(trained, planted, tmp_path)
     assert classifier.flips  # prepare's default mirrors images
     rng = np.random.default_rng(3)  # grey noise: no colour class is sure of it, so the mirror shows
     X = rng.integers(0, 256, size=(12, 16, 16, 1)).repeat(3, axis=3).astype(np.uint8)
-    mirrored = X[:, :, ::-1]
-    expected = (classifier.probabilities(X) + classifier.probabilities(mirrored)) / 2
+    mirrored = np.ascontiguousarray(X[:, :, ::-1])
+    t_tta = classifier.calibration["tta_temperature"]  # fitted for the mean of the two views
+    expected = cal.apply_temperature(classifier.run(X), t_tta) + cal.apply_temperature(classifier.run(mirrored), t_tta)
+    expected /= 2
     assert np.allclose(classifier.probabilities(X, tta=True), expected, atol=1e-12)
     assert not np.allclose(classifier.probabilities(X), expected, atol=1e-4)  # the mirror changes something
     photo = tmp_path / "noise.png"
@@ -244,9 +262,14 @@ def test_tta_is_the_mean_of_the_image_and_its_mirror(trained, planted, tmp_path)
     options = ("--model", trained["model"], "--json", "--top-k", "3", "--quiet")
     one, two = (json.loads(run_cli("predict", f, *options).stdout)[0] for f in (photo, tmp_path / "mirror.png"))
     both = json.loads(run_cli("predict", photo, *options, "--tta").stdout)[0]
+    classes = classifier.classes
+    views = [
+        np.array([next(t["probability"] for t in p["top_k"] if t["label"] == c) for c in classes]) for p in (one, two)
+    ]
+    # predict gave softmax(log p / T); softmax(log p / T_tta) is that tempered again by T_tta / T
+    retempered = [cal.apply_temperature(v[None], t_tta / classifier.temperature)[0] for v in views]
     for t in both["top_k"]:
-        by_label = [next(x["probability"] for x in p["top_k"] if x["label"] == t["label"]) for p in (one, two)]
-        assert t["probability"] == pytest.approx(np.mean(by_label), abs=1e-5)
+        assert t["probability"] == pytest.approx(np.mean([r[classes.index(t["label"])] for r in retempered]), abs=1e-5)
     no_flip = run_cli("predict", photo, "--model", planted["model"], "--json", "--tta")
     assert "--no-flip" in no_flip.stderr
     metrics = json.loads(run_cli("evaluate", "--data", trained["data"], "--model", trained["model"], "--out",

@@ -57,17 +57,20 @@ def negative_log_likelihood(probabilities: np.ndarray, y: np.ndarray) -> float:
 def fit_temperature(probabilities: np.ndarray, y: np.ndarray) -> float:
     """The temperature minimising the NLL on (probabilities, y): a golden-section search on
     log T over TEMPERATURE_RANGE (the NLL of one temperature is convex in 1/T; numpy alone,
-    where scipy's import would cost train a quarter of a second)."""
-    log_p = np.log(np.clip(np.asarray(probabilities, dtype=np.float64), MIN_PROBABILITY, 1.0))
-    rows, y = np.arange(len(log_p)), np.asarray(y, dtype=np.int64)
-    if len(y) == 0 or (log_p.argmax(axis=1) == y).all():
+    where scipy's import would cost train a quarter of a second). `probabilities` may hold
+    several views of each image, (views, N, classes), as --tta averages them: each view is
+    tempered, then their mean is scored."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    log_p = np.log(np.clip(p if p.ndim == 3 else p[None], MIN_PROBABILITY, 1.0))
+    rows, y = np.arange(log_p.shape[1]), np.asarray(y, dtype=np.int64)
+    if len(y) == 0 or (log_p.mean(axis=0).argmax(axis=1) == y).all():
         return 1.0  # no mistake to learn from: the NLL only falls as T -> 0, which would sharpen every answer
 
     def nll(log_t: float) -> float:
         z = log_p / np.exp(log_t)
-        top = z.max(axis=1)
-        log_sum = top + np.log(np.exp(z - top[:, None]).sum(axis=1))
-        return float(np.mean(log_sum - z[rows, y]))
+        e = np.exp(z - z.max(axis=2, keepdims=True))
+        mean = (e / e.sum(axis=2, keepdims=True)).mean(axis=0)
+        return float(-np.mean(np.log(np.clip(mean[rows, y], MIN_PROBABILITY, 1.0))))
 
     low, high = np.log(TEMPERATURE_RANGE[0]), np.log(TEMPERATURE_RANGE[1])
     ratio = (np.sqrt(5) - 1) / 2
@@ -204,10 +207,14 @@ def calibration_summary(probabilities: np.ndarray, y: np.ndarray) -> dict:
     }
 
 
-def calibrate_on_validation(probabilities: np.ndarray, y: np.ndarray, targets=TARGET_ACCURACIES) -> dict:
+def calibrate_on_validation(
+    probabilities: np.ndarray, y: np.ndarray, mirrored: np.ndarray | None = None, targets=TARGET_ACCURACIES
+) -> dict:
     """What train records: the temperature fitted on the validation probabilities, the
     validation ECE and NLL before and after, and the lowest calibrated threshold reaching
-    each target accuracy (None where none does)."""
+    each target accuracy (None where none does). With the probabilities of the mirror
+    images, also `tta_temperature`, for --tta's mean of the two (a mean of two softmaxes is
+    less sure than either, so it needs a temperature of its own)."""
     temperature = fit_temperature(probabilities, y)
     calibrated = apply_temperature(probabilities, temperature)
     confidence, correct = calibrated.max(axis=1), calibrated.argmax(axis=1) == np.asarray(y)
@@ -219,6 +226,7 @@ def calibrate_on_validation(probabilities: np.ndarray, y: np.ndarray, targets=TA
         "after": calibration_summary(calibrated, y),
         "thresholds": {f"{t:g}": lowest_threshold(confidence, correct, t) for t in targets},
         "risk_coverage": risk_coverage(confidence, correct),
+        "tta_temperature": None if mirrored is None else fit_temperature(np.stack([probabilities, mirrored]), y),
     }
 
 

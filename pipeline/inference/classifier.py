@@ -9,7 +9,8 @@ on model.keras.
 Engines return the network's raw probabilities; `Classifier.probabilities` applies the
 temperature of calibration.json on top of every engine, in this one place, so predict,
 serve and evaluate give the same calibrated numbers. With `tta` it averages the calibrated
-probabilities of the image and its mirror image, where prepare allowed flips.
+probabilities of the image and its mirror image, where prepare allowed flips, each
+tempered by calibration.json's `tta_temperature` (fitted on that mean) where it has one.
 """
 
 from __future__ import annotations
@@ -92,7 +93,10 @@ class Classifier:
     def _batch(self, batch: np.ndarray, tta: bool) -> tuple[np.ndarray, np.ndarray]:
         views = [batch, batch[:, :, ::-1]] if tta and self.flips else [batch]
         raw = [self.run(np.ascontiguousarray(view)) for view in views]
-        calibrated = [apply_temperature(p, self.temperature) for p in raw]
+        temperature = self.temperature
+        if len(views) > 1 and (self.calibration or {}).get("tta_temperature"):  # fitted for the mean of two
+            temperature = float(self.calibration["tta_temperature"])
+        calibrated = [apply_temperature(p, temperature) for p in raw]
         return np.mean(raw, axis=0), np.mean(calibrated, axis=0)
 
     def threshold(self, threshold: float = 0.0, target_accuracy: float | None = None) -> float:
