@@ -11,7 +11,7 @@ SAMPLE := sample_data
 ART := artifacts
 
 .DEFAULT_GOAL := help
-.PHONY: help install all prepare train evaluate predict serve export test lint bench bench-serve bench-cache bench-export bench-audit clean
+.PHONY: help install all prepare train evaluate predict serve export test lint bench bench-serve bench-cache bench-export bench-audit bench-calibration clean
 
 help: ## Show every target with one line
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -70,6 +70,11 @@ bench-cache: $(STAMP) ## prepare's per-file cache: fresh against re-runs after 1
 
 bench-export: $(STAMP) ## Each export's size, accuracy, agreement with Keras and latency on sample_data and the letters
 	$(BIN)/python bench/export_bench.py
+
+bench-calibration: $(STAMP) ## Calibration, unsure and TTA on the letters, the case letters and sample_data (slow; not CI)
+	test -d bench/work/letters || $(BIN)/python ../shared/bench/make_letters_folder.py bench/work/letters
+	test -d bench/work/cases || $(BIN)/python ../shared/bench/make_letters_folder.py bench/work/cases --letters CcKkOoPpSsUuVvWwXxZz
+	$(BIN)/python bench/calibration_bench.py bench/work/letters bench/work/cases $(SAMPLE) --work bench/work/calibration
 
 clean: ## Remove artifacts, caches and the virtual environment
 	rm -rf $(ART) $(VENV) .pytest_cache .ruff_cache bench/work *.egg-info

@@ -119,6 +119,13 @@ def settings_from(kind, options: dict):
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes on stderr.")]
 DataDir = Annotated[Path, typer.Option("--data", help="Prepared data folder (from prepare).")]
 ModelDir = Annotated[Path, typer.Option("--model", help="Model folder (from train).")]
+THRESHOLD_OPTION = typer.Option(help="Below this calibrated confidence (0-1) the label is 'unsure'.")
+TARGET_ACCURACY_OPTION = typer.Option(
+    help="Answer 'unsure' below the lowest confidence that reached this accuracy on the validation split "
+    "(train records 0.95 and 0.99).",
+    show_default=False,
+)
+TTA_OPTION = typer.Option("--tta", help="Average over the image and its mirror image (where prepare allowed flips).")
 
 
 @app.command()
@@ -271,13 +278,14 @@ def evaluate(
     engine: Annotated[
         Engine, typer.Option(help="keras: model.keras itself; or litert, or an export by its format's name.")
     ] = Engine.keras,
+    tta: Annotated[bool, TTA_OPTION] = False,
     quiet: Quiet = False,
 ) -> None:
-    """Measure the model on the test split: accuracy, per-class report, confusion matrix."""
+    """Measure the model on the test split: accuracy, per-class report, confusion matrix, calibration."""
     progress.set_quiet(quiet)
     from pipeline.evaluate import evaluate_model
 
-    metrics = evaluate_model(data_dir, model_dir, out_dir, engine.value)
+    metrics = evaluate_model(data_dir, model_dir, out_dir, engine.value, tta=tta)
     if as_json:
         typer.echo(json.dumps(metrics, indent=2))
     else:
@@ -294,13 +302,19 @@ def predict(
     csv_file: Annotated[
         Path | None, typer.Option("--csv", help="Also write file,label,confidence and the top k to this CSV.")
     ] = None,
-    threshold: Annotated[
-        float, typer.Option(help="Below this confidence (0-1) the label is 'unknown'.")
-    ] = PREDICT.threshold,
+    threshold: Annotated[float, THRESHOLD_OPTION] = PREDICT.threshold,
+    target_accuracy: Annotated[float | None, TARGET_ACCURACY_OPTION] = PREDICT.target_accuracy,
     engine: Annotated[Engine, typer.Option(help=ENGINE_HELP)] = Engine[PREDICT.engine],
+    tta: Annotated[bool, TTA_OPTION] = PREDICT.tta,
+    explain: Annotated[
+        str,
+        typer.Option(
+            "--explain", metavar="DIR", help="Write a Grad-CAM heatmap of each image (one PNG each) into this folder."
+        ),
+    ] = PREDICT.explain,
     quiet: Quiet = False,
 ) -> None:
-    """Label and confidence for each file, preprocessed exactly as the training images were."""
+    """Label and calibrated confidence for each file, preprocessed exactly as the training images were."""
     progress.set_quiet(quiet)
     from pipeline.predict import predict_paths, write_csv
 
@@ -341,6 +355,8 @@ def serve(
         ),
     ] = None,
     engine: Annotated[Engine, typer.Option(help=ENGINE_HELP)] = Engine[SERVE.engine],
+    threshold: Annotated[float, THRESHOLD_OPTION] = SERVE.threshold,
+    target_accuracy: Annotated[float | None, TARGET_ACCURACY_OPTION] = SERVE.target_accuracy,
     quiet: Quiet = False,
 ) -> None:
     """Serve the model over HTTP: POST /predict (the JSON of predict --json), a page at /, the API at /docs."""

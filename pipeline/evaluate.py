@@ -2,9 +2,14 @@
 
 Reads X_test/y_test and manifest.csv from the data folder and the model folder. Writes,
 atomically, into the reports folder: metrics.json (accuracy, loss, per-class precision,
-recall, F1 and support, confusion matrix [true][predicted]), predictions.csv (one row per
-test image), confusion_matrix.png, misclassified.png and report.html (one self-contained
-page with the dataset summary, every stage's settings, the curves, metrics and figures).
+recall, F1 and support, confusion matrix [true][predicted], and calibration: ECE and NLL
+before and after the model folder's temperature, the ECE's noise floor, reliability bins,
+risk-coverage curve, one sentence on the thresholds), predictions.csv (one row per test
+image, the calibrated confidence as predict gives it), confusion_matrix.png,
+misclassified.png, misclassified_gradcam.png (Grad-CAM of the same mistakes),
+reliability.png, risk_coverage.png and report.html (one self-contained page with the
+dataset summary, every stage's settings, the curves, metrics and figures). With `tta` the
+model is averaged over each image and its mirror image, where prepare allowed flips.
 Into the model folder, atomically: evaluation.json (the test figures the model card names)
 and MODEL_CARD.md, rewritten with them. `--engine` runs an export instead of model.keras.
 """
@@ -23,14 +28,15 @@ from pipeline.core.artifacts import atomic_dir, atomic_write_text, check_out_dir
 from pipeline.core.errors import PipelineError
 from pipeline.data.data_folder import load_classes, load_prepare_report, load_split, read_split_paths
 from pipeline.data.images import channels
+from pipeline.inference.calibration import evaluation_report
 from pipeline.inference.classifier import load_classifier
-from pipeline.inference.model_folder import check_model_fits, load_model_classes
-from pipeline.report import plots
+from pipeline.inference.model_folder import check_model_fits, load_keras_model, load_model_classes
+from pipeline.report import calibration_plots, plots
 from pipeline.report.html import write_report
 from pipeline.report.model_card import write_model_card
 
 
-def evaluate_model(data_dir: Path, model_dir: Path, out_dir: Path, engine: str = "keras") -> dict:
+def evaluate_model(data_dir: Path, model_dir: Path, out_dir: Path, engine: str = "keras", tta: bool = False) -> dict:
     data_dir, model_dir, out_dir = Path(data_dir), Path(model_dir), Path(out_dir)
     check_out_dir(out_dir, paths.METRICS_FILE, {"data folder": data_dir, "model folder": model_dir})
     classes = load_model_classes(model_dir)
@@ -50,15 +56,22 @@ def evaluate_model(data_dir: Path, model_dir: Path, out_dir: Path, engine: str =
         f"{data_dir}/{paths.images_file('test')}",
         f"{model_dir}/{paths.CLASSES_FILE}",
     )
-    probabilities = classifier.probabilities(X, progress_label="evaluating")
+    if tta and not classifier.flips:
+        progress.say("note: prepare was run with --no-flip, so --tta has no mirror image to average over")
+    raw, probabilities = classifier.probabilities_before_and_after(X, progress_label="evaluating", tta=tta)
     metrics = compute_metrics(y, probabilities, classes)
     metrics["engine"] = classifier.engine
+    metrics["tta"] = bool(tta and classifier.flips)
+    metrics["calibration"] = evaluation_report(y, raw, probabilities, classifier.calibration)
     test_paths = read_split_paths(data_dir, "test", len(X))
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / paths.METRICS_FILE, metrics)
         _write_predictions(tmp / paths.PREDICTIONS_FILE, test_paths, y, probabilities, classes)
         plots.save_confusion_matrix(np.array(metrics["confusion_matrix"]), classes, tmp / paths.CONFUSION_PNG)
         plots.save_misclassified(X, y, probabilities, classes, test_paths, tmp / paths.MISCLASSIFIED_PNG)
+        _save_misclassified_gradcam(model_dir, X, y, probabilities, classes, test_paths, tmp)
+        calibration_plots.save_reliability(metrics["calibration"], tmp / paths.RELIABILITY_PNG)
+        calibration_plots.save_risk_coverage(metrics["calibration"], tmp / paths.RISK_COVERAGE_PNG)
         write_report(tmp / paths.REPORT_HTML, metrics, data_dir, model_dir, tmp)
     _complete_model_card(model_dir, data_dir, metrics)
     return metrics
@@ -76,6 +89,21 @@ def _complete_model_card(model_dir: Path, data_dir: Path, metrics: dict) -> None
         write_model_card(model_dir, prepare_report)
     except OSError as e:  # a read-only model folder: the reports are written, only the card is not
         progress.say(f"note: {model_dir / paths.MODEL_CARD_FILE} not updated: {e.strerror or e}")
+
+
+def _save_misclassified_gradcam(model_dir: Path, X, y, probabilities, classes, test_paths, folder: Path) -> None:
+    """The gallery of mistakes again, each image overlaid with the Grad-CAM of the class it was taken for."""
+    from pipeline.inference.gradcam import heatmaps, overlay
+
+    predicted = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != y)
+    shown = wrong[np.argsort(-probabilities.max(axis=1)[wrong], kind="stable")][: plots.MAX_GALLERY]
+    if len(shown) == 0:
+        return
+    pixels = np.asarray(X[np.sort(shown)])
+    heat = heatmaps(load_keras_model(model_dir), pixels, predicted[np.sort(shown)])
+    overlays = {int(i): overlay(image, h) for i, image, h in zip(np.sort(shown), pixels, heat)}
+    plots.save_misclassified(overlays, y, probabilities, classes, test_paths, folder / paths.MISCLASSIFIED_GRADCAM_PNG)
 
 
 def compute_metrics(y: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict:

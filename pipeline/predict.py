@@ -1,9 +1,11 @@
 """predict: new image files -> label and confidence, preprocessed exactly as training data was.
 
 Reads the model folder through `inference.classifier.load_classifier`: preprocess.json,
-classes.json, and model.tflite (the LiteRT interpreter) or model.keras (Keras, safe mode)
-when LiteRT is not installed, or with --engine <format> an export (inference/engines.py). Writes nothing, except the --csv file the CLI asks
-`write_csv` for.
+classes.json, calibration.json (the temperature and the --target-accuracy thresholds), and
+model.tflite (the LiteRT interpreter) or model.keras (Keras, safe mode) when LiteRT is not
+installed, or with --engine <format> an export (inference/engines.py). Writes nothing,
+except the --csv file the CLI asks `write_csv` for and, with --explain DIR, one Grad-CAM
+overlay PNG per image (inference.gradcam; model.keras, which gradients need).
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ import csv
 import io
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.core import progress
 from pipeline.core.artifacts import atomic_write_text
 from pipeline.core.errors import PipelineError
 from pipeline.core.settings import INFERENCE_BATCH, PredictSettings
 from pipeline.data.image_folder import collect_images
 from pipeline.data.images import UnreadableImage
-from pipeline.inference.classifier import Prediction, load_classifier
+from pipeline.inference.classifier import Classifier, Prediction, load_classifier
 
 
 def predict_paths(
@@ -43,6 +47,8 @@ def predict_files(
     settings = settings or PredictSettings()
     settings.check()
     classifier = load_classifier(model_dir, settings.engine)
+    threshold = classifier.threshold(settings.threshold, settings.target_accuracy)  # before any file is read
+    note_tta(classifier, settings.tta)
     arrays, names, errors = [], [], []
     for file in progress.track(files, len(files), "reading images") if len(files) > 1 else files:
         try:
@@ -53,9 +59,28 @@ def predict_files(
     if not arrays:
         return [], errors
     several_batches = len(arrays) > INFERENCE_BATCH
-    probabilities = classifier.probabilities(arrays, progress_label="predicting" if several_batches else None)
-    results = [classifier.label(name, p, settings.top_k, settings.threshold) for name, p in zip(names, probabilities)]
+    probabilities = classifier.probabilities(
+        arrays, progress_label="predicting" if several_batches else None, tta=settings.tta
+    )
+    results = [classifier.label(name, p, settings.top_k, threshold) for name, p in zip(names, probabilities)]
+    if settings.explain:
+        explain(Path(model_dir), Path(settings.explain), names, arrays, probabilities.argmax(axis=1))
     return results, errors
+
+
+def note_tta(classifier: Classifier, tta: bool) -> None:
+    if tta and not classifier.flips:
+        progress.say("note: prepare was run with --no-flip, so --tta has no mirror image to average over")
+
+
+def explain(model_dir: Path, folder: Path, names: list[str], arrays: list, predicted) -> None:
+    """--explain DIR: a Grad-CAM overlay of each image's predicted class, one PNG each."""
+    from pipeline.inference.gradcam import heatmaps, write_overlays
+    from pipeline.inference.model_folder import load_keras_model
+
+    pixels = np.stack(arrays)
+    written = write_overlays(folder, names, pixels, heatmaps(load_keras_model(model_dir), pixels, predicted))
+    progress.say(f"{len(written)} Grad-CAM heatmap(s) written to {folder}")
 
 
 def write_csv(path: Path, results: list[Prediction], errors: list[dict], top_k: int) -> None:

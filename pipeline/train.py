@@ -12,7 +12,10 @@ The steps, in `train_model`'s order: check the inputs before TensorFlow loads
 one-cycle learning-rate schedule over all `epochs` x steps (`model.compile_model`,
 `schedule.OneCycle`); fit with early stopping, Ctrl-C noted at every batch, classes
 weighted with `--class-weight balanced` (`training.fit.fit_model`); write the model folder
-with float32 weights and no optimizer state.
+with float32 weights and no optimizer state, and calibration.json: one temperature fitted
+by negative log-likelihood on the validation split's probabilities, and the lowest
+threshold reaching each target accuracy there (`inference.calibration`); none without a
+validation split.
 
 Speed: arrays that fit in memory are fed as uint8 through tf.data (shuffled row indices,
 a gather per batch, prefetch), standardized inside the model, so there is no float copy of the
@@ -27,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +39,10 @@ from pipeline.core import paths, progress
 from pipeline.core.artifacts import check_out_dir
 from pipeline.core.errors import PipelineError, TrainingInterrupted
 from pipeline.core.native_stderr import import_keras
-from pipeline.core.settings import TrainSettings
+from pipeline.core.settings import INFERENCE_BATCH, TrainSettings
 from pipeline.data.data_folder import TrainingData, load_training_data
-from pipeline.inference.model_folder import write_model_folder
+from pipeline.inference.calibration import calibrate_on_validation
+from pipeline.inference.model_folder import calibration_record, write_calibration, write_model_folder
 from pipeline.report import plots
 from pipeline.report.model_card import write_model_card
 from pipeline.training import distribute
@@ -84,12 +89,46 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
         if plan.is_chief:
             with plots.TrainingCurvesBeside(tmp / paths.HISTORY_FILE, fit.best_epoch, tmp / paths.CURVES_PNG):
                 write_model_folder(tmp, model, data.classes, data_dir, data.prepare_report, settings, summary)
-                write_model_card(
-                    tmp, data.prepare_report
-                )  # here, not in write_model_folder: report sits above inference
+                calibration, seconds = calibrate(tmp, model, data)
+                write_calibration(tmp, calibration, seconds)
+            summary["calibration"] = calibration_record(
+                calibration, seconds
+            )  # for the CLI's line; settings.json has it
+            # after calibration.json, which it reads; here, not in write_model_folder: report sits above inference
+            write_model_card(tmp, data.prepare_report)
     plan.barrier("the chief wrote the model folder")  # no worker leaves before the model is in place
     _raise_if_interrupted(fit, ctrl_c, summary, f"is saved in {out_dir}" if plan.is_chief else "is saved by the chief")
     return summary
+
+
+def calibrate(folder: Path, model, data: TrainingData) -> tuple[dict | None, float | None]:
+    """The validation probabilities of the model just written to `folder` -> calibration.json's
+    content, and the seconds it took (None, None without a validation split, said on stderr).
+    The probabilities come from its model.tflite when LiteRT is installed: an interpreter
+    starts in milliseconds, where Keras would first trace a predict function for the float32
+    copy (1-2 s of a loaded machine's time)."""
+    if len(data.X_val) == 0:
+        progress.say("note: no validation split, so no temperature: the probabilities are not calibrated")
+        return None, None
+    from pipeline.inference.classifier import load_classifier
+
+    started = time.perf_counter()
+    try:
+        run = load_classifier(folder, "litert").run
+    except PipelineError:  # no LiteRT here: the float32 Keras copy
+        run = model.predict_on_batch
+
+    def probabilities(mirror: bool) -> np.ndarray:
+        rows = (np.asarray(data.X_val[i : i + INFERENCE_BATCH]) for i in range(0, len(data.X_val), INFERENCE_BATCH))
+        return np.concatenate(
+            [np.asarray(run(np.ascontiguousarray(b[:, :, ::-1] if mirror else b)), dtype=np.float64) for b in rows]
+        )
+
+    flips = bool(data.prepare_report.get("settings", {}).get("flip", False))  # --tta's mirror images
+    calibration = calibrate_on_validation(
+        probabilities(False), np.asarray(data.y_val), probabilities(True) if flips else None
+    )
+    return calibration, round(time.perf_counter() - started, 3)
 
 
 def _compiled_model(data: TrainingData, settings: TrainSettings, precision: str, pixel_stats):

@@ -54,9 +54,9 @@ def test_predict_a_folder_recursively_with_csv(trained, tmp_path):
     assert not list(out_csv.parent.glob(".*"))  # written atomically: no temporary file left
 
 
-def test_threshold_labels_low_confidence_unknown(trained, tmp_path):
+def test_threshold_labels_low_confidence_unsure(trained, tmp_path):
     # Grey noise belongs to none of the colour classes: the model is unsure of it, so a cut at
-    # the median confidence must turn some labels into `unknown` and keep others.
+    # the median confidence must turn some labels into `unsure` and keep others.
     folder = tmp_path / "noise"
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -71,11 +71,11 @@ def test_threshold_labels_low_confidence_unknown(trained, tmp_path):
     predictions = json.loads(result.stdout)
     assert [p["file"] for p in predictions] == [p["file"] for p in base]
     for p, before in zip(predictions, base):
-        assert p["label"] == ("unknown" if p["confidence"] < cut else before["label"])
+        assert p["label"] == ("unsure" if p["confidence"] < cut else before["label"])
         assert p["top_k"] == before["top_k"]  # what the model leaned towards is still there
     labels = {p["label"] for p in predictions}
-    assert "unknown" in labels and labels - {"unknown"}
+    assert "unsure" in labels and labels - {"unsure"}
     text = run_cli("predict", folder, "--model", trained["model"], "--threshold", "1", "--quiet").stdout
-    assert "unknown" in text
+    assert "unsure" in text
     bad = run_cli("predict", folder, "--model", trained["model"], "--threshold", "1.5", expect=1)
     assert "threshold" in bad.output

@@ -84,7 +84,7 @@ def test_predict_answers_as_predict_json_does(client, served, photos):
         assert_same_predictions(one.json(), {photo.name: expected[photo.name]})
         raw = client.post("/predict?top_k=3", content=photo.read_bytes(), headers={"Content-Type": "image/png"})
         assert_same_predictions([{**raw.json()[0], "file": photo.name}], {photo.name: expected[photo.name]})
-    # --threshold: below it the label is unknown, on both sides
+    # --threshold: below it the label is unsure, on both sides
     cut = sorted(p["confidence"] for p in expected.values())[len(expected) // 2]
     expected = cli_predictions(served, photos, "--top-k", "2", "--threshold", str(cut))
     answer = client.post("/predict", params={"top_k": 2, "threshold": cut}, files=upload(*photos[:4]))
@@ -315,6 +315,12 @@ def test_the_page_in_a_real_browser_labels_two_dropped_photos(live_server, serve
             assert card.get_attribute("data-label") == expected[name]["label"]
             assert len(card.find_elements(By.CSS_SELECTOR, ".bar")) == 3  # the top 3 of three classes
             assert driver.execute_script("return arguments[0].querySelector('img').naturalWidth", card) > 0
+        # "why?": the heatmap from POST /explain replaces the photo (overlays are 160 px or more a side)
+        card = driver.find_elements(By.CSS_SELECTOR, ".card")[0]
+        card.find_element(By.CSS_SELECTOR, "button.why").click()
+        wait.until(lambda d: "heatmap:" in card.find_element(By.CSS_SELECTOR, "button.why").text)
+        width = "return arguments[0].querySelector('img').naturalWidth"
+        wait.until(lambda d: d.execute_script(width, card) >= 160)
         shot = tmp_path / "page.png"
         assert driver.save_screenshot(str(shot))
     finally:

@@ -24,6 +24,7 @@ PREPROCESS_FILE = "preprocess.json"
 HISTORY_FILE = "history.csv"
 TRAIN_SETTINGS_FILE = "settings.json"
 CURVES_PNG = "training_curves.png"
+CALIBRATION_FILE = "calibration.json"  # the temperature and thresholds fitted on the validation split
 TENSORBOARD_DIR = "logs"
 LR_FIND_PNG = "lr_find.png"  # train --find-lr: beside the model folder, never in it
 MODEL_CARD_FILE = "MODEL_CARD.md"  # train writes it; evaluate and export complete it
@@ -45,6 +46,9 @@ CONFUSION_PNG = "confusion_matrix.png"
 MISCLASSIFIED_PNG = "misclassified.png"
 PREDICTIONS_FILE = "predictions.csv"
 REPORT_HTML = "report.html"
+RELIABILITY_PNG = "reliability.png"
+RISK_COVERAGE_PNG = "risk_coverage.png"
+MISCLASSIFIED_GRADCAM_PNG = "misclassified_gradcam.png"
 
 # audit
 AUDIT_JSON = "audit.json"

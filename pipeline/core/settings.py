@@ -98,6 +98,17 @@ class TrainSettings:
         return float(f"{PEAK_RATE * (self.batch_size / PEAK_RATE_BATCH) ** 0.5:.3g}")
 
 
+def check_unsure(threshold: float, target_accuracy: float | None) -> None:
+    """--threshold and --target-accuracy (predict, serve): one or the other, each in range."""
+    if not 0 <= threshold <= 1:
+        raise PipelineError(f"--threshold must be between 0 and 1, got {threshold}")
+    if target_accuracy is not None:
+        if not 0 < target_accuracy < 1:
+            raise PipelineError(f"--target-accuracy must be above 0 and below 1, got {target_accuracy}")
+        if threshold > 0:
+            raise PipelineError("give --threshold or --target-accuracy, not both")
+
+
 @dataclass
 class AuditSettings:
     # 3 folds of train's 6 epochs: on the letters with 5 % planted, 4 x 4 and 4 x 6 ranked
@@ -122,14 +133,16 @@ class AuditSettings:
 @dataclass
 class PredictSettings:
     top_k: int = 1  # how many of the most likely labels to show
-    threshold: float = 0.0  # below this top probability the label is "unknown"
+    threshold: float = 0.0  # below this (calibrated) top probability the label is "unsure"
+    target_accuracy: float | None = None  # "unsure" below the lowest threshold reaching it on validation
     engine: str = "auto"  # auto: LiteRT when installed and model.tflite exists, else Keras
+    tta: bool = False  # average over the image and its mirror image, where prepare allowed flips
+    explain: str = ""  # a folder for one Grad-CAM overlay PNG per image; "" = none
 
     def check(self) -> None:
         if self.top_k < 1:
             raise PipelineError(f"--top-k must be at least 1, got {self.top_k}")
-        if not 0 <= self.threshold <= 1:
-            raise PipelineError(f"--threshold must be between 0 and 1, got {self.threshold}")
+        check_unsure(self.threshold, self.target_accuracy)
         if self.engine not in ENGINES:
             raise PipelineError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
 
@@ -151,8 +164,11 @@ class ServeSettings:
     max_files: int = 64  # images in one request
     workers: int = 0  # requests answered at once, each with its own copy of the model; 0 = one per core
     engine: str = "auto"  # as predict: LiteRT when installed and model.tflite exists, else Keras
+    threshold: float = 0.0  # as predict: the default of /predict's threshold
+    target_accuracy: float | None = None  # as predict: its threshold is /predict's default
 
     def check(self) -> None:
+        check_unsure(self.threshold, self.target_accuracy)
         if not 0 <= self.port <= 65535:
             raise PipelineError(f"--port must be between 0 and 65535, got {self.port}")
         if not self.max_upload_mb > 0:

@@ -2,14 +2,14 @@
 
 model.keras (float32, best weights), model.tflite (the same network for LiteRT),
 classes.json, preprocess.json (the preprocessing contract: its version, size, colour mode
-and resize), history.csv, settings.json and training_curves.png. The Keras model loads in
+and resize), calibration.json (the temperature and thresholds fitted on the validation
+split; absent without one), history.csv, settings.json and training_curves.png. The Keras model loads in
 safe mode; a folder whose preprocessing version is not this pipeline's is refused with one
 line, so an old model is never served with a different resize.
 """
 
 from __future__ import annotations
 
-import math
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -60,9 +60,59 @@ def write_model_folder(
     )
 
 
+def write_calibration(folder: Path, calibration: dict | None, seconds: float | None = None) -> None:
+    """calibration.json (none without a validation split; the same bytes for the same model
+    and data) and settings.json's `calibration` line with the `seconds` it took, into the
+    model folder train is writing (measured on its exported model)."""
+    folder = Path(folder)
+    if calibration is not None:
+        write_json(folder / paths.CALIBRATION_FILE, calibration)
+    settings = read_json(folder / paths.TRAIN_SETTINGS_FILE, paths.TRAIN_HINT)
+    record = calibration_record(calibration, seconds)
+    write_json(folder / paths.TRAIN_SETTINGS_FILE, {**settings, "calibration": record})
+
+
+def calibration_record(calibration: dict | None, seconds: float | None = None) -> dict:
+    """settings.json's line on calibration: the temperature, validation ECE and NLL before and after."""
+    if calibration is None:
+        return {"temperature": None, "note": "no validation split: probabilities are not calibrated"}
+    before, after = calibration["before"], calibration["after"]
+    return {
+        "temperature": calibration["temperature"],
+        "val_ece_before": before["ece"],
+        "val_ece_after": after["ece"],
+        "val_nll_before": before["nll"],
+        "val_nll_after": after["nll"],
+        "seconds": seconds,
+    }
+
+
+def load_calibration(model_dir: Path) -> dict | None:
+    """calibration.json, or None for a model trained without a validation split (or before
+    calibration existed): its probabilities are used as the network gives them."""
+    where = Path(model_dir) / paths.CALIBRATION_FILE
+    if not where.is_file():
+        return None
+    info = read_json(where, paths.TRAIN_HINT)
+    temperature = info.get("temperature") if isinstance(info, dict) else None
+    if not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise PipelineError(f"{where} must give a temperature above 0: train again")
+    return info
+
+
+def load_train_settings(model_dir: Path) -> dict:
+    """settings.json, or {} when it is missing or unreadable (only informative fields are read from it)."""
+    try:
+        info = read_json(Path(model_dir) / paths.TRAIN_SETTINGS_FILE, paths.TRAIN_HINT)
+    except PipelineError:
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 def read_history(path: Path) -> list[dict]:
     """history.csv (Keras' CSVLogger: an `epoch` column, then the metrics) as one dict per
-    epoch; empty when no epoch finished."""
+    epoch; empty when no epoch finished. CSVLogger writes NA for a metric an epoch lacks
+    (without a validation split): NaN here."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -70,8 +120,10 @@ def read_history(path: Path) -> list[dict]:
     if len(lines) < 2:
         return []
     header = lines[0].split(",")
-    # CSVLogger writes NA for val_ columns when there is no validation split (--val-size 0, audit's folds)
-    return [dict(zip(header, (math.nan if v == "NA" else float(v) for v in line.split(",")))) for line in lines[1:]]
+    return [
+        dict(zip(header, (float("nan") if v in ("NA", "") else float(v) for v in line.split(","))))
+        for line in lines[1:]
+    ]
 
 
 def export_tflite(model, path: Path) -> None:

@@ -60,12 +60,14 @@ def write_report(path: Path, metrics: dict, data_dir: Path, model_dir: Path, fig
                 "Rows: true class, columns: predicted. Each cell: count and share of its true class.",
             ),
         ),
+        _calibration_section(metrics.get("calibration"), figures_dir),
         _section(
             "Misclassified test images",
             _figure(
                 figures_dir / paths.MISCLASSIFIED_PNG,
                 "Most confident mistakes first, as the model sees them (resized).",
-            ),
+            )
+            + _gradcam_figure(figures_dir / paths.MISCLASSIFIED_GRADCAM_PNG),
         ),
         _section(
             "Training",
@@ -118,8 +120,10 @@ def _cell(value) -> str:
 
 
 def _header(metrics: dict, data_dir: Path, model_dir: Path) -> str:
+    calibration = metrics.get("calibration") or {}
     cards = [
         ("test accuracy", f"{metrics['accuracy']:.1%}"),
+        *((("ECE (calibrated)", f"{calibration['after']['ece']:.2%}"),) if calibration else ()),
         ("macro F1", f"{metrics.get('macro_f1', 0):.3f}"),
         ("test loss", f"{metrics['loss']:.4f}"),
         ("test images", str(metrics["n_test"])),
@@ -134,6 +138,54 @@ def _header(metrics: dict, data_dir: Path, model_dir: Path) -> str:
         + "".join(f"<div class=card><b>{escape(v)}</b>{escape(k)}</div>" for k, v in cards)
         + "</div>"
     )
+
+
+def _gradcam_figure(png: Path) -> str:
+    if not png.is_file():  # no mistakes: nothing to explain
+        return ""
+    return _figure(
+        png,
+        "The same mistakes with their Grad-CAM heatmaps: red is where the model found the class it wrongly gave.",
+    )
+
+
+def _calibration_section(calibration: dict | None, figures_dir: Path) -> str:
+    """Can the confidence be believed: ECE and NLL before and after the temperature, the
+    noise floor, the sentence on thresholds, and the two figures."""
+    if not calibration:
+        return ""
+    before, after, floor = calibration["before"], calibration["after"], calibration["ece_noise_floor"]
+    temperature = calibration.get("temperature")
+    rows = [
+        ["ECE (15 bins)", f"{before['ece']:.2%}", f"{after['ece']:.2%}"],
+        ["NLL", f"{before['nll']:.4f}", f"{after['nll']:.4f}"],
+        ["mean confidence", f"{before['mean_confidence']:.1%}", f"{after['mean_confidence']:.1%}"],
+        ["accuracy", f"{before['accuracy']:.1%}", f"{after['accuracy']:.1%}"],
+    ]
+    told = (
+        f"One temperature, {temperature:.3f}, fitted on the validation split, divides the network's logits."
+        if temperature
+        else "This model has no temperature (trained without a validation split): its probabilities are as the network gives them."
+    )
+    verdict = (
+        f"A perfectly calibrated model with these confidences shows an ECE of {floor['p5']:.2%}-{floor['p95']:.2%} "
+        f"on {sum(b['count'] for b in calibration['reliability'])} test images "
+        f"(mean {floor['mean']:.2%}): this one is "
+        + ("within that noise." if calibration.get("within_noise_floor") else "above it.")
+    )
+    parts = [
+        f"<p><b>{escape(calibration['advice'])}</b></p>",
+        f"<p>{escape(told)} {escape(verdict)}</p>",
+        _table(["on the test split", "before", "after"], rows),
+        _figure(
+            figures_dir / paths.RELIABILITY_PNG, "Accuracy against confidence: a calibrated model follows the diagonal."
+        ),
+        _figure(
+            figures_dir / paths.RISK_COVERAGE_PNG,
+            "Accuracy of the images answered against the share answered, as the threshold rises.",
+        ),
+    ]
+    return _section("Calibration: how far to trust the confidence", "\n".join(parts))
 
 
 def _dataset_section(prepare: dict | None, samples: Path) -> str:

@@ -242,7 +242,9 @@ MAX_GALLERY = 40  # misclassified.png shows the most confident mistakes first, a
 def save_misclassified(
     X: np.ndarray, y: np.ndarray, probabilities: np.ndarray, classes: list[str], names: list[str], path: Path
 ) -> int:
-    """Test images the model got wrong, most confident mistakes first; returns how many were wrong."""
+    """Test images the model got wrong, most confident mistakes first; returns how many were wrong.
+
+    `X` is indexed by test row: the array, or a mapping of the rows shown (evaluate's Grad-CAM overlays)."""
     plt = _pyplot()
     predicted = probabilities.argmax(axis=1)
     confidence = probabilities.max(axis=1)

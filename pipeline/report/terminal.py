@@ -98,6 +98,16 @@ def print_metrics(metrics: dict, out_dir: Path) -> None:
     if metrics["most_confused"]:
         pairs = ", ".join(f"{p['true']} -> {p['predicted']} ({p['count']})" for p in metrics["most_confused"])
         out.print(f"most confused: {pairs}")
+    calibration = metrics.get("calibration")
+    if calibration:
+        before, after, floor = calibration["before"], calibration["after"], calibration["ece_noise_floor"]
+        temperature = calibration["temperature"]
+        out.print(
+            f"calibration: ECE {before['ece']:.2%} -> {after['ece']:.2%} "
+            f"(a calibrated model shows {floor['p5']:.2%}-{floor['p95']:.2%} here), NLL {before['nll']:.4f} -> "
+            f"{after['nll']:.4f}, " + (f"temperature {temperature:.3f}" if temperature else "no temperature")
+        )
+        out.print(calibration["advice"], markup=False)
     out.print(f"reports written to {out_dir}; open {out_dir / paths.REPORT_HTML} in a browser")
 
 
@@ -110,6 +120,13 @@ def print_train_summary(summary: dict, out_dir: Path) -> None:
     if "role" in summary:  # a worker of a cluster other than the chief: the chief writes the model
         out.print(f"{summary['role']}: {trained}; the chief writes the model folder{in_sync}")
     else:
+        calibration = summary.get("calibration") or {}
+        if calibration.get("temperature") is not None:  # before the last line, which says where the model is
+            out.print(
+                f"calibrated on validation: temperature {calibration['temperature']:.3f}, "
+                f"ECE {calibration['val_ece_before']:.2%} -> {calibration['val_ece_after']:.2%}, "
+                f"NLL {calibration['val_nll_before']:.4f} -> {calibration['val_nll_after']:.4f}"
+            )
         out.print(f"{trained}; model written to {out_dir}, curves in {out_dir / paths.CURVES_PNG}{in_sync}")
 
 

@@ -1,9 +1,11 @@
 """The FastAPI app of `pipeline serve`: its routes, its model workers and its error replies.
 
 `create_app` loads the model folder (`settings.workers` single-threaded copies, each
-owned by one thread) and answers POST /predict, GET /health, /classes, the page at / and
-the API's documentation at /docs (and /redoc), whose scripts and styles the app serves
-itself from the fastapi-offline package, so the pages work without internet. The tests drive it through TestClient.
+owned by one thread) and answers POST /predict, POST /explain (one image's Grad-CAM overlay
+as a PNG; model.keras is loaded on the first such request), GET /health, /classes, the page
+at / and the API's documentation at /docs (and /redoc), whose scripts and styles the app
+serves itself from the fastapi-offline package, so the pages work without internet. The
+tests drive it through TestClient.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 
@@ -47,19 +49,38 @@ class ModelWorkers:
         for classifier in self.copies:
             unclaimed.put(classifier)
         self._mine = threading.local()
+        self._keras, self._keras_lock = None, threading.Lock()
 
         def adopt() -> None:  # runs once in each worker thread, as it starts
             self._mine.classifier = unclaimed.get_nowait()
 
         self._threads = ThreadPoolExecutor(size, thread_name_prefix="model", initializer=adopt)
 
-    async def predict(self, uploads: list[tuple[str, bytes]], top_k: int, threshold: float) -> list[dict]:
+    async def predict(
+        self, uploads: list[tuple[str, bytes]], top_k: int, threshold: float, tta: bool = False
+    ) -> list[dict]:
         """predict --json's list for in-memory uploads, computed by the next free worker."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._threads, self._predict, uploads, top_k, threshold)
+        return await loop.run_in_executor(self._threads, self._predict, uploads, top_k, threshold, tta)
 
-    def _predict(self, uploads: list[tuple[str, bytes]], top_k: int, threshold: float) -> list[dict]:
-        classifier: Classifier = self._mine.classifier
+    async def explain(self, model_dir: Path, upload: tuple[str, bytes]) -> bytes:
+        """The Grad-CAM overlay (PNG) of one upload's predicted class, by the next free worker."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._threads, self._explain, model_dir, upload)
+
+    def _explain(self, model_dir: Path, upload: tuple[str, bytes]) -> bytes:
+        from pipeline.inference.gradcam import heatmaps, overlay_png
+        from pipeline.inference.model_folder import load_keras_model
+
+        pixels = self._read(self._mine.classifier, [upload])[0][None]
+        with self._keras_lock:  # one Keras model, loaded on the first request, for every worker
+            if self._keras is None:
+                self._keras = load_keras_model(model_dir)
+            predicted = self._mine.classifier.probabilities(pixels).argmax(axis=1)
+            return overlay_png(pixels[0], heatmaps(self._keras, pixels, predicted)[0])
+
+    @staticmethod
+    def _read(classifier: Classifier, uploads: list[tuple[str, bytes]]) -> list:
         pixels, unreadable = [], []
         for name, data in uploads:
             try:
@@ -71,7 +92,11 @@ class ModelWorkers:
             raise RequestError(
                 422, f"{len(unreadable)} of {len(uploads)} file(s) unreadable: {reasons}", files=unreadable
             )
-        probabilities = classifier.probabilities(pixels)
+        return pixels
+
+    def _predict(self, uploads: list[tuple[str, bytes]], top_k: int, threshold: float, tta: bool) -> list[dict]:
+        classifier: Classifier = self._mine.classifier
+        probabilities = classifier.probabilities(self._read(classifier, uploads), tta=tta)
         return [classifier.label(name, p, top_k, threshold).as_dict() for (name, _), p in zip(uploads, probabilities)]
 
 
@@ -109,8 +134,11 @@ def create_app(model_dir: Path, settings: ServeSettings | None = None, reports_d
         description=f"The image classifier in `{model_dir}`: {len(model.classes)} classes, {model.engine}.",
     )
     app.state.health = _health(model_dir, model_workers, settings, find_metrics(model_dir, reports_dir, model.classes))
+    app.state.health["threshold"] = model.threshold(settings.threshold, settings.target_accuracy)
+    app.state.health["temperature"] = model.temperature
     _answer_errors_in_json(app)
     _add_routes(app, model_workers, settings)
+    _add_explain_route(app, Path(model_dir), model_workers, settings)
     return app
 
 
@@ -175,11 +203,40 @@ def _add_routes(app: FastAPI, model_workers: ModelWorkers, settings: ServeSettin
     async def post_predict(
         request: Request,
         top_k: int = Query(1, ge=1, description="How many of the most likely labels to list."),
-        threshold: float = Query(0.0, ge=0, le=1, description="Below this confidence the label is 'unknown'."),
+        threshold: float | None = Query(
+            None, ge=0, le=1, description="Below this calibrated confidence the label is 'unsure' (default: serve's)."
+        ),
+        target_accuracy: float | None = Query(
+            None, gt=0, lt=1, description="'unsure' below the lowest confidence reaching this accuracy on validation."
+        ),
+        tta: bool = Query(False, description="Average over the image and its mirror image (where prepare flipped)."),
     ) -> list[dict]:
-        """Label, confidence and top k for each image, exactly as `pipeline predict --json` gives them."""
+        """Label, calibrated confidence and top k for each image, exactly as `pipeline predict --json` gives them."""
+        cut = _threshold(model, health, threshold, target_accuracy)
         uploads = await read_uploads(request, max_bytes, settings.max_files)
-        return await model_workers.predict(uploads, top_k, threshold)
+        return await model_workers.predict(uploads, top_k, cut, tta)
+
+
+def _threshold(model: Classifier, health: dict, threshold: float | None, target_accuracy: float | None) -> float:
+    """A request's threshold: its own, its target accuracy's, or serve's (--threshold, --target-accuracy)."""
+    if threshold is not None and target_accuracy is not None:
+        raise RequestError(422, "give threshold or target_accuracy, not both")
+    if target_accuracy is None:
+        return health["threshold"] if threshold is None else threshold
+    try:
+        return model.threshold(0.0, target_accuracy)
+    except PipelineError as e:
+        raise RequestError(422, str(e).replace("--", "")) from None
+
+
+def _add_explain_route(app: FastAPI, model_dir: Path, model_workers: ModelWorkers, settings: ServeSettings) -> None:
+    max_bytes = int(settings.max_upload_mb * 2**20)
+
+    @app.post("/explain", openapi_extra=_PREDICT_BODY, response_class=Response)
+    async def post_explain(request: Request) -> Response:
+        """One image's Grad-CAM heatmap over it (PNG): where the model found the class it gave."""
+        uploads = await read_uploads(request, max_bytes, 1)
+        return Response(await model_workers.explain(model_dir, uploads[0]), media_type="image/png")
 
 
 # /docs offers a file picker for this body, which the endpoint reads itself (see read_uploads).
