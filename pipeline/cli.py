@@ -212,6 +212,14 @@ def train(
     tensorboard: Annotated[
         bool, typer.Option("--tensorboard", help="Write TensorBoard logs to the model folder.")
     ] = TRAIN.tensorboard,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue from the checkpoint a killed or interrupted run left beside --out (after its last "
+            "complete epoch); it must be of the same data and settings. Without a checkpoint: from epoch 1.",
+        ),
+    ] = TRAIN.resume,
     find_lr: Annotated[
         bool,
         typer.Option(

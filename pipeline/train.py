@@ -41,6 +41,7 @@ from pipeline.inference.model_folder import write_model_folder
 from pipeline.report import plots
 from pipeline.training import distribute
 from pipeline.training.batches import class_weights_from_epoch, in_memory_bytes
+from pipeline.training.checkpoints import fingerprint, open_checkpoints
 from pipeline.training.fit import FitResult, ctrl_c_noted, fit_model
 from pipeline.training.precision import build_with_precision, resolve_precision
 
@@ -53,6 +54,10 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
     check_out_dir(out_dir, paths.TRAIN_SETTINGS_FILE, {"data folder": data_dir})
     data = load_training_data(data_dir)
     cluster = distribute.read_cluster()  # TF_CONFIG, checked before TensorFlow loads
+    checkpoints = open_checkpoints(  # a foreign checkpoint is refused before TensorFlow loads, too
+        out_dir, fingerprint(data_dir, settings, cluster.size if cluster else 1), settings.resume,
+        cluster is None or cluster.is_chief,
+    )  # fmt: skip
 
     # TensorFlow takes seconds to load: only once the inputs are known to be usable.
     progress.say("loading TensorFlow...")
@@ -68,7 +73,7 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
     in_memory = data.X_train.nbytes + data.X_val.nbytes <= in_memory_bytes(settings.in_memory_mb)
 
     with ctrl_c_noted() as ctrl_c, plan.workspace(out_dir) as tmp:  # only the chief writes the model folder
-        fit = fit_model(model, data, settings, in_memory, tmp, ctrl_c, plan)
+        fit = fit_model(model, data, settings, in_memory, tmp, ctrl_c, plan, checkpoints)
         if fit.best is None:
             raise PipelineError(
                 f"training diverged: the {fit.monitor} was never a finite number in {len(fit.history)} epoch(s), "
@@ -84,6 +89,11 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
             with plots.TrainingCurvesBeside(tmp / paths.HISTORY_FILE, fit.best_epoch, tmp / paths.CURVES_PNG):
                 write_model_folder(tmp, model, data.classes, data_dir, data.prepare_report, settings, summary)
     plan.barrier("the chief wrote the model folder")  # no worker leaves before the model is in place
+    if fit.interrupted or ctrl_c.pressed:
+        if plan.is_chief and checkpoints.folder.is_dir():
+            progress.say(f"`train --resume` continues from the checkpoint {checkpoints.folder}")
+    else:
+        checkpoints.remove()  # the model folder is complete: its checkpoint has served
     _raise_if_interrupted(fit, ctrl_c, summary, f"is saved in {out_dir}" if plan.is_chief else "is saved by the chief")
     return summary
 
@@ -115,7 +125,10 @@ def _summary(
         "monitor": fit.monitor,
         "best": fit.best,
         "seconds": round(fit.seconds, 2),
-        "train_images_per_s": round(len(fit.history) * len(data.X_train) / fit.seconds, 1) if fit.seconds else None,
+        "train_images_per_s": (
+            round((len(fit.history) - fit.resumed_after) * len(data.X_train) / fit.seconds, 1) if fit.seconds else None
+        ),
+        "resumed_after_epoch": fit.resumed_after,  # epochs a checkpoint had done (train --resume); 0: none
         "interrupted": fit.interrupted,
         "precision": precision,
         "input": "memory (tf.data)" if in_memory else "memory-mapped batches",

@@ -63,6 +63,7 @@ class TrainSettings:
     tensorboard: bool = False  # write TensorBoard logs to the model folder
     precision: str = "auto"  # auto: mixed float16 on one GPU, mixed bfloat16 on CPUs with native bf16, else float32
     in_memory_mb: int = -1  # arrays up to this size train from memory via tf.data; -1: half the free memory
+    resume: bool = False  # continue from the checkpoint beside --out (training.checkpoints); else start over
 
     def check(self) -> None:
         if self.epochs < 1:

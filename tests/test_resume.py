@@ -1,0 +1,134 @@
+"""train's checkpoints: a run SIGKILLed mid-way, then `--resume`, ends with the model an
+uninterrupted run of the same seed gives; a checkpoint of other data or settings is refused
+with one line; a run without --resume starts over and says so."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.training.checkpoints import checkpoint_dir
+from tests.conftest import run_cli
+
+EPOCHS = 12
+ARGS = ["--epochs", EPOCHS, "--patience", EPOCHS, "--batch-size", "16", "--precision", "float32"]
+
+
+def epochs_done(out: Path) -> int:
+    try:
+        return json.loads((checkpoint_dir(out) / "state.json").read_text())["epochs_done"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def killed_run(data: Path, out: Path, after_epochs: int) -> subprocess.Popen:
+    """`pipeline train` in a process SIGKILLed as soon as `after_epochs` epochs are checkpointed."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "train", "--data", data, "--out", out, *map(str, ARGS)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PIPELINE_PROGRESS": "never"},
+    )
+    deadline = time.monotonic() + 240
+    while epochs_done(out) < after_epochs:
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return process
+
+
+@pytest.fixture(scope="module")
+def killed(trained, tmp_path_factory) -> dict:
+    """One run killed after its third epoch's checkpoint (what it left is copied by each test)."""
+    root = tmp_path_factory.mktemp("killed")
+    out = root / "model"
+    killed_run(trained["data"], out, 3)
+    return {"root": root, "out": out, "done": epochs_done(out)}
+
+
+def copy_of_killed(killed: dict, tmp_path: Path) -> Path:
+    out = tmp_path / "model"
+    for entry in killed["root"].iterdir():
+        shutil.copytree(entry, tmp_path / entry.name)
+    return out
+
+
+def test_a_sigkill_leaves_no_model_folder_and_a_checkpoint_beside_it(killed):
+    names = sorted(p.name for p in killed["root"].iterdir())
+    assert "model" not in names  # never a model folder that looks complete
+    assert ".model.checkpoint" in names and any(n.startswith(".model.tmp-") for n in names), names
+    assert 3 <= killed["done"] < EPOCHS
+
+
+def test_resume_after_sigkill_ends_with_the_uninterrupted_runs_model(trained, killed, tmp_path):
+    out = copy_of_killed(killed, tmp_path)
+    result = run_cli("train", "--data", trained["data"], "--out", out, *ARGS, "--resume")
+    said = result.stderr
+    assert f"resuming after epoch {killed['done']} of {EPOCHS}" in said, said
+    assert "note: removed .model.tmp-" in said  # the killed run's unfinished folder, said and gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no checkpoint, no leftover
+    summary = json.loads((out / "settings.json").read_text())["summary"]
+    assert summary["epochs_run"] == EPOCHS and summary["resumed_after_epoch"] == killed["done"]
+    assert len((out / "history.csv").read_text().splitlines()) == EPOCHS + 1
+
+    whole = tmp_path / "whole"
+    run_cli("train", "--data", trained["data"], "--out", whole, *ARGS, "--quiet")
+    from pipeline.inference.model_folder import load_keras_model
+
+    resumed, uninterrupted = load_keras_model(out).get_weights(), load_keras_model(whole).get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(resumed, uninterrupted))  # the same weights, bit for bit
+    assert (out / "history.csv").read_bytes() == (whole / "history.csv").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [(["--epochs", "13"], "other settings (epochs 12 there, 13 here)"), (["--seed", "7"], "seed 42 there, 7 here")],
+    ids=["epochs", "seed"],
+)
+def test_a_checkpoint_of_other_settings_is_refused_in_one_line(trained, killed, tmp_path, change, words):
+    out = copy_of_killed(killed, tmp_path)
+    before = (checkpoint_dir(out) / "state.json").read_bytes()
+    args = [*ARGS, *change, "--resume"]
+    result = run_cli("train", "--data", trained["data"], "--out", out, *args, expect=1)
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: refusing to resume from") and words in last, last
+    assert "Traceback" not in result.output and not out.exists()
+    assert (checkpoint_dir(out) / "state.json").read_bytes() == before  # left as it was
+
+
+def test_a_checkpoint_of_other_data_is_refused_in_one_line(trained, killed, tmp_path):
+    out = copy_of_killed(killed, tmp_path)
+    data = Path(shutil.copytree(trained["data"], tmp_path / "data"))
+    y = np.load(data / "y_val.npy")
+    np.save(data / "y_val.npy", y[::-1].copy())  # other labels: other data
+    result = run_cli("train", "--data", data, "--out", out, *ARGS, "--resume", expect=1)
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: refusing to resume from") and "other data" in last, last
+
+
+def test_without_resume_a_run_starts_over_and_says_a_checkpoint_was_there(trained, killed, tmp_path):
+    out = copy_of_killed(killed, tmp_path)
+    args = ["--epochs", "2", "--batch-size", "16", "--precision", "float32"]
+    result = run_cli("train", "--data", trained["data"], "--out", out, *args)
+    assert f"holds an unfinished run ({killed['done']} epoch(s) done): starting over" in result.stderr
+    summary = json.loads((out / "settings.json").read_text())["summary"]
+    assert summary["epochs_run"] == 2 and summary["resumed_after_epoch"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_resume_without_a_checkpoint_trains_from_the_first_epoch(trained, tmp_path):
+    args = ["--epochs", "1", "--batch-size", "16", "--precision", "float32", "--resume"]
+    result = run_cli("train", "--data", trained["data"], "--out", tmp_path / "model", *args)
+    assert "--resume: no checkpoint at" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
