@@ -132,3 +132,53 @@ def test_resume_without_a_checkpoint_trains_from_the_first_epoch(trained, tmp_pa
     result = run_cli("train", "--data", trained["data"], "--out", tmp_path / "model", *args)
     assert "--resume: no checkpoint at" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_killed_worker_restarted_with_the_cluster_resumes_from_the_last_epoch(trained, tmp_path):
+    """As a Kubernetes Job does: worker 1 is SIGKILLed, the chief stops with one line (a
+    lost peer), both are started again with the same TF_CONFIG and command (--resume
+    every time), and the cluster continues after the chief's last checkpointed epoch."""
+    from tests.test_distribute import Worker, free_ports, leftovers
+
+    out = tmp_path / "model"
+    epochs = 40
+    args = ["--data", trained["data"], "--out", out, "--epochs", epochs, "--patience", epochs]
+    args += ["--batch-size", "16", "--precision", "float32", "--resume"]
+    addresses = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    first = [Worker(index, addresses, args) for index in range(2)]
+    try:
+        deadline = time.monotonic() + 240
+        while epochs_done(out) < 2:
+            assert all(w.process.poll() is None for w in first), [w.stderr[-2000:] for w in first]
+            assert time.monotonic() < deadline, [w.stderr[-2000:] for w in first]
+            time.sleep(0.02)
+        first[1].kill(signal.SIGKILL)
+        assert first[0].wait(timeout=120) == 1, first[0].stderr
+    finally:
+        for worker in first:
+            worker.kill()
+    assert first[0].stderr.strip().splitlines()[-1].startswith("error: the cluster failed while")
+    done = epochs_done(out)
+    assert 2 <= done < epochs and not out.exists()
+
+    again = [Worker(index, addresses, args) for index in range(2)]  # the same addresses: the Job's pods
+    try:
+        assert again[0].wait(timeout=300) == 0, again[0].stderr
+        assert again[1].wait(timeout=60) == 0, again[1].stderr
+    finally:
+        for worker in again:
+            worker.kill()
+    resumed_at = int(again[0].stderr.split("resuming after epoch ")[1].split()[0])
+    assert resumed_at >= done  # the last complete epoch (the chief may have finished one more before it stopped)
+    assert not any(line.startswith(f"epoch {resumed_at}/") for line in again[0].lines)  # nothing trained twice
+    summary = json.loads((out / "settings.json").read_text())["summary"]
+    assert summary["epochs_run"] == epochs and summary["resumed_after_epoch"] == resumed_at
+    assert summary["strategy"] == "multi_worker" and summary["workers"] == 2
+    assert len((out / "history.csv").read_text().splitlines()) == epochs + 1
+    assert again[1].out[-1].startswith(f"worker 1 of 2: trained {epochs} epoch(s)")  # the chief's history too
+    digest = again[0].out[-1].split("weights sha256 ")[1].strip()
+    assert again[1].out[-1].split("weights sha256 ")[1].strip() == digest  # the workers stayed in sync
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and leftovers(tmp_path) == []
+    from pipeline.inference.model_folder import load_keras_model
+
+    assert load_keras_model(out) is not None

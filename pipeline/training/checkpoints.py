@@ -231,42 +231,39 @@ def _read_state(folder: Path, record: dict) -> State:
 
 
 def _shared_by_chief(state: State | None, model, plan) -> State | None:
-    """The chief's state on every worker: one all-reduce of (found, scalars, every array
-    flattened), the chief's values and zeros from the others. float64 holds the float32
-    weights and the integer counters exactly."""
+    """The chief's state on every worker: two all-reduces, of (found, the scalars, the history's
+    length), then of every array and the history's bytes flattened, the chief's values and zeros
+    from the others. float64 holds the float32 weights and the integer counters exactly."""
     from pipeline.training.distribute import sum_across_workers
 
     local = plan.replicas // plan.workers
-    shapes = [v.shape for v in model.variables] + [v.shape for v in model.optimizer.variables]
-    shapes += [w.shape for w in model.get_weights()]
-    header = np.zeros(6)
-    if state is not None and plan.is_chief:
-        best = np.inf if state.best is None else state.best
-        header[:] = [1, state.epochs_done, state.stopped, best, state.best_epoch, state.wait]
-    found = sum_across_workers(plan.strategy, header, local)
-    if found[0] == 0:
+    like = list(model.variables) + list(model.optimizer.variables) + model.get_weights()
+    shapes, sizes = [tuple(v.shape) for v in like], [int(np.prod(v.shape)) for v in like]
+    mine = state if plan.is_chief else None
+    history = np.frombuffer(mine.history.encode("utf-8"), dtype=np.uint8) if mine else np.zeros(0, np.uint8)
+    header = np.zeros(7)
+    if mine is not None:
+        best = np.inf if mine.best is None else mine.best
+        header[:] = [1, mine.epochs_done, mine.stopped, best, mine.best_epoch, mine.wait, len(history)]
+    header = sum_across_workers(plan.strategy, header, local)
+    if header[0] == 0:
         return None
-    sizes = [int(np.prod(s)) for s in shapes]
-    flat = np.zeros(sum(sizes))
-    if state is not None and plan.is_chief:
-        best_weights = state.best_weights or [np.zeros(s) for s in shapes[-len(model.get_weights()) :]]
-        flat = np.concatenate(
-            [np.ravel(a).astype(np.float64) for a in state.variables + state.optimizer + best_weights]
-        )
-    flat = sum_across_workers(plan.strategy, flat, local)
-    pieces = np.split(flat, np.cumsum(sizes)[:-1])
-    dtypes = [v.dtype for v in model.variables] + [v.dtype for v in model.optimizer.variables]
-    dtypes += [w.dtype for w in model.get_weights()]
-    arrays = [p.reshape(s).astype(_numpy_dtype(d)) for p, s, d in zip(pieces, shapes, dtypes)]
+    flat = np.zeros(sum(sizes) + int(header[6]))
+    if mine is not None:
+        best_weights = mine.best_weights or [np.zeros(s) for s in shapes[-len(model.weights) :]]
+        arrays = mine.variables + mine.optimizer + best_weights + [history]
+        flat = np.concatenate([np.ravel(a).astype(np.float64) for a in arrays])
+    pieces = np.split(sum_across_workers(plan.strategy, flat, local), np.cumsum(sizes))
+    arrays = [p.reshape(s).astype(_numpy_dtype(v.dtype)) for p, s, v in zip(pieces, shapes, like)]
     n_vars, n_opt = len(model.variables), len(model.optimizer.variables)
-    best = None if not np.isfinite(found[3]) else float(found[3])
+    best = float(header[3]) if np.isfinite(header[3]) else None
     return State(
-        epochs_done=int(found[1]),
-        stopped=bool(found[2]),
+        epochs_done=int(header[1]),
+        stopped=bool(header[2]),
         best=best,
-        best_epoch=int(found[4]),
-        wait=int(found[5]),
-        history=state.history if state is not None else "",
+        best_epoch=int(header[4]),
+        wait=int(header[5]),
+        history=pieces[-1].astype(np.uint8).tobytes().decode("utf-8"),
         variables=arrays[:n_vars],
         optimizer=arrays[n_vars : n_vars + n_opt],
         best_weights=arrays[n_vars + n_opt :] if best is not None else None,
