@@ -320,6 +320,16 @@ def serve(
         ),
     ] = None,
     engine: Annotated[Engine, typer.Option(help="auto: LiteRT when installed, else Keras.")] = Engine[SERVE.engine],
+    max_inflight: Annotated[
+        int, typer.Option(help="Most uploads in flight; more get 503 with Retry-After (0: 4 a worker, at least 8).")
+    ] = SERVE.max_inflight,
+    max_inflight_mb: Annotated[
+        float,
+        typer.Option(help="Most MB of uploads held at once; more get 503 (0: 5 x --max-upload-mb, at least 64)."),
+    ] = SERVE.max_inflight_mb,
+    read_timeout: Annotated[
+        float, typer.Option(help="Seconds for an upload's body to arrive; a slower client gets 408.")
+    ] = SERVE.read_timeout,
     quiet: Quiet = False,
 ) -> None:
     """Serve the model over HTTP: POST /predict (the JSON of predict --json), a page at /, the API at /docs."""

@@ -123,8 +123,15 @@ class ServeSettings:
     max_files: int = 64  # images in one request
     workers: int = 0  # requests answered at once, each with its own copy of the model; 0 = one per core
     engine: str = "auto"  # as predict: LiteRT when installed and model.tflite exists, else Keras
+    max_inflight: int = 0  # POST requests in flight; more get 503 + Retry-After; 0: 4 a worker, at least 8
+    max_inflight_mb: float = 0.0  # upload bytes those requests hold; 0: 5 uploads at --max-upload-mb, at least 64
+    read_timeout: float = 30.0  # seconds for one request's body to arrive; a slower one gets 408
 
     def check(self) -> None:
+        if self.max_inflight < 0 or self.max_inflight_mb < 0:
+            raise PipelineError("--max-inflight and --max-inflight-mb must be 0 (the defaults) or more")
+        if not self.read_timeout > 0:
+            raise PipelineError(f"--read-timeout must be above 0 seconds, got {self.read_timeout}")
         if not 0 <= self.port <= 65535:
             raise PipelineError(f"--port must be between 0 and 65535, got {self.port}")
         if not self.max_upload_mb > 0:

@@ -97,7 +97,7 @@ class Checkpoints:
 
     def callback(self, early_stopping, history_path: Path):
         """The callback, last in the list, that writes the checkpoint at each epoch end."""
-        return _EpochCheckpoint(self, early_stopping, Path(history_path))
+        return _epoch_checkpoint(self, early_stopping, Path(history_path))
 
     def restore(self, model, early_stopping, history_path: Path, plan=None) -> None:
         """Put the resumed state into the (built) model, its optimizer, early stopping and
@@ -274,16 +274,17 @@ def _numpy_dtype(dtype):
     return np.dtype(getattr(dtype, "as_numpy_dtype", dtype))
 
 
-class _EpochCheckpoint(import_keras().callbacks.Callback):
-    """Restores early stopping after its own reset at train begin; writes at each epoch end."""
+def _epoch_checkpoint(checkpoints: Checkpoints, early_stopping, history_path: Path):
+    """The Keras callback (made here: train imports this module before Keras loads)."""
 
-    def __init__(self, checkpoints: Checkpoints, early_stopping, history_path: Path):
-        super().__init__()
-        self.checkpoints, self.early_stopping, self.history_path = checkpoints, early_stopping, history_path
+    class EpochCheckpoint(import_keras().callbacks.Callback):
+        """Restores early stopping after its own reset at train begin; writes at each epoch end."""
 
-    def on_train_begin(self, logs=None):
-        if self.checkpoints.resumed is not None:  # EarlyStopping.on_train_begin has just reset it
-            set_early_stopping(self.early_stopping, self.checkpoints.resumed)
+        def on_train_begin(self, logs=None):
+            if checkpoints.resumed is not None:  # EarlyStopping.on_train_begin has just reset it
+                set_early_stopping(early_stopping, checkpoints.resumed)
 
-    def on_epoch_end(self, epoch, logs=None):
-        self.checkpoints.write(self.model, self.early_stopping, self.history_path, epoch + 1)
+        def on_epoch_end(self, epoch, logs=None):
+            checkpoints.write(self.model, early_stopping, history_path, epoch + 1)
+
+    return EpochCheckpoint()
