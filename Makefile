@@ -11,7 +11,7 @@ SAMPLE := sample_data
 ART := artifacts
 
 .DEFAULT_GOAL := help
-.PHONY: help install all prepare train evaluate predict serve test lint bench bench-serve clean
+.PHONY: help install all prepare train evaluate predict serve test lint bench bench-serve bench-resilience clean
 
 help: ## Show every target with one line
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -58,6 +58,12 @@ bench: $(STAMP) ## Benchmark against the reference scripts in ../shared/bench (s
 
 bench-serve: $(STAMP) ## Load-test pipeline serve on loopback against cold predict processes (not part of CI)
 	$(BIN)/python bench/serve_load.py
+
+bench-resilience: $(STAMP) ## Kill-and-resume, the server under 64 clients, 20,000 fuzzed images (not part of CI)
+	$(BIN)/python bench/resume_bench.py --epochs 6 --kills 3
+	$(BIN)/python bench/resume_bench.py --epochs 6 --kills 2 --cluster
+	$(BIN)/python bench/serve_load.py --flood --clients 64 --requests 256
+	$(BIN)/python bench/fuzz_images.py --examples 20000
 
 clean: ## Remove artifacts, caches and the virtual environment
 	rm -rf $(ART) $(VENV) .pytest_cache .ruff_cache bench/work *.egg-info

@@ -80,6 +80,7 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
                 "so there is no model to keep and nothing was written; try a lower --learning-rate"
             )
         summary = _summary(fit, data, settings, precision, in_memory, pixel_stats, plan, model)
+        summary["checkpoint_seconds"] = round(checkpoints.seconds, 3)  # writing one at every epoch end
         # Save and export float32 weights (they run the same everywhere) in an uncompiled copy:
         # without Adam's two moments per weight, model.keras is a third the size, saves and loads faster.
         weights = model.get_weights()

@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +91,7 @@ class Checkpoints:
         self.print_as = print_as
         self.writes = writes
         self.resumed = resumed
+        self.seconds = 0.0  # spent writing checkpoints
 
     @property
     def start_epoch(self) -> int:
@@ -117,6 +119,7 @@ class Checkpoints:
     def write(self, model, early_stopping, history_path: Path, epochs_done: int) -> None:
         if not self.writes:
             return
+        started = time.perf_counter()
         state = State(
             epochs_done=epochs_done,
             stopped=bool(model.stop_training),
@@ -137,6 +140,7 @@ class Checkpoints:
             record = {"version": VERSION, "fingerprint": self.print_as, **scalars, "history": state.history}
             record["arrays"] = [len(state.variables), len(state.optimizer), len(state.best_weights or [])]
             atomic_write_text(tmp / STATE_JSON, json.dumps(record, indent=1) + "\n")
+        self.seconds += time.perf_counter() - started
 
     def remove(self) -> None:
         """The model folder is complete: its checkpoint has served (the chief's alone)."""
