@@ -115,7 +115,7 @@ def one_kill(data: Path, args: list, after: int, into: float, epoch_s: float, na
         assert process.wait(timeout=1800) == 0, "the resumed run failed"
     summary = json.loads((out / "settings.json").read_text())["summary"]
     return {
-        "killed_into_epoch": f"{after + 1} ({into:.0%} of an epoch's time after its start)",
+        "killed_into_epoch": f"{into:.0%} of an epoch after epoch {after}'s checkpoint",
         "epochs_done_at_kill": done,
         "resumed_after_epoch": summary["resumed_after_epoch"],
         "lost_s": round(lost_s, 1),
@@ -155,7 +155,7 @@ def report(f: dict) -> list[str]:
     where = "2 TF_CONFIG workers, worker 1 killed" if f["cluster"] else "one process"
     rows = [
         f"{where}: {f['epochs']} epochs of {f['epoch_s']} s; uninterrupted accuracy {f['uninterrupted']['accuracy']:.4f}",
-        "| killed in epoch | epochs done | lost (epochs) | resumed after | same weights | accuracy |",
+        "| killed | epochs done | lost (epochs) | resumed after | same weights | accuracy |",
         "|---:|---:|---:|---:|---|---:|",
     ]
     for k in f["kills"]:

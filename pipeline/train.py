@@ -12,7 +12,8 @@ The steps, in `train_model`'s order: check the inputs before TensorFlow loads
 one-cycle learning-rate schedule over all `epochs` x steps (`model.compile_model`,
 `schedule.OneCycle`); fit with early stopping, Ctrl-C noted at every batch, classes
 weighted with `--class-weight balanced` (`training.fit.fit_model`); write the model folder
-with float32 weights and no optimizer state.
+with float32 weights and no optimizer state. Every epoch end leaves a checkpoint beside the
+model folder, and `--resume` continues from it after a kill (`training.checkpoints`).
 
 Speed: arrays that fit in memory are fed as uint8 through tf.data (shuffled row indices,
 a gather per batch, prefetch), standardized inside the model, so there is no float copy of the
@@ -90,7 +91,7 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
             with plots.TrainingCurvesBeside(tmp / paths.HISTORY_FILE, fit.best_epoch, tmp / paths.CURVES_PNG):
                 write_model_folder(tmp, model, data.classes, data_dir, data.prepare_report, settings, summary)
     plan.barrier("the chief wrote the model folder")  # no worker leaves before the model is in place
-    if fit.interrupted or ctrl_c.pressed:
+    if fit.interrupted:  # the best model so far is saved; the checkpoint can finish the run
         if plan.is_chief and checkpoints.folder.is_dir():
             progress.say(f"`train --resume` continues from the checkpoint {checkpoints.folder}")
     else:

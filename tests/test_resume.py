@@ -182,3 +182,30 @@ def test_a_killed_worker_restarted_with_the_cluster_resumes_from_the_last_epoch(
     from pipeline.inference.model_folder import load_keras_model
 
     assert load_keras_model(out) is not None
+
+
+def test_after_ctrl_c_the_best_model_so_far_is_kept_and_resume_finishes_the_run(trained, tmp_path):
+    out = tmp_path / "model"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "train", "--data", trained["data"], "--out", out, *map(str, ARGS)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PIPELINE_PROGRESS": "never"},
+    )
+    deadline = time.monotonic() + 240
+    while epochs_done(out) < 2:
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read() if process.poll() else ""
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    said = process.communicate(timeout=120)[1]
+    assert process.returncode == 130, said
+    assert "`train --resume` continues from the checkpoint" in said and "the best model so far" in said
+    interrupted = json.loads((out / "settings.json").read_text())["summary"]
+    assert interrupted["interrupted"] is True and epochs_done(out) == interrupted["epochs_run"] < EPOCHS
+
+    result = run_cli("train", "--data", trained["data"], "--out", out, *ARGS, "--resume")
+    assert f"resuming after epoch {interrupted['epochs_run']} of {EPOCHS}" in result.stderr
+    summary = json.loads((out / "settings.json").read_text())["summary"]
+    assert summary["interrupted"] is False and summary["epochs_run"] == EPOCHS
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
