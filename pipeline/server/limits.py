@@ -58,9 +58,10 @@ class Admission:
         busy = self._busy(reserved)
         if busy:
             self.refused += 1
-            await _drain(receive)  # the client reads the 503 only once it has sent its body
+            whole = await _drain(receive, self.max_upload_bytes)  # the client reads the 503 once it has sent its body
+            headers = {"retry-after": str(RETRY_AFTER), **({} if whole else {"connection": "close"})}
             if not timed_out():
-                await _reply(send, 503, f"{busy}; retry after {RETRY_AFTER} s", {"retry-after": str(RETRY_AFTER)})
+                await _reply(send, 503, f"{busy}; retry after {RETRY_AFTER} s", headers)
             else:
                 await _reply_timeout(send, self.read_timeout)
             return
@@ -121,11 +122,17 @@ def _unless(timed_out, send, seconds: float):
     return send_or_timeout
 
 
-async def _drain(receive) -> None:
+async def _drain(receive, at_most: int) -> bool:
+    """Read the body past, dropping it; False when it went on beyond `at_most` bytes (a body
+    over the upload limit is not read to its end: the connection closes after the answer)."""
+    read = 0
     while True:
         message = await receive()
+        read += len(message.get("body", b""))
         if message["type"] != "http.request" or not message.get("more_body", False):
-            return
+            return message["type"] == "http.request"
+        if read > at_most:
+            return False
 
 
 async def _reply_timeout(send, seconds: float) -> None:
