@@ -164,7 +164,12 @@ def open_checkpoints(out_dir: Path, print_as: dict, resume: bool, is_chief: bool
     for left in clean_stale(out_dir) + clean_stale(checkpoint_dir(out_dir)):
         progress.say(f"note: removed {left.name}, the unfinished folder a killed run left beside {out_dir.name}")
     folder = checkpoint_dir(out_dir)
-    found = _read_record(folder)
+    try:
+        found = _read_record(folder)
+    except PipelineError:
+        if resume:
+            raise
+        found = {"epochs_done": "?"}  # unreadable: starting over replaces it
     if found is None:
         if resume:
             progress.say(f"--resume: no checkpoint at {folder}: training from the first epoch")
