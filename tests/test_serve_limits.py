@@ -24,15 +24,17 @@ from PIL import Image
 from pipeline.server.limits import HEADER_TIMEOUT, inflight_limits
 from tests.test_serve import read_serving_line
 
-RSS_BOUND_MB = 400  # loaded, the server holds about 90 MB; the bound is what the limits allow above it
+# Above what the loaded server holds (about 90 MB with LiteRT). Measured here: about 50 MB above it
+# with these bounds; 221 MB above it with the bounds lifted (--max-inflight 1000 --max-inflight-mb 10000)
+RSS_ABOVE_LOADED_MB = 150
 
 
 @pytest.fixture(scope="module")
 def server(trained):
-    """`pipeline serve` on the session's model: 2 workers, 2 MB uploads, 3 in flight, 4 MB held, 2 s reads."""
+    """`pipeline serve` on the session's model: 2 workers, 8 MB uploads, 3 in flight, 16 MB held, 2 s reads."""
     entry = Path(sys.executable).with_name("pipeline")
     command = [str(entry)] if entry.exists() else [sys.executable, "-m", "pipeline"]
-    limits = ["--workers", "2", "--max-upload-mb", "2", "--max-inflight", "3", "--max-inflight-mb", "4"]
+    limits = ["--workers", "2", "--max-upload-mb", "8", "--max-inflight", "3", "--max-inflight-mb", "16"]
     process = subprocess.Popen(
         [*command, "serve", "--model", str(trained["model"]), "--port", "0", *limits, "--read-timeout", "2"],
         stdout=subprocess.PIPE,
@@ -41,6 +43,7 @@ def server(trained):
     )
     try:
         line = read_serving_line(process)
+        process.loaded_mb = rss_mb(process.pid)
         yield process, int(re.search(r"http://127\.0\.0\.1:(\d+)", line).group(1))
     finally:
         process.kill()
@@ -71,7 +74,7 @@ def post(port: int, body: bytes) -> tuple[int, dict, str | None]:
 
 def test_a_flood_gets_200_or_503_with_retry_after_and_memory_stays_bounded(server):
     process, port = server
-    big, small = png_of_noise(1.9), png_of_noise(0.01)
+    big, small = png_of_noise(7.9), png_of_noise(0.01)
     bodies = [big if i % 2 else small for i in range(96)]
     results, lock = [], threading.Lock()
 
@@ -94,9 +97,10 @@ def test_a_flood_gets_200_or_503_with_retry_after_and_memory_stays_bounded(serve
         else:
             assert isinstance(answer, list) and answer[0]["label"], answer
     assert process.poll() is None
-    assert rss_mb(process.pid, "VmHWM") < RSS_BOUND_MB, rss_mb(process.pid, "VmHWM")
+    bound = process.loaded_mb + RSS_ABOVE_LOADED_MB
+    assert rss_mb(process.pid, "VmHWM") < bound, (rss_mb(process.pid, "VmHWM"), process.loaded_mb)
     assert post(port, small)[0] == 200  # the flood is over: answered again
-    assert rss_mb(process.pid) < RSS_BOUND_MB
+    assert rss_mb(process.pid) < bound
 
 
 def test_a_body_slower_than_the_read_timeout_gets_408(server):
