@@ -11,7 +11,7 @@ SAMPLE := sample_data
 ART := artifacts
 
 .DEFAULT_GOAL := help
-.PHONY: help install all prepare train evaluate predict serve export test lint bench bench-serve bench-cache bench-export bench-audit bench-calibration clean
+.PHONY: help install all prepare train evaluate predict serve export test lint bench bench-serve bench-cache bench-export bench-audit bench-calibration bench-resilience clean
 
 help: ## Show every target with one line
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -75,6 +75,12 @@ bench-calibration: $(STAMP) ## Calibration, unsure and TTA on the letters, the c
 	test -d bench/work/letters || $(BIN)/python ../shared/bench/make_letters_folder.py bench/work/letters
 	test -d bench/work/cases || $(BIN)/python ../shared/bench/make_letters_folder.py bench/work/cases --letters CcKkOoPpSsUuVvWwXxZz
 	$(BIN)/python bench/calibration_bench.py bench/work/letters bench/work/cases $(SAMPLE) --work bench/work/calibration
+
+bench-resilience: $(STAMP) ## Kill-and-resume, the server under 64 clients, 20,000 fuzzed images (not part of CI)
+	$(BIN)/python bench/resume_bench.py --epochs 6 --kills 3
+	$(BIN)/python bench/resume_bench.py --epochs 6 --kills 2 --cluster
+	$(BIN)/python bench/serve_load.py --flood --clients 64 --requests 256
+	$(BIN)/python bench/fuzz_images.py --examples 20000
 
 clean: ## Remove artifacts, caches and the virtual environment
 	rm -rf $(ART) $(VENV) .pytest_cache .ruff_cache bench/work *.egg-info

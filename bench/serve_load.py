@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import io
 import itertools
 import json
 import os
@@ -145,9 +146,15 @@ def rss_mb(pid: int) -> float:
     return int(re.search(r"^VmRSS:\s+(\d+) kB", text, re.M).group(1)) / 1024
 
 
-def start_server(model: Path) -> tuple[subprocess.Popen, int]:
+def peak_rss_mb(pid: int) -> float:
+    text = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmHWM:\s+(\d+) kB", text, re.M).group(1)) / 1024
+
+
+def start_server(model: Path, args: tuple = ()) -> tuple[subprocess.Popen, int]:
     command = [PIPELINE, "serve", "--model", str(model), "--port", "0", "--max-upload-mb", str(MAX_UPLOAD_MB)]
-    process = subprocess.Popen(command + ["--max-files", str(MAX_FILES)], stderr=subprocess.PIPE, text=True)
+    command += ["--max-files", str(MAX_FILES), *map(str, args)]  # later options win
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     line = process.stderr.readline()  # "serving MODEL (...) on http://127.0.0.1:PORT ..."
     found = re.search(r"http://127\.0\.0\.1:(\d+)", line)
     if not found:
@@ -253,6 +260,60 @@ def bench_serve(model: Path, photos_dir: Path, requests: int = 2000, clients: in
     return figures
 
 
+def flood_uploads(big_mb: float, seed: int = 0) -> tuple[bytes, bytes]:
+    """(a small JPEG, a PNG of noise just under `big_mb` MB: it cannot compress, so it decodes
+    to as many bytes of pixels as it has)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    small, big = io.BytesIO(), io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(small, "JPEG")
+    side = int((big_mb * 2**20 / 3) ** 0.5 * 0.995)
+    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(big, "PNG", compress_level=0)
+    return small.getvalue(), big.getvalue()
+
+
+def bench_flood(
+    model: Path, clients: int = 64, requests: int = 256, big_mb: float = 15, max_upload_mb: float = 20, args=()
+) -> dict:
+    """`clients` threads post `requests` uploads at once, every other one `big_mb` MB: the
+    statuses (only 200, 4xx and 503 with Retry-After are allowed), requests/s, p99, the 503s,
+    the server's peak and final resident memory, and whether it still answers /health."""
+    small, big = flood_uploads(big_mb)
+    jobs = [("big" if i % 2 else "small", big if i % 2 else small, "image/png", 200) for i in range(requests)]
+    process, port = start_server(model, ("--max-upload-mb", max_upload_mb, *args))
+    try:
+        loaded = rss_mb(process.pid)
+        results, wall = run_clients(port, jobs, clients)
+        statuses: dict[str, int] = {}
+        for _, status, _, _ in results:
+            statuses[str(status)] = statuses.get(str(status), 0) + 1
+        answered = [r[2] * 1000 for r in results if r[1] == 200]
+        after = rss_mb(process.pid)
+        time.sleep(2)
+        health = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        health.request("GET", "/health")
+        alive = health.getresponse().status == 200
+        return {
+            "clients": clients,
+            "requests": requests,
+            "big_mb": round(len(big) / 2**20, 1),
+            "statuses": statuses,
+            "per_s": requests / wall,
+            "p99_ms_of_200": percentile(answered, 99) if answered else None,
+            "rss_mb_loaded": loaded,
+            "rss_mb_peak": peak_rss_mb(process.pid),
+            "rss_mb_after": after,
+            "rss_mb_after_2s": rss_mb(process.pid),
+            "alive_after": alive,
+            "only_allowed": all(s == "200" or s == "503" or s.startswith("4") for s in statuses),
+        }
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 def report(f: dict) -> list[str]:
     low, load, batches, cold = f["low"], f["load"], f["batches"], f["cold"]
     bad = ", ".join(f"{kind} {'/'.join(v['got'])}" for kind, v in load["bad"].items())
@@ -301,7 +362,13 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--cold-runs", type=int, default=5)
     p.add_argument("--json", type=Path, help="also write every figure to this file")
+    p.add_argument("--flood", action="store_true", help="only the flood: 64 clients, every other upload 15 MB")
+    p.add_argument("--flood-args", default="", help="serve options for the flood, e.g. '--max-inflight 8'")
     a = p.parse_args()
+    if a.flood:
+        model = a.model or build_model(200)[0]
+        print(json.dumps(bench_flood(model, a.clients, a.requests, args=tuple(a.flood_args.split())), indent=2))
+        return
     model, photos = (a.model, a.photos) if a.model and a.photos else build_model(200)
     figures = bench_serve(model, photos, a.requests, a.clients, a.cold_runs)
     if a.json:

@@ -245,6 +245,14 @@ def train(
     tensorboard: Annotated[
         bool, typer.Option("--tensorboard", help="Write TensorBoard logs to the model folder.")
     ] = TRAIN.tensorboard,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue from the checkpoint a killed or interrupted run left beside --out (after its last "
+            "complete epoch); it must be of the same data and settings. Without a checkpoint: from epoch 1.",
+        ),
+    ] = TRAIN.resume,
     find_lr: Annotated[
         bool,
         typer.Option(
@@ -357,6 +365,16 @@ def serve(
     engine: Annotated[Engine, typer.Option(help=ENGINE_HELP)] = Engine[SERVE.engine],
     threshold: Annotated[float, THRESHOLD_OPTION] = SERVE.threshold,
     target_accuracy: Annotated[float | None, TARGET_ACCURACY_OPTION] = SERVE.target_accuracy,
+    max_inflight: Annotated[
+        int, typer.Option(help="Most uploads in flight; more get 503 with Retry-After (0: 4 a worker, at least 8).")
+    ] = SERVE.max_inflight,
+    max_inflight_mb: Annotated[
+        float,
+        typer.Option(help="Most MB of uploads held at once; more get 503 (0: 5 x --max-upload-mb, at least 64)."),
+    ] = SERVE.max_inflight_mb,
+    read_timeout: Annotated[
+        float, typer.Option(help="Seconds for an upload's body to arrive; a slower client gets 408.")
+    ] = SERVE.read_timeout,
     quiet: Quiet = False,
 ) -> None:
     """Serve the model over HTTP: POST /predict (the JSON of predict --json), a page at /, the API at /docs."""

@@ -25,6 +25,7 @@ from pathlib import Path
 from pipeline.core.errors import PipelineError
 from pipeline.core.settings import ServeSettings
 from pipeline.server.app import create_app
+from pipeline.server.limits import uvicorn_options
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -57,7 +58,14 @@ def serve_model(
     import uvicorn
 
     server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=10)
+        uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=10,
+            **uvicorn_options(),
+        )
     )
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"

@@ -15,7 +15,8 @@ weighted with `--class-weight balanced` (`training.fit.fit_model`); write the mo
 with float32 weights and no optimizer state, and calibration.json: one temperature fitted
 by negative log-likelihood on the validation split's probabilities, and the lowest
 threshold reaching each target accuracy there (`inference.calibration`); none without a
-validation split.
+validation split. Every epoch end leaves a checkpoint beside the
+model folder, and `--resume` continues from it after a kill (`training.checkpoints`).
 
 Speed: arrays that fit in memory are fed as uint8 through tf.data (shuffled row indices,
 a gather per batch, prefetch), standardized inside the model, so there is no float copy of the
@@ -47,6 +48,7 @@ from pipeline.report import plots
 from pipeline.report.model_card import write_model_card
 from pipeline.training import distribute
 from pipeline.training.batches import class_weights_from_epoch, in_memory_bytes
+from pipeline.training.checkpoints import fingerprint, open_checkpoints
 from pipeline.training.fit import FitResult, ctrl_c_noted, fit_model
 from pipeline.training.precision import build_with_precision, resolve_precision
 
@@ -59,6 +61,10 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
     check_out_dir(out_dir, paths.TRAIN_SETTINGS_FILE, {"data folder": data_dir})
     data = load_training_data(data_dir)
     cluster = distribute.read_cluster()  # TF_CONFIG, checked before TensorFlow loads
+    checkpoints = open_checkpoints(  # a foreign checkpoint is refused before TensorFlow loads, too
+        out_dir, fingerprint(data_dir, settings, cluster.size if cluster else 1), settings.resume,
+        cluster is None or cluster.is_chief,
+    )  # fmt: skip
 
     # TensorFlow takes seconds to load: only once the inputs are known to be usable.
     progress.say("loading TensorFlow...")
@@ -74,13 +80,14 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
     in_memory = data.X_train.nbytes + data.X_val.nbytes <= in_memory_bytes(settings.in_memory_mb)
 
     with ctrl_c_noted() as ctrl_c, plan.workspace(out_dir) as tmp:  # only the chief writes the model folder
-        fit = fit_model(model, data, settings, in_memory, tmp, ctrl_c, plan)
+        fit = fit_model(model, data, settings, in_memory, tmp, ctrl_c, plan, checkpoints)
         if fit.best is None:
             raise PipelineError(
                 f"training diverged: the {fit.monitor} was never a finite number in {len(fit.history)} epoch(s), "
                 "so there is no model to keep and nothing was written; try a lower --learning-rate"
             )
         summary = _summary(fit, data, settings, precision, in_memory, pixel_stats, plan, model)
+        summary["checkpoint_seconds"] = round(checkpoints.seconds, 3)  # writing one at every epoch end
         # Save and export float32 weights (they run the same everywhere) in an uncompiled copy:
         # without Adam's two moments per weight, model.keras is a third the size, saves and loads faster.
         weights = model.get_weights()
@@ -97,6 +104,11 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
             # after calibration.json, which it reads; here, not in write_model_folder: report sits above inference
             write_model_card(tmp, data.prepare_report)
     plan.barrier("the chief wrote the model folder")  # no worker leaves before the model is in place
+    if fit.interrupted:  # the best model so far is saved; the checkpoint can finish the run
+        if plan.is_chief and checkpoints.folder.is_dir():
+            progress.say(f"`train --resume` continues from the checkpoint {checkpoints.folder}")
+    else:
+        checkpoints.remove()  # the model folder is complete: its checkpoint has served
     _raise_if_interrupted(fit, ctrl_c, summary, f"is saved in {out_dir}" if plan.is_chief else "is saved by the chief")
     return summary
 
@@ -158,7 +170,10 @@ def _summary(
         "monitor": fit.monitor,
         "best": fit.best,
         "seconds": round(fit.seconds, 2),
-        "train_images_per_s": round(len(fit.history) * len(data.X_train) / fit.seconds, 1) if fit.seconds else None,
+        "train_images_per_s": (
+            round((len(fit.history) - fit.resumed_after) * len(data.X_train) / fit.seconds, 1) if fit.seconds else None
+        ),
+        "resumed_after_epoch": fit.resumed_after,  # epochs a checkpoint had done (train --resume); 0: none
         "interrupted": fit.interrupted,
         "precision": precision,
         "input": "memory (tf.data)" if in_memory else "memory-mapped batches",

@@ -66,8 +66,10 @@ def check_out_dir(target: Path, marker: str, inputs: dict[str, Path]) -> None:
         )
 
 
-def clean_stale(target: Path) -> None:
-    """Remove temporary folders that killed runs left beside `target` (their process is gone)."""
+def clean_stale(target: Path) -> list[Path]:
+    """Remove temporary folders that killed runs left beside `target` (their process is gone);
+    returns the ones removed, for the caller to say so."""
+    removed = []
     for entry in target.parent.glob(f".{target.name}.*"):
         rest = entry.name[len(target.name) + 1 :]
         for tag in (_TMP_TAG, _OLD_TAG):
@@ -78,6 +80,8 @@ def clean_stale(target: Path) -> None:
                         os.rename(entry, target)  # killed between the two renames: restore
                     else:
                         shutil.rmtree(entry, ignore_errors=True)
+                        removed.append(entry)
+    return removed
 
 
 def _alive(pid: int) -> bool:

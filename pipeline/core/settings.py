@@ -71,6 +71,7 @@ class TrainSettings:
     tensorboard: bool = False  # write TensorBoard logs to the model folder
     precision: str = "auto"  # auto: mixed float16 on one GPU, mixed bfloat16 on CPUs with native bf16, else float32
     in_memory_mb: int = -1  # arrays up to this size train from memory via tf.data; -1: half the free memory
+    resume: bool = False  # continue from the checkpoint beside --out (training.checkpoints); else start over
 
     def check(self) -> None:
         if self.epochs < 1:
@@ -166,9 +167,16 @@ class ServeSettings:
     engine: str = "auto"  # as predict: LiteRT when installed and model.tflite exists, else Keras
     threshold: float = 0.0  # as predict: the default of /predict's threshold
     target_accuracy: float | None = None  # as predict: its threshold is /predict's default
+    max_inflight: int = 0  # POST requests in flight; more get 503 + Retry-After; 0: 4 a worker, at least 8
+    max_inflight_mb: float = 0.0  # upload bytes those requests hold; 0: 5 uploads at --max-upload-mb, at least 64
+    read_timeout: float = 30.0  # seconds for one request's body to arrive; a slower one gets 408
 
     def check(self) -> None:
         check_unsure(self.threshold, self.target_accuracy)
+        if self.max_inflight < 0 or self.max_inflight_mb < 0:
+            raise PipelineError("--max-inflight and --max-inflight-mb must be 0 (the defaults) or more")
+        if not self.read_timeout > 0:
+            raise PipelineError(f"--read-timeout must be above 0 seconds, got {self.read_timeout}")
         if not 0 <= self.port <= 65535:
             raise PipelineError(f"--port must be between 0 and 65535, got {self.port}")
         if not self.max_upload_mb > 0:

@@ -46,6 +46,10 @@ def _decode_sized(
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that; refuse both,
             # before any pixel is allocated.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow's notes on damaged files ("Corrupt EXIF data", "Truncated File Read")
+            # would reach the user as warning lines with a source path: the file either
+            # decodes or is refused with its reason, and that is what is said.
+            warnings.simplefilter("ignore", UserWarning)
             if isinstance(source, bytes):
                 data = source
             else:

@@ -31,6 +31,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.settings import ServeSettings
 from pipeline.data.images import PREPROCESS_VERSION, UnreadableImage
 from pipeline.inference.classifier import Classifier, load_classifier
+from pipeline.server.limits import Admission, inflight_limits, return_freed_memory
 from pipeline.server.uploads import RequestError, read_uploads
 
 
@@ -139,7 +140,26 @@ def create_app(model_dir: Path, settings: ServeSettings | None = None, reports_d
     _answer_errors_in_json(app)
     _add_routes(app, model_workers, settings)
     _add_explain_route(app, Path(model_dir), model_workers, settings)
+    _bound_what_requests_hold(app, settings, len(model_workers.copies))
     return app
+
+
+def _bound_what_requests_hold(app: FastAPI, settings: ServeSettings, workers: int) -> None:
+    """Requests in flight and the upload bytes they hold, bounded (503 beyond); slow bodies, 408."""
+    max_requests, max_bytes = inflight_limits(
+        settings.max_inflight, settings.max_inflight_mb, workers, settings.max_upload_mb
+    )
+    app.add_middleware(
+        Admission,
+        max_requests=max_requests,
+        max_bytes=max_bytes,
+        max_upload_bytes=int(settings.max_upload_mb * 2**20),
+        read_timeout=settings.read_timeout,
+    )
+    app.state.health.update(
+        max_inflight=max_requests, max_inflight_mb=max_bytes / 2**20, read_timeout=settings.read_timeout
+    )
+    return_freed_memory()
 
 
 def _health(model_dir: Path, model_workers: ModelWorkers, settings: ServeSettings, metrics: dict | None) -> dict:

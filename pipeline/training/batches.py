@@ -91,7 +91,7 @@ def row_gatherer(X, y, in_memory: bool):
     return gather
 
 
-def batches(X, y, batch_size: int, seed: int, shuffle: bool, in_memory: bool):
+def batches(X, y, batch_size: int, seed: int, shuffle: bool, in_memory: bool, skip_epochs: int = 0):
     """(dataset, steps per epoch): batches of uint8 pixels and integer labels, endlessly.
 
     The pipeline shuffles row indices (not images), reshuffled every epoch, and gathers each
@@ -100,15 +100,18 @@ def batches(X, y, batch_size: int, seed: int, shuffle: bool, in_memory: bool):
     than memory train too. It repeats, and fit counts epochs in steps: one iterator for
     the whole run, because making a new one every epoch stalled the epoch's first batch
     by up to 2.5 s here (measured on the bench arrays); Keras still remakes the validation
-    iterator every epoch, hence no autotuner (below).
+    iterator every epoch, hence no autotuner (below). `skip_epochs` (a resumed run) skips the
+    row indices of the epochs done, before any image is gathered: the same seeded orders follow.
     """
     tf = import_tensorflow()
     rows = tf.data.Dataset.range(len(X))
     if shuffle:
         rows = rows.shuffle(len(X), seed=seed, reshuffle_each_iteration=True)
-    dataset = rows.batch(batch_size).map(row_gatherer(X, y, in_memory), num_parallel_calls=1).repeat().prefetch(2)
+    steps = math.ceil(len(X) / batch_size)
+    rows = rows.batch(batch_size).repeat().skip(skip_epochs * steps)
+    dataset = rows.map(row_gatherer(X, y, in_memory), num_parallel_calls=1).prefetch(2)
     options = tf.data.Options()
     # tf.data's autotuner, when the validation iterator was remade each epoch, sometimes
     # stalled the run for ~2 s with the CPU idle; a fixed prefetch of 2 batches is enough.
     options.autotune.enabled = False
-    return dataset.with_options(options), math.ceil(len(X) / batch_size)
+    return dataset.with_options(options), steps

@@ -53,6 +53,7 @@ class EpochBars(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.started = time.perf_counter()
+        self.bars.update(self.all_epochs, completed=epoch)  # a resumed run starts after the epochs done
         steps = self.params.get("steps") if self.params else None
         self.batches = self.bars.add_task(f"epoch {epoch + 1}/{self.epochs}", total=steps, metrics="")
 

@@ -41,41 +41,51 @@ class FitResult:
     interrupted: bool
     loop: dict = field(default_factory=dict)  # the custom loop's global batch and steps; empty under fit
     class_weights: dict[str, float] | None = None  # by class name, as fit weighted the loss (--class-weight)
+    resumed_after: int = 0  # epochs a checkpoint had done before this process (train --resume)
 
 
 def fit_model(
-    model, data: TrainingData, settings: TrainSettings, in_memory: bool, tmp: Path, ctrl_c, plan=None
+    model, data: TrainingData, settings: TrainSettings, in_memory: bool, tmp: Path, ctrl_c, plan=None, checkpoints=None
 ) -> FitResult:
     """Keras fit with early stopping on the validation loss (the training loss without a
     validation split); the best epoch's weights are back in `model` when it returns. With
     more than one replica (several GPUs, several workers) the replicated loop's custom step
-    runs instead of fit, driving the same callbacks."""
+    runs instead of fit, driving the same callbacks. `checkpoints` (training.checkpoints)
+    writes one at every epoch end and resumes from the one it found."""
     has_val = len(data.X_val) > 0
     monitor = "val_loss" if has_val else "loss"
     weights = class_weights(data.y_train, len(data.classes)) if settings.class_weight == "balanced" else None
     by_name = dict(zip(data.classes, map(float, weights))) if weights is not None else None
     weighted_from = class_weights_from_epoch(settings.epochs)
-    early_stopping, callbacks = _callbacks(settings, monitor, tmp, weighted_from if weights is not None else 0)
+    early_stopping, callbacks = _callbacks(
+        settings, monitor, tmp, weighted_from if weights is not None else 0, checkpoints is not None
+    )
+    if checkpoints is not None:  # last: it saves what early stopping and the CSV logger have just recorded
+        callbacks.append(checkpoints.callback(early_stopping, tmp / paths.HISTORY_FILE))
     if plan is not None and plan.custom_loop:
         from pipeline.training.replicated import fit_replicated
 
         started = time.perf_counter()
         memory = in_memory_bytes(settings.in_memory_mb)
         interrupted, loop = fit_replicated(
-            model, data, settings, plan, callbacks, ctrl_c, memory, has_val, weights, weighted_from
-        )
+            model, data, settings, plan, callbacks, ctrl_c, memory, has_val, weights, weighted_from, checkpoints,
+            lambda: checkpoints.restore(model, early_stopping, tmp / paths.HISTORY_FILE, plan) if checkpoints else None,
+        )  # fmt: skip
         if interrupted and early_stopping.best_weights is None:  # no epoch finished: nothing to keep
             raise KeyboardInterrupt
         seconds = time.perf_counter() - started
     else:
         interrupted, seconds = _fit_one_replica(
-            model, data, settings, in_memory, callbacks, ctrl_c, weights, weighted_from, early_stopping
-        )
+            model, data, settings, in_memory, callbacks, ctrl_c, weights, weighted_from, early_stopping, checkpoints,
+            tmp,
+        )  # fmt: skip
         loop = None
-    return _fit_result(model, early_stopping, monitor, tmp, seconds, interrupted, loop, by_name)
+    result = _fit_result(model, early_stopping, monitor, tmp, seconds, interrupted, loop, by_name)
+    result.resumed_after = checkpoints.start_epoch if checkpoints is not None else 0
+    return result
 
 
-def _callbacks(settings: TrainSettings, monitor: str, tmp: Path, watch_from: int):
+def _callbacks(settings: TrainSettings, monitor: str, tmp: Path, watch_from: int, resumable: bool = False):
     """(early stopping, every callback): the ones fit and the replicated loop both drive."""
     keras = import_keras()
     from pipeline.training.callbacks import EpochScalars, epoch_progress
@@ -91,7 +101,7 @@ def _callbacks(settings: TrainSettings, monitor: str, tmp: Path, watch_from: int
     callbacks = [
         early_stopping,
         keras.callbacks.TerminateOnNaN(),  # a NaN loss never comes back: stop at once
-        keras.callbacks.CSVLogger(str(tmp / paths.HISTORY_FILE)),
+        keras.callbacks.CSVLogger(str(tmp / paths.HISTORY_FILE), append=resumable),  # after the resumed rows
         epoch_progress(settings.epochs),
     ]
     if settings.tensorboard:
@@ -99,7 +109,9 @@ def _callbacks(settings: TrainSettings, monitor: str, tmp: Path, watch_from: int
     return early_stopping, callbacks
 
 
-def _fit_one_replica(model, data, settings, in_memory, callbacks, ctrl_c, weights, weighted_from, early_stopping):
+def _fit_one_replica(
+    model, data, settings, in_memory, callbacks, ctrl_c, weights, weighted_from, early_stopping, checkpoints, tmp
+):
     """Keras fit on the batches of `training.batches`; returns (interrupted, seconds fitting)."""
     keras = import_keras()
     callbacks = callbacks + [
@@ -108,8 +120,9 @@ def _fit_one_replica(model, data, settings, in_memory, callbacks, ctrl_c, weight
         )
     ]
     has_val = len(data.X_val) > 0
+    start = checkpoints.start_epoch if checkpoints is not None else 0
     train_batches, train_steps = batches(
-        data.X_train, data.y_train, settings.batch_size, settings.seed, True, in_memory
+        data.X_train, data.y_train, settings.batch_size, settings.seed, True, in_memory, skip_epochs=start
     )
     val_batches, val_steps = (
         batches(data.X_val, data.y_val, settings.batch_size, settings.seed, False, in_memory)
@@ -117,17 +130,22 @@ def _fit_one_replica(model, data, settings, in_memory, callbacks, ctrl_c, weight
         else (None, None)
     )
     if weights is not None:
-        train_batches = with_class_weights(train_batches, weights, weighted_from * train_steps)
+        train_batches = with_class_weights(train_batches, weights, (weighted_from - start) * train_steps)
         if has_val:  # the best epoch by the loss the user asked for, every epoch weighed alike
             val_batches = with_class_weights(val_batches, weights, 0)
     started = time.perf_counter()
     _build_state_before_tracing(model, data.X_train, data.y_train)
+    if checkpoints is not None:
+        checkpoints.restore(model, early_stopping, tmp / paths.HISTORY_FILE)
+        if checkpoints.resumed is not None and (checkpoints.resumed.stopped or start >= settings.epochs):
+            return False, 0.0  # killed after its last epoch's checkpoint: nothing left to fit
     interrupted = False
     try:
         model.fit(
             train_batches,
             validation_data=val_batches,
             epochs=settings.epochs,
+            initial_epoch=start,
             steps_per_epoch=train_steps,
             validation_steps=val_steps,
             shuffle=False,  # the batches shuffle themselves, seeded

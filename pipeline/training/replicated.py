@@ -84,22 +84,30 @@ def fit_replicated(
     has_val: bool,
     class_weights=None,
     weighted_from: int = 0,
+    checkpoints=None,
+    restore=None,
 ):
     """Train like `model.fit`, under `plan.strategy`; returns (True when a signal on any worker
     stopped it, what settings.json records of the loop). `class_weights` (one per class, or
     None) weigh each example's loss from epoch `weighted_from` (0-based) on, as fit's path
-    does: the weighted sum over the global batch, divided by the global batch."""
+    does: the weighted sum over the global batch, divided by the global batch. `restore` puts
+    the chief's checkpoint into every worker's model (training.checkpoints); the epochs then
+    start after the ones it had done."""
     keras = import_keras()
     tf = import_tensorflow()
     layout = Layout.of(settings.batch_size, plan.replicas, plan.workers, len(data.X_train))
     start, stop = shard_bounds(len(data.X_train), plan.workers, plan.rank)
     X_share, y_share = data.X_train[start:stop], data.y_train[start:stop]
     in_memory = X_share.nbytes <= in_memory_bytes
-    iterator = _shard_iterator(plan, X_share, y_share, in_memory, layout, settings)
     weight_table = None if class_weights is None else tf.constant(np.asarray(class_weights, dtype=np.float32))
     if not model.optimizer.built:  # its slots made here, not on the step's first call, where the
         with plan.strategy.scope():  # variable-creating trace failed under MirroredStrategy
             model.optimizer.build(model.trainable_variables)
+    if restore is not None:
+        restore()  # every worker takes part: the chief's state reaches them all
+    start = checkpoints.start_epoch if checkpoints is not None else 0
+    stopped = checkpoints is not None and checkpoints.resumed is not None and checkpoints.resumed.stopped
+    iterator = _shard_iterator(plan, X_share, y_share, in_memory, layout, settings, start)
     train_step = _train_step(model, plan.strategy, layout, weight_table)
     val_start, val_stop = shard_bounds(len(data.X_val), plan.workers, plan.rank)
     validation = (data.X_val[val_start:val_stop], data.y_val[val_start:val_stop]) if has_val else None
@@ -113,9 +121,9 @@ def fit_replicated(
         verbose=0,
     )
     with _signals_noted(ctrl_c):
-        signalled = _run_epochs(
+        signalled = False if stopped else _run_epochs(
             model, plan.strategy, callback_list, iterator, train_step, _val_step(model, weight_table), validation,
-            layout, settings, ctrl_c, weighted_from,
+            layout, settings, ctrl_c, weighted_from, start,
         )  # fmt: skip
     return signalled, {
         "global_batch": layout.global_batch,
@@ -126,7 +134,7 @@ def fit_replicated(
     }
 
 
-def _shard_iterator(plan, X_share, y_share, in_memory: bool, layout: Layout, settings):
+def _shard_iterator(plan, X_share, y_share, in_memory: bool, layout: Layout, settings, start_epoch: int = 0):
     """This worker's rows, reshuffled every epoch, as per-replica batches of the distributed dataset."""
     tf = import_tensorflow()
     per_epoch = layout.steps * layout.local * layout.per_replica
@@ -137,7 +145,7 @@ def _shard_iterator(plan, X_share, y_share, in_memory: bool, layout: Layout, set
             return order.reshape(-1, layout.per_replica).astype(np.int64)
 
         index = (
-            tf.data.Dataset.range(settings.epochs)
+            tf.data.Dataset.range(start_epoch, max(settings.epochs, start_epoch + 1))
             .map(
                 lambda e: tf.ensure_shape(
                     tf.numpy_function(rows, [e], tf.int64, stateful=False), [None, layout.per_replica]
@@ -222,14 +230,25 @@ def _val_step(model, weight_table):
 
 
 def _run_epochs(
-    model, strategy, callback_list, iterator, train_step, val_step, validation, layout, settings, ctrl_c, weighted_from
+    model,
+    strategy,
+    callback_list,
+    iterator,
+    train_step,
+    val_step,
+    validation,
+    layout,
+    settings,
+    ctrl_c,
+    weighted_from,
+    start_epoch=0,
 ) -> bool:
     """The epochs, driving the callbacks as fit does; True when a signal on some worker stopped them."""
     tf = import_tensorflow()
     model.stop_training = False
     signalled = False
     callback_list.on_train_begin()
-    for epoch in range(settings.epochs):
+    for epoch in range(start_epoch, settings.epochs):
         callback_list.on_epoch_begin(epoch)
         totals, whole = np.zeros(4), True
         weights_on = tf.constant(epoch >= weighted_from)
