@@ -56,8 +56,9 @@ lint: $(STAMP) ## Lint and check formatting with ruff
 	$(BIN)/ruff check pipeline tests bench
 	$(BIN)/ruff format --check pipeline tests bench
 
-bench: $(STAMP) ## Benchmark against the reference scripts in ../shared/bench (slow; not part of CI)
+bench: $(STAMP) ## Every benchmark: the reference scripts in ../shared/bench, then each bench-* below (hours; not CI)
 	$(BIN)/python bench/run_bench.py
+	$(MAKE) bench-audit bench-calibration bench-cache bench-export bench-resilience
 
 bench-audit: $(STAMP) ## The audit on the letters folder with 5% planted wrong labels: precision, recall, time, accuracy won back
 	$(BIN)/python bench/audit_bench.py --make-letters
