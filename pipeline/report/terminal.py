@@ -13,12 +13,13 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline.core import paths
-from pipeline.data.data_folder import COUNT_COLUMNS
 
 out = Console(highlight=False, soft_wrap=True)  # results go to stdout; progress and notes go to stderr
 
 
 def print_prepare_summary(report: dict, out_dir: Path) -> None:
+    from pipeline.data.data_folder import COUNT_COLUMNS  # here: numpy stays out of every command's start
+
     table = Table(title=f"Prepared {out_dir}", title_justify="left")
     for column in ("class", "found", "skipped", "duplicates", "train", "val", "test", "+augmented"):
         table.add_column(column, justify="left" if column == "class" else "right")
