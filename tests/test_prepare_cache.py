@@ -218,3 +218,21 @@ def test_files_changed_just_before_they_were_read_are_hashed_again(folder, tmp_p
     run = cached(folder, out, cache_dir)
     assert run["hits"] == 61 and run["unread"] == 0
     assert_same_as_fresh(folder, out, tmp_path)
+
+
+def test_fixes_from_an_audit_give_the_bytes_of_a_fresh_run_with_the_same_fixes(folder, tmp_path):
+    """A relabelled file keeps its cached row under its new class, an excluded one is left
+    out: the arrays, manifest and report.json (its list of fixes included) are a fresh run's."""
+    cache_dir, out, fixes = tmp_path / "cache", tmp_path / "data", tmp_path / "audit.csv"
+    cached(folder, out, cache_dir)
+    fixes.write_text("path,action\ncat/cat_001.jpg,relabel:dog\nfox/fox_002.png,exclude\ncat/cat_003.jpg,keep\n")
+    served = cached(folder, out, cache_dir, "--fixes", fixes)
+    assert served["hits"] == 60 and served["files"] == 60  # one file excluded, the rest from the cache
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["fixes"]) >= 2, report["fixes"]
+    fresh = tmp_path / "fresh"
+    run_cli("prepare", folder, "--out", fresh, "--no-cache", *OPTIONS, "--fixes", fixes, "--quiet")
+    for name in (*OUTPUTS, "report.json"):
+        assert (out / name).read_bytes() == (fresh / name).read_bytes(), name
+    manifest = (out / "manifest.csv").read_text()
+    assert "fox/fox_002.png" not in manifest and ",cat/cat_001.jpg,dog," in manifest
