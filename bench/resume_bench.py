@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -69,16 +68,6 @@ def checkpoint_state(out: Path) -> tuple[int, float]:
         return json.loads(state.read_text())["epochs_done"], state.stat().st_mtime
     except (OSError, ValueError, KeyError):
         return 0, 0.0
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def start(args: list, out: Path, cluster: list[str] | None) -> list[subprocess.Popen]:
@@ -132,6 +121,8 @@ def one_kill(data: Path, args: list, after: int, into: float, epoch_s: float, na
 
 def bench(data: Path, epochs: int, kills: int, seed: int, cluster: bool) -> dict:
     args = ["--data", data, "--epochs", epochs, "--patience", epochs, "--seed", seed, "--precision", "float32"]
+    from run_bench import free_ports  # the same free loopback ports as the cluster pairs take
+
     addresses = [f"127.0.0.1:{p}" for p in free_ports(2)] if cluster else None
     whole = WORK / ("whole_cluster" if cluster else "whole") / "model"
     shutil.rmtree(whole.parent, ignore_errors=True)
