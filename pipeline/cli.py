@@ -76,7 +76,7 @@ app = typer.Typer(
 )
 # Option defaults come from the settings, the one place they are set.
 PREPARE, TRAIN, PREDICT, INSPECT = PrepareSettings(), TrainSettings(), PredictSettings(), InspectSettings()
-SERVE, EXPORT = ServeSettings(), ExportSettings()
+SERVE, EXPORT, AUDIT = ServeSettings(), ExportSettings(), AuditSettings()
 Color = Enum("Color", {mode: mode for mode in COLOR_MODES}, type=str)
 Precision = Enum("Precision", {p: p for p in PRECISIONS}, type=str)
 Engine = Enum("Engine", {e: e for e in ENGINES}, type=str)
@@ -423,9 +423,6 @@ def export(
 
     settings = settings_from(ExportSettings, locals())
     terminal.print_export(export_model(model_dir, data_dir, settings), settings.format, model_dir)
-
-
-AUDIT = AuditSettings()
 
 
 @app.command()
