@@ -32,7 +32,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -46,6 +45,7 @@ import numpy as np
 import PIL
 
 from pipeline import __version__
+from pipeline.core.artifacts import atomic_write_bytes
 from pipeline.core.errors import PipelineError
 from pipeline.data.images import PREPROCESS_VERSION
 
@@ -59,7 +59,6 @@ IN_MEMORY_KEYS = 1_000_000  # up to 84 MB of index per worker in memory; beyond,
 STALE_SECONDS = 3600  # temporary files older than this were left by killed runs
 _HEADER_LEN = struct.Struct("<I")
 _BINARY = getattr(os, "O_BINARY", 0)  # Windows would translate line ends without it
-_tmp_names = itertools.count()
 
 
 def cache_dir_for(chosen: str, no_cache: bool, out_dir: Path, images_dir: Path) -> Path | None:
@@ -195,7 +194,7 @@ class EntryStore:
         path = pack_path(self.root, pack)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            write_atomically(path, b"".join(self._pending))
+            atomic_write_bytes(path, b"".join(self._pending))
         except OSError:
             return []
         return [(key, pack, offset, length) for key, offset, length in self._new]
@@ -236,24 +235,6 @@ def _checksum(body) -> bytes:
     """CRC-32 and Adler-32: against truncation and corruption, not forgery (the key in the
     header, checked after, is what makes an entry this file's); a twentieth of SHA-256's time."""
     return CHECKSUM.pack(zlib.crc32(body), zlib.adler32(body))
-
-
-def write_atomically(path: str | Path, data: bytes) -> None:
-    """A temporary name in the same folder, then os.replace: readers see all or nothing."""
-    tmp = f"{path}.tmp-{os.getpid()}-{next(_tmp_names)}"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _BINARY, 0o666)
-        try:
-            view = memoryview(data)
-            while view:  # os.write may write less than asked
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # --- the index: written by prepare's own process (cache_index.py), read by every worker ---

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.artifacts import atomic_write_bytes
 from pipeline.data.cache import (
     INDEX_DTYPE,
     INDEX_FILE,
@@ -28,7 +29,6 @@ from pipeline.data.cache import (
     load_index,
     pack_path,
     parse_entry,
-    write_atomically,
 )
 
 
@@ -41,7 +41,7 @@ def _save_index(root: Path, index: np.ndarray) -> None:
     np.save(buffer, index[keep], allow_pickle=False)
     with contextlib.suppress(OSError):
         Path(root).mkdir(parents=True, exist_ok=True)
-        write_atomically(Path(root) / INDEX_FILE, buffer.getvalue())
+        atomic_write_bytes(Path(root) / INDEX_FILE, buffer.getvalue())
 
 
 def _list_packs(root: Path) -> dict[str, os.stat_result]:

@@ -221,5 +221,5 @@ class _CacheBooks:
             return None
         cache_index.finish_run(self.run, int(limit_gb * 2**30))
         if self.recorded != self.stats:
-            stat_index.save(self.cache_dir, self.root, self.recorded, cache.write_atomically)
+            stat_index.save(self.cache_dir, self.root, self.recorded)
         return self.counts

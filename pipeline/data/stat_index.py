@@ -18,6 +18,8 @@ import json
 import os
 from pathlib import Path
 
+from pipeline.core.artifacts import atomic_write_bytes
+
 FORMAT_VERSION = 1
 RACY_NS = 1_000_000_000  # changed this close to its read: not trusted by stat
 CHECKSUM_BYTES = 16
@@ -70,11 +72,10 @@ def known_hashes(index: dict[str, list], root: str, rel_paths: list[str]) -> lis
     return known
 
 
-def save(cache_dir: Path, images_root: Path, files: dict[str, list], write_atomically) -> None:
+def save(cache_dir: Path, images_root: Path, files: dict[str, list]) -> None:
     """Replace the folder's index with this run's files (best effort: a cache that cannot be
     written costs the next run some reading, never this one its output)."""
     body = json.dumps({"format": FORMAT_VERSION, "files": files}, separators=(",", ":")).encode()
     path = _path(cache_dir, images_root)
     with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, body + _checksum(body))
+        atomic_write_bytes(path, body + _checksum(body))
