@@ -17,14 +17,13 @@ and MODEL_CARD.md, rewritten with them. `--engine` runs an export instead of mod
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from pipeline.core import paths, progress
-from pipeline.core.artifacts import atomic_dir, atomic_write_text, check_out_dir, write_json
+from pipeline.core.artifacts import atomic_dir, check_out_dir, write_json
 from pipeline.core.errors import PipelineError
 from pipeline.data.data_folder import load_classes, load_prepare_report, load_split, read_split_paths
 from pipeline.data.images import channels
@@ -85,7 +84,7 @@ def _complete_model_card(model_dir: Path, data_dir: Path, metrics: dict) -> None
     except PipelineError:  # a data folder without report.json: the card says less
         prepare_report = {}
     try:
-        atomic_write_text(model_dir / paths.EVALUATION_FILE, json.dumps({k: metrics[k] for k in kept}, indent=2) + "\n")
+        write_json(model_dir / paths.EVALUATION_FILE, {k: metrics[k] for k in kept})
         write_model_card(model_dir, prepare_report)
     except OSError as e:  # a read-only model folder: the reports are written, only the card is not
         progress.say(f"note: {model_dir / paths.MODEL_CARD_FILE} not updated: {e.strerror or e}")

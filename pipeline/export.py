@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.core import paths, progress
-from pipeline.core.artifacts import atomic_dir, atomic_file, atomic_write_text, read_json
+from pipeline.core.artifacts import atomic_dir, atomic_file, read_json, write_json
 from pipeline.core.errors import PipelineError
 from pipeline.core.settings import ExportSettings
 from pipeline.data.data_folder import load_classes, load_prepare_report, load_split
@@ -199,4 +198,4 @@ def _record(model_dir: Path, fmt: str, record: dict) -> None:
         records = {}
     records = records if isinstance(records, dict) else {}
     records[fmt] = record
-    atomic_write_text(path, json.dumps(dict(sorted(records.items())), indent=2) + "\n")
+    write_json(path, dict(sorted(records.items())))
