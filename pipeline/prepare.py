@@ -43,7 +43,6 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.settings import PrepareSettings
 from pipeline.data import augment, cache, dedup
 from pipeline.data.data_folder import (
-    COUNT_COLUMNS,
     create_rows_file,
     read_rows,
     write_classes,
@@ -191,7 +190,7 @@ def write_splits(
     row_shape = (s.size, s.size, channels(s.color))
     chunk_rows = max(1, COPY_BYTES // math.prod(row_shape))
     manifest: list[tuple[str, int, str, str, int]] = []
-    counts = {name: dict.fromkeys(COUNT_COLUMNS, 0) for name in class_names}
+    counts = {name: dict.fromkeys(paths.COUNT_COLUMNS, 0) for name in class_names}
     for split in paths.SPLITS:
         members = np.flatnonzero(split_of == split)
         split_sources, split_labels = sources.rows[members], sources.labels[members]

@@ -14,6 +14,8 @@ SPLITS = ("train", "val", "test")
 CLASSES_FILE = "classes.json"
 MANIFEST_FILE = "manifest.csv"
 PREPARE_REPORT_FILE = "report.json"
+# report.json's counts per class, in the order the prepare summary shows them
+COUNT_COLUMNS = ("found", "skipped", "duplicates", "train", "val", "test", "train_augmented")
 SAMPLES_PNG = "samples.png"
 HEALTH_FILE = "health.csv"  # per source image: cleanvision's raw image properties (audit reads them)
 

@@ -22,8 +22,6 @@ from pipeline.core.artifacts import load_array, read_json, write_json
 from pipeline.core.errors import PipelineError
 
 MANIFEST_COLUMNS = ["split", "index", "path", "label", "augmented"]
-# report.json's counts per class, in the order the prepare summary shows them
-COUNT_COLUMNS = ("found", "skipped", "duplicates", "train", "val", "test", "train_augmented")
 
 
 def create_rows_file(path: Path, shape: tuple[int, ...]) -> int:

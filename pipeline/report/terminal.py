@@ -18,13 +18,11 @@ out = Console(highlight=False, soft_wrap=True)  # results go to stdout; progress
 
 
 def print_prepare_summary(report: dict, out_dir: Path) -> None:
-    from pipeline.data.data_folder import COUNT_COLUMNS  # here: numpy stays out of every command's start
-
     table = Table(title=f"Prepared {out_dir}", title_justify="left")
     for column in ("class", "found", "skipped", "duplicates", "train", "val", "test", "+augmented"):
         table.add_column(column, justify="left" if column == "class" else "right")
     for name, c in report["counts"].items():
-        table.add_row(name, *(str(c[k]) for k in COUNT_COLUMNS))
+        table.add_row(name, *(str(c[k]) for k in paths.COUNT_COLUMNS))
     out.print(table)
     totals = report["totals"]
     out.print(
