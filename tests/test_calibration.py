@@ -242,7 +242,8 @@ def test_gradcam_puts_the_planted_class_on_its_corner_and_explain_writes_one_png
     png = client.post("/explain", files=[("files", (files[0].name, files[0].read_bytes()))])
     assert png.status_code == 200 and png.headers["content-type"] == "image/png" and png.content[:4] == b"\x89PNG"
     gallery = planted["reports"] / "misclassified_gradcam.png"
-    assert gallery.is_file() == (planted["reports"] / "report.html").read_text().count("Grad-CAM heatmaps") > 0
+    # the planted model mistakes the two plain classes for each other: there is a gallery to show
+    assert gallery.is_file() and "Grad-CAM heatmaps" in (planted["reports"] / "report.html").read_text()
 
 
 def test_tta_is_the_mean_of_the_image_and_its_mirror(trained, planted, tmp_path):
