@@ -86,6 +86,20 @@ ExportFormat = Enum("ExportFormat", {f: f for f in EXPORT_FORMATS}, type=str)
 ENGINE_HELP = "auto: LiteRT when installed, else Keras; or an export by its format's name (pipeline export)."
 
 
+_signalled = False
+
+
+def _interrupted_exit() -> typer.Exit:
+    progress.console.print("interrupted: nothing was written, earlier artifacts are untouched", markup=False)
+    return typer.Exit(code=130)
+
+
+def _interrupt(signum, frame):
+    global _signalled
+    _signalled = True
+    raise KeyboardInterrupt
+
+
 def user_errors(command):
     """Errors a user can cause end with one line on stderr and a non-zero exit, no traceback."""
 
@@ -97,8 +111,13 @@ def user_errors(command):
             progress.console.print(f"error: {e}", markup=False)
             raise typer.Exit(code=getattr(e, "exit_code", 1)) from None
         except KeyboardInterrupt:
-            progress.console.print("interrupted: nothing was written, earlier artifacts are untouched", markup=False)
-            raise typer.Exit(code=130) from None
+            raise _interrupted_exit() from None
+        except Exception:
+            # A signal that lands inside C code (numpy reading a file, say) can come out as
+            # that code's own error instead of KeyboardInterrupt: still an interruption.
+            if _signalled:
+                raise _interrupted_exit() from None
+            raise
 
     return run
 
@@ -447,10 +466,7 @@ def audit(
     terminal.print_audit_summary(audit_dataset(data_dir, out_dir, settings_from(AuditSettings, locals())), out_dir)
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main() -> None:
-    signal.signal(signal.SIGTERM, _interrupt)  # a kill runs the same clean-up as Ctrl-C
+    for signum in (signal.SIGINT, signal.SIGTERM):  # a kill runs the same clean-up as Ctrl-C
+        signal.signal(signum, _interrupt)
     app()

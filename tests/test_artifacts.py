@@ -127,6 +127,40 @@ def test_prepare_terminated_mid_run_cleans_up_and_keeps_the_previous_artifacts(b
         raise AssertionError("a decoding worker outlived prepare")
 
 
+def test_a_signal_that_comes_out_of_c_code_as_another_error_is_still_an_interruption(monkeypatch):
+    """On CI a SIGTERM landed inside numpy's fromfile, which turned the handler's
+    KeyboardInterrupt into a TypeError: that must still end as an interruption, not a traceback."""
+    import typer
+
+    from pipeline import cli
+
+    monkeypatch.setattr(cli, "_signalled", False)
+    previous = signal.signal(signal.SIGTERM, cli._interrupt)
+    try:
+
+        @cli.user_errors
+        def a_stage_reading_a_file():
+            try:
+                signal.raise_signal(signal.SIGTERM)
+            except KeyboardInterrupt:
+                raise TypeError("expected str, bytes or os.PathLike object, not BufferedReader") from None
+
+        with pytest.raises(typer.Exit) as stopped:
+            a_stage_reading_a_file()
+        assert stopped.value.exit_code == 130
+
+        monkeypatch.setattr(cli, "_signalled", False)  # the same error with no signal is a bug: it surfaces
+
+        @cli.user_errors
+        def a_stage_with_a_bug():
+            raise TypeError("a bug")
+
+        with pytest.raises(TypeError, match="a bug"):
+            a_stage_with_a_bug()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_a_run_killed_between_its_two_renames_is_restored(tmp_path):
     target = tmp_path / "data"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
