@@ -117,6 +117,34 @@ def test_no_mistake_on_validation_keeps_the_probabilities():
     assert cal.fit_temperature(p, np.array([0, 1, 1])) != 1.0
 
 
+def test_a_temperature_set_by_two_mistakes_is_not_kept():
+    # sample_data's case: 180 validation images, two confident mistakes. T fitted on all of
+    # them sharpens (T < 1); fitted on 4/5 it raises the NLL of the held-out 1/5 holding a
+    # mistake, so no temperature is kept and the probabilities stay as the network gave them.
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, 180)
+    p = np.full((180, 10), 0.03 / 9)
+    p[np.arange(180), y] = 0.97
+    for i in (7, 100):
+        p[i] = 0.001
+        p[i, (y[i] + 1) % 10] = 0.97
+        p[i] /= p[i].sum()
+    assert cal.fit_temperature(p, y) < 1
+    temperature, check = cal.checked_temperature(p, y)
+    assert temperature == 1.0 and not check["kept"] and check["mistakes"] == 2
+    assert check["held_out_nll"] > check["held_out_nll_without"]
+    record = cal.calibrate_on_validation(p, y)
+    assert record["temperature"] == 1.0 and record["after"]["nll"] == pytest.approx(record["before"]["nll"])
+
+    # an over-confident model with many mistakes keeps its temperature
+    logits = rng.normal(size=(2000, 10))
+    logits[np.arange(2000), rng.integers(0, 10, 2000)] += 2
+    truth = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    labels = np.array([rng.choice(10, p=row) for row in truth])
+    temperature, check = cal.checked_temperature(cal.apply_temperature(truth, 1 / 2.5), labels)
+    assert check["kept"] and temperature == pytest.approx(2.5, rel=0.1)
+
+
 def write_planted_folder(root: Path, per_class: int = 40) -> Path:
     rng = np.random.default_rng(1)
     for name in ("marked", "plain_a", "plain_b"):

@@ -8,6 +8,10 @@ model_folder.write_model_folder; evaluate reports the rest in metrics.json).
   on the validation split (Guo et al. 2017, temperature scaling). T > 1 softens an
   over-confident model; dividing every logit by the same T keeps each argmax, so no
   predicted class changes.
+- `checked_temperature`: that T, kept only where T fitted on part of the validation split
+  lowers the NLL of the rest (5-fold). With a handful of mistakes the NLL-optimal T is set
+  by them alone: on sample_data's 179 validation images with almost none, T = 0.507
+  sharpened every answer and raised the test NLL from 0.0256 to 0.0362.
 - `expected_calibration_error`: Guo's ECE, 15 equal-width confidence bins (m-1)/M < c <= m/M,
   sum over bins of |B|/n * |accuracy(B) - confidence(B)|.
 - `ece_noise_floor`: the ECE a perfectly calibrated model with the same confidences shows
@@ -31,6 +35,7 @@ TARGET_ACCURACIES = (0.95, 0.99)  # train records the lowest validation threshol
 MIN_PROBABILITY = 1e-12  # probabilities are clipped here before their log: a 0 from float32 has no log
 TEMPERATURE_RANGE = (0.05, 20.0)
 CURVE_POINTS = 101  # risk-coverage points kept in calibration.json and metrics.json
+CHECK_FOLDS = 5  # the temperature is kept when fits on 4/5 of validation lower the NLL of the other 1/5
 WILSON_Z = 1.645  # one-sided 95 %: the answered images' accuracy is at the target with this confidence
 
 
@@ -54,23 +59,32 @@ def negative_log_likelihood(probabilities: np.ndarray, y: np.ndarray) -> float:
     return float(-np.mean(np.log(np.clip(picked, MIN_PROBABILITY, 1.0))))
 
 
+def _log_views(probabilities: np.ndarray) -> np.ndarray:
+    """log p as (views, N, classes): one view, or the several that --tta averages."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    return np.log(np.clip(p if p.ndim == 3 else p[None], MIN_PROBABILITY, 1.0))
+
+
+def _tempered_nll(log_p: np.ndarray, y: np.ndarray, log_t: float) -> float:
+    """NLL of the mean over views of softmax(log p / T)."""
+    z = log_p / np.exp(log_t)
+    e = np.exp(z - z.max(axis=2, keepdims=True))
+    mean = (e / e.sum(axis=2, keepdims=True)).mean(axis=0)
+    return float(-np.mean(np.log(np.clip(mean[np.arange(len(y)), y], MIN_PROBABILITY, 1.0))))
+
+
 def fit_temperature(probabilities: np.ndarray, y: np.ndarray) -> float:
     """The temperature minimising the NLL on (probabilities, y): a golden-section search on
     log T over TEMPERATURE_RANGE (the NLL of one temperature is convex in 1/T; numpy alone,
     where scipy's import would cost train a quarter of a second). `probabilities` may hold
     several views of each image, (views, N, classes), as --tta averages them: each view is
     tempered, then their mean is scored."""
-    p = np.asarray(probabilities, dtype=np.float64)
-    log_p = np.log(np.clip(p if p.ndim == 3 else p[None], MIN_PROBABILITY, 1.0))
-    rows, y = np.arange(log_p.shape[1]), np.asarray(y, dtype=np.int64)
+    log_p, y = _log_views(probabilities), np.asarray(y, dtype=np.int64)
     if len(y) == 0 or (log_p.mean(axis=0).argmax(axis=1) == y).all():
         return 1.0  # no mistake to learn from: the NLL only falls as T -> 0, which would sharpen every answer
 
     def nll(log_t: float) -> float:
-        z = log_p / np.exp(log_t)
-        e = np.exp(z - z.max(axis=2, keepdims=True))
-        mean = (e / e.sum(axis=2, keepdims=True)).mean(axis=0)
-        return float(-np.mean(np.log(np.clip(mean[rows, y], MIN_PROBABILITY, 1.0))))
+        return _tempered_nll(log_p, y, log_t)
 
     low, high = np.log(TEMPERATURE_RANGE[0]), np.log(TEMPERATURE_RANGE[1])
     ratio = (np.sqrt(5) - 1) / 2
@@ -88,6 +102,31 @@ def fit_temperature(probabilities: np.ndarray, y: np.ndarray) -> float:
     best = (low + high) / 2
     best = best if nll(best) < nll(0.0) else 0.0  # never worse than no temperature
     return round(float(np.exp(best)), 5)
+
+
+def checked_temperature(probabilities: np.ndarray, y: np.ndarray, folds: int = CHECK_FOLDS) -> tuple[float, dict]:
+    """The temperature fitted on all of (probabilities, y), kept only if it generalises
+    within them: T fitted on all folds but one, scored on that one, must give a lower total
+    NLL than no temperature. Otherwise 1.0. Returns (T, the check's figures)."""
+    log_p, y = _log_views(probabilities), np.asarray(y, dtype=np.int64)
+    fold_of = np.arange(len(y)) % folds  # the validation split's order is already seeded and shuffled
+    held_out_nll, untempered_nll = 0.0, 0.0
+    for k in range(folds):
+        held, fit = fold_of == k, fold_of != k
+        if not held.any():
+            continue
+        t = fit_temperature(np.exp(log_p[:, fit]), y[fit])
+        held_out_nll += _tempered_nll(log_p[:, held], y[held], np.log(t)) * held.sum()
+        untempered_nll += _tempered_nll(log_p[:, held], y[held], 0.0) * held.sum()
+    n = max(len(y), 1)
+    check = {
+        "folds": folds,
+        "mistakes": int((log_p.mean(axis=0).argmax(axis=1) != y).sum()),
+        "held_out_nll": round(float(held_out_nll) / n, 6),
+        "held_out_nll_without": round(float(untempered_nll) / n, 6),
+    }
+    check["kept"] = bool(held_out_nll < untempered_nll)
+    return (fit_temperature(probabilities, y) if check["kept"] else 1.0), check
 
 
 def _bin_of(confidence: np.ndarray, bins: int) -> np.ndarray:
@@ -215,18 +254,19 @@ def calibrate_on_validation(
     each target accuracy (None where none does). With the probabilities of the mirror
     images, also `tta_temperature`, for --tta's mean of the two (a mean of two softmaxes is
     less sure than either, so it needs a temperature of its own)."""
-    temperature = fit_temperature(probabilities, y)
+    temperature, check = checked_temperature(probabilities, y)
     calibrated = apply_temperature(probabilities, temperature)
     confidence, correct = calibrated.max(axis=1), calibrated.argmax(axis=1) == np.asarray(y)
     return {
         "temperature": temperature,
         "fitted_on": "validation",
         "n_val": int(len(y)),
+        "temperature_check": check,
         "before": calibration_summary(probabilities, y),
         "after": calibration_summary(calibrated, y),
         "thresholds": {f"{t:g}": lowest_threshold(confidence, correct, t) for t in targets},
         "risk_coverage": risk_coverage(confidence, correct),
-        "tta_temperature": None if mirrored is None else fit_temperature(np.stack([probabilities, mirrored]), y),
+        "tta_temperature": None if mirrored is None else checked_temperature(np.stack([probabilities, mirrored]), y)[0],
     }
 
 

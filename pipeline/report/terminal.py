@@ -120,7 +120,12 @@ def print_train_summary(summary: dict, out_dir: Path) -> None:
         out.print(f"{summary['role']}: {trained}; the chief writes the model folder{in_sync}")
     else:
         calibration = summary.get("calibration") or {}
-        if calibration.get("temperature") is not None:  # before the last line, which says where the model is
+        if calibration.get("temperature_kept") is False:
+            out.print(
+                "calibrated on validation: no temperature kept (fitted on part of the validation split, "
+                "it did not lower the NLL of the rest: too few mistakes to fit it on)"
+            )
+        elif calibration.get("temperature") is not None:  # before the last line, which says where the model is
             out.print(
                 f"calibrated on validation: temperature {calibration['temperature']:.3f}, "
                 f"ECE {calibration['val_ece_before']:.2%} -> {calibration['val_ece_after']:.2%}, "
