@@ -30,6 +30,22 @@ import time
 from pathlib import Path
 
 GOAL_ECE = 0.015
+GOAL_GAP = 0.01  # mean confidence within a point of accuracy
+
+
+def gap_floor(predictions_csv: Path, draws: int = 2000, seed: int = 0) -> list[float]:
+    """The 5th-95th percentile of |mean confidence - accuracy| that a perfectly calibrated
+    model with these confidences shows on this many test images (each answer drawn right
+    with the probability of its confidence): the gap's noise, as ece_noise_floor is ECE's."""
+    import csv
+
+    import numpy as np
+
+    with open(predictions_csv, newline="") as f:
+        confidence = np.array([float(row["confidence"]) for row in csv.DictReader(f)])
+    rng = np.random.default_rng(seed)
+    gaps = np.abs(confidence.mean() - (rng.random((draws, len(confidence))) < confidence).mean(axis=1))
+    return [float(np.percentile(gaps, 5)), float(np.percentile(gaps, 95))]
 
 
 def run(*args) -> float:
@@ -66,6 +82,9 @@ def bench_folder(images: Path, work: Path, prepare_options: list[str]) -> dict:
         "nll_after": block["after"]["nll"],
         "mean_confidence_before": block["before"]["mean_confidence"],
         "mean_confidence_after": block["after"]["mean_confidence"],
+        "gap_after": abs(block["after"]["mean_confidence"] - block["after"]["accuracy"]),
+        "gap_floor_p5_p95": (gap := gap_floor(work / "reports" / "predictions.csv")),
+        "gap_goal_met": abs(block["after"]["mean_confidence"] - block["after"]["accuracy"]) <= max(GOAL_GAP, gap[1]),
         "val": settings.get("calibration"),
         "calibration_seconds_in_train": (settings.get("calibration") or {}).get("seconds"),
         "train_seconds": round(train_seconds, 1),
@@ -94,13 +113,15 @@ def main() -> None:
         results.append(found)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n{'folder':24} {'acc':>6} {'T':>6} {'ECE before':>10} {'ECE after':>10} {'floor 5-95%':>13} "
-          f"{'conf':>6} {'NLL before':>10} {'after':>7} {'cal s':>6} {'TTA acc':>8} {'TTA ECE':>8} {'TTA s':>6}")  # fmt: skip
+          f"{'conf':>6} {'gap (floor 95%)':>15} {'NLL before':>10} {'after':>7} {'cal s':>6} {'TTA acc':>8} {'TTA ECE':>8} {'TTA s':>6}")  # fmt: skip
     for r in results:
         low, high = r["ece_floor_p5_p95"]
+        gap = f"{r['gap_after']:.2%} ({r['gap_floor_p5_p95'][1]:.2%})"
         print(
             f"{Path(r['folder']).name:24} {r['accuracy_after']:6.2%} {r['temperature'] or 1:6.3f} "
             f"{r['ece_before']:10.2%} {r['ece_after']:10.2%} {f'{low:.1%}-{high:.1%}':>13} "
-            f"{r['mean_confidence_after']:6.2%} {r['nll_before']:10.4f} {r['nll_after']:7.4f} "
+            f"{r['mean_confidence_after']:6.2%} {gap:>15} "
+            f"{r['nll_before']:10.4f} {r['nll_after']:7.4f} "
             f"{r['calibration_seconds_in_train'] or 0:6.2f} {r['tta_accuracy']:8.2%} {r['tta_ece']:8.2%} "
             f"{r['evaluate_tta_seconds']:5.1f}/{r['evaluate_seconds']:.1f}"
         )

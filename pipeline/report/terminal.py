@@ -122,8 +122,8 @@ def print_train_summary(summary: dict, out_dir: Path) -> None:
         calibration = summary.get("calibration") or {}
         if calibration.get("temperature_kept") is False:
             out.print(
-                "calibrated on validation: no temperature kept (fitted on part of the validation split, "
-                "it did not lower the NLL of the rest: too few mistakes to fit it on)"
+                "calibrated on validation: no temperature kept (the one fitted would sharpen every answer, "
+                "and fitted on part of the validation split it did not lower the NLL of the rest: too few mistakes)"
             )
         elif calibration.get("temperature") is not None:  # before the last line, which says where the model is
             out.print(
