@@ -41,7 +41,8 @@ from pipeline.core import paths, progress
 from pipeline.core.artifacts import atomic_dir, check_out_dir, write_json
 from pipeline.core.errors import PipelineError
 from pipeline.core.settings import PrepareSettings
-from pipeline.data import augment, cache, dedup
+from pipeline.data import augment, cache, cache_index, dedup
+from pipeline.data.cache import CacheCounts, EntryStore
 from pipeline.data.data_folder import (
     create_rows_file,
     read_rows,
@@ -87,7 +88,11 @@ def prepare_dataset(images_dir: Path, out_dir: Path, settings: PrepareSettings) 
         split_of = split_by_group(
             sources.labels, groups, settings.test_size, settings.val_size, settings.seed, sources.class_names
         )
-        counts = write_splits(scan, sources, split_of, settings, buffer_path, tmp, pool)
+        counts, augmented_cache = write_splits(
+            scan, sources, split_of, settings, buffer_path, tmp, pool, decoded.digests, cache_dir
+        )
+        if decoded.cache is not None:
+            decoded.cache.add_augmented(augmented_cache)
         write_health(tmp / paths.HEALTH_FILE, scan, sources, split_of, decoded.health)
         report = build_report(scan, decoded, sources, groups, split_of, counts, settings)
         if fixes_applied is not None:
@@ -182,15 +187,25 @@ def choose_sources(scan: FolderScan, decoded: Decoded, s: PrepareSettings) -> So
 
 
 def write_splits(
-    scan: FolderScan, sources: Sources, split_of: np.ndarray, s: PrepareSettings, buffer_path: Path, tmp: Path, pool
-) -> dict[str, dict[str, int]]:
+    scan: FolderScan,
+    sources: Sources,
+    split_of: np.ndarray,
+    s: PrepareSettings,
+    buffer_path: Path,
+    tmp: Path,
+    pool,
+    digests: list[bytes | None],
+    cache_dir: Path | None = None,
+) -> tuple[dict[str, dict[str, int]], CacheCounts | None]:
     """Write X/y for each split (augmented copies after the originals, train only), the
-    manifest and classes.json; return the per-class counts."""
+    manifest and classes.json; return the per-class counts, and what the cache served of
+    the augmented copies (None without a cache)."""
     class_names = sources.class_names
     row_shape = (s.size, s.size, channels(s.color))
     chunk_rows = max(1, COPY_BYTES // math.prod(row_shape))
     manifest: list[tuple[str, int, str, str, int]] = []
     counts = {name: dict.fromkeys(paths.COUNT_COLUMNS, 0) for name in class_names}
+    augmented_cache = None
     for split in paths.SPLITS:
         members = np.flatnonzero(split_of == split)
         split_sources, split_labels = sources.rows[members], sources.labels[members]
@@ -208,7 +223,10 @@ def write_splits(
         for _ in pool.imap(_copy_task, moves):
             pass
         if copies:
-            _write_augmented(X_path, offset, buffer_path, split_sources, copies, s.seed, s.flip, pool)
+            source_digests = [digests[row] for row in split_sources]
+            augmented_cache = _write_augmented(
+                X_path, offset, buffer_path, split_sources, source_digests, copies, s, pool, cache_dir
+            )
         y = np.tile(split_labels, 1 + copies)
         np.save(tmp / paths.labels_file(split), y)
         for index in range(n_rows):
@@ -220,7 +238,7 @@ def write_splits(
             counts[class_names[label]]["train_augmented"] += copies
     write_manifest(tmp / paths.MANIFEST_FILE, manifest)
     write_classes(tmp, class_names)
-    return counts
+    return counts, augmented_cache
 
 
 def _copy_task(args) -> None:
@@ -230,26 +248,50 @@ def _copy_task(args) -> None:
 
 
 def _write_augmented(
-    X_path: Path, offset: int, buffer_path: Path, sources: np.ndarray, copies: int, seed: int, flip: bool, pool
-) -> None:
+    X_path: Path,
+    offset: int,
+    buffer_path: Path,
+    sources: np.ndarray,
+    digests: list[bytes],
+    copies: int,
+    s: PrepareSettings,
+    pool,
+    cache_dir: Path | None,
+) -> CacheCounts | None:
+    """The augmented copies into X_train after its originals; with a cache, each source
+    image's copies are looked up by its pixels and the settings, and the new ones indexed."""
     n = len(sources)
+    run = cache_index.start_run(cache_dir) if cache_dir else None
     chunks = [
-        (os.path.abspath(buffer_path), sources[start : start + augment.CHUNK_ROWS], copies, seed, k, flip)
-        + (os.path.abspath(X_path), offset, n)
-        for k, start in enumerate(range(0, n, augment.CHUNK_ROWS))
+        (
+            os.path.abspath(buffer_path),
+            sources[start : start + augment.CHUNK_ROWS],
+            digests[start : start + augment.CHUNK_ROWS],
+        )
+        + (copies, s.seed, s.flip, os.path.abspath(X_path), offset, n, start, os.path.abspath(cache_dir) if run else "")
+        for start in range(0, n, augment.CHUNK_ROWS)
     ]
-    for _ in progress.track(pool.imap(_augment_task, chunks), len(chunks), "augmenting training images"):
-        pass
+    total = CacheCounts()
+    for counts, written in progress.track(pool.imap(_augment_task, chunks), len(chunks), "augmenting training images"):
+        total.add(counts)
+        if run is not None:
+            run.new.extend(written)
+    if run is None:
+        return None
+    cache_index.finish_run(run, int(s.cache_limit_gb * 2**30))
+    return total
 
 
-def _augment_task(args) -> None:
-    """Augment one chunk of source rows and write each copy into its rows of X_train: the
-    worker writes them itself, as decoding does, so they never travel back to the parent."""
-    buffer_path, sources, copies, seed, chunk, flip, X_path, offset, n = args
-    out = augment.augment_chunk(read_rows(Path(buffer_path), sources), copies, seed, chunk, flip)
-    start = chunk * augment.CHUNK_ROWS
+def _augment_task(args) -> tuple[CacheCounts, list]:
+    """Augment some source rows and write each copy into its rows of X_train: the worker
+    writes them itself, as decoding does, so they never travel back to the parent. Returns
+    what the cache served and the entries it wrote."""
+    buffer_path, sources, digests, copies, seed, flip, X_path, offset, n, start, cache_dir = args
+    store, counts = (EntryStore(cache_dir) if cache_dir else None), CacheCounts()
+    out = augment.augment_images(read_rows(Path(buffer_path), sources), digests, copies, seed, flip, store, counts)
     for c in range(copies):
         write_rows(Path(X_path), offset, n * (1 + c) + start, out[c])
+    return counts, (store.flush() if store is not None else [])
 
 
 # --- the report ------------------------------------------------------------------------

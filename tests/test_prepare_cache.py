@@ -50,7 +50,9 @@ def cached(images: Path, out: Path, cache_dir: Path, *extra: str) -> dict:
     found = re.search(r"cache .*: (\d+) of (\d+) files from the cache \((\d+) not read again\)", result.stderr)
     assert found, result.stderr
     hits, files, unread = map(int, found.groups())
-    return {"hits": hits, "files": files, "unread": unread, "stderr": result.stderr}
+    copies = re.search(r"the augmented copies of (\d+) of (\d+) training images", result.stderr)
+    augmented = tuple(map(int, copies.groups())) if copies else None
+    return {"hits": hits, "files": files, "unread": unread, "augmented": augmented, "stderr": result.stderr}
 
 
 def assert_same_as_fresh(images: Path, out: Path, tmp_path: Path) -> None:
@@ -66,10 +68,52 @@ def test_a_run_from_the_cache_writes_the_bytes_of_a_fresh_run(folder, tmp_path):
     first = cached(folder, out, cache_dir)
     assert first["hits"] == 0 and first["files"] == 61
     assert_same_as_fresh(folder, out, tmp_path)
+    assert first["augmented"][0] == 0
     again = cached(folder, out, cache_dir)
     assert again["hits"] == again["unread"] == 61  # nothing decoded, nothing even read
+    assert again["augmented"][0] == again["augmented"][1] == first["augmented"][1] > 0  # no copy drawn again
     assert_same_as_fresh(folder, out, tmp_path)
     assert "cache" not in json.loads((out / "report.json").read_text())
+
+
+def copies_by_path(data: Path) -> dict[str, bytes]:
+    """Each training image's augmented copy (--augment 1), by the source's path."""
+    rows = [line.split(",") for line in (data / "manifest.csv").read_text().splitlines()[1:]]
+    X = np.load(data / "X_train.npy", allow_pickle=False)
+    return {row[2]: X[int(row[1])].tobytes() for row in rows if row[0] == "train" and row[4] == "1"}
+
+
+def test_augmented_copies_follow_their_image_not_its_position(folder, tmp_path):
+    # seeded by (--seed, the image's pixels): files added ahead of it in the folder, which
+    # move every position, leave each shared image's copy as it was, so the cache can keep them
+    run_cli("prepare", folder, "--out", tmp_path / "before", "--no-cache", *OPTIONS, "--quiet")
+    before = copies_by_path(tmp_path / "before")
+    write_image_folder(tmp_path / "more", per_class=3, seed=7)
+    for path in (tmp_path / "more").glob("*/*"):
+        shutil.copyfile(path, folder / path.parent.name / f"a_new_{path.name}")  # sorted first
+    run_cli("prepare", folder, "--out", tmp_path / "after", "--no-cache", *OPTIONS, "--quiet")
+    after = copies_by_path(tmp_path / "after")
+    shared = before.keys() & after.keys()
+    assert len(shared) >= 20
+    assert all(before[path] == after[path] for path in shared)
+    assert len(set(after.values())) == len(after)  # and every image draws its own
+
+
+def test_copies_come_from_the_cache_after_a_relabel_and_equal_a_fresh_run(folder, tmp_path):
+    cache_dir, out = tmp_path / "cache", tmp_path / "data"
+    cached(folder, out, cache_dir)
+    trained_before = set(copies_by_path(out))
+    (folder / "fox" / "fox_004.png").rename(folder / "cat" / "fox_004.png")
+    run = cached(folder, out, cache_dir)
+    # the relabel moves images between splits: those in train both times (the moved one
+    # found by its pixels, under its new path) have their copies served; the rest are drawn
+    was = {"cat/fox_004.png": "fox/fox_004.png"}
+    trained_now = set(copies_by_path(out))
+    assert run["augmented"] == (len({was.get(p, p) for p in trained_now} & trained_before), len(trained_now))
+    assert run["augmented"][0] > 0
+    assert_same_as_fresh(folder, out, tmp_path)
+    other_seed = cached(folder, out, cache_dir, "--seed", "3")  # other seed, other copies: none served
+    assert other_seed["augmented"][0] == 0
 
 
 def test_files_added_removed_and_moved_between_classes(folder, tmp_path):
@@ -189,12 +233,17 @@ def test_a_run_killed_mid_way_leaves_a_cache_the_next_run_uses(tmp_path):
 
 def test_the_size_limit_evicts_the_least_recently_used_packs(folder, tmp_path):
     cache_dir, out = tmp_path / "cache", tmp_path / "data"
-    cached(folder, out, cache_dir, "--cache-limit-gb", str(150_000 / 2**30))  # packs of ~100 KB: one stays
+    # --augment 0: the decoded files' packs alone (with copies, the newest pack is theirs)
+    limit = ("--cache-limit-gb", str(150_000 / 2**30), "--augment", "0")  # packs of ~100 KB: one stays
+    cached(folder, out, cache_dir, *limit)
     total = sum(p.stat().st_size for p in pack_files(cache_dir))
     assert 0 < total <= 150_000 and len(pack_files(cache_dir)) == 1
-    run = cached(folder, out, cache_dir)
+    run = cached(folder, out, cache_dir, "--augment", "0")
     assert 0 < run["hits"] < 61
-    assert_same_as_fresh(folder, out, tmp_path)
+    fresh = tmp_path / "fresh"
+    run_cli("prepare", folder, "--out", fresh, "--no-cache", *OPTIONS, "--augment", "0", "--quiet")
+    for name in (*OUTPUTS, "report.json"):
+        assert (out / name).read_bytes() == (fresh / name).read_bytes(), name
 
 
 def test_default_place_no_cache_and_a_cache_in_the_images_folder(folder, tmp_path):

@@ -1,18 +1,27 @@
-"""Augmented copies of training images, with albumentations, reproducible per chunk of rows.
+"""Augmented copies of training images, with albumentations, reproducible per source image.
 
-Each chunk of rows gets its own seed derived from (seed, chunk number), so the copies are
-the same whatever the number of worker processes.
+Each source image's copies are drawn from a generator seeded by (--seed, the image's
+pixel digest), so they follow the image, not its position in the split nor the number of
+worker processes: a prepare cache (data/cache.py) can keep them by the image's content,
+and a run with files added or relabelled draws the same copies for every image it shares
+with the last one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
 
 import numpy as np
 
+from pipeline import __version__
+from pipeline.data.cache import FORMAT_VERSION, CacheCounts, EntryStore
+
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check at import
 
-CHUNK_ROWS = 256
+CHUNK_ROWS = 256  # source images per worker task
+AUGMENT_VERSION = 2  # 2: seeded per source image (1 seeded per chunk of 256 positions); bump when the copies change
 
 
 def build_augmenter(seed: int, flip: bool = True):
@@ -35,16 +44,57 @@ def build_augmenter(seed: int, flip: bool = True):
     )
 
 
-def chunk_seed(seed: int, chunk: int) -> int:
-    return int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0])
+def image_seed(seed: int, digest: bytes) -> int:
+    """The seed of one source image's copies: --seed and the digest of its pixels."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}/".encode() + digest, digest_size=8).digest(), "little")
 
 
-def augment_chunk(images: np.ndarray, copies: int, seed: int, chunk: int, flip: bool = True) -> np.ndarray:
-    """Return (copies, len(images), H, W, C) augmented versions of `images` (uint8 NHWC)."""
-    augmenter = build_augmenter(chunk_seed(seed, chunk), flip)
+def _reseed(augmenter, seed: int) -> None:
+    """One numpy and one Python generator for the whole pipeline (Compose.set_random_seed
+    makes a pair per transform: three times the cost)."""
+    augmenter.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+
+def cache_versions() -> str:
+    """What, beside the source's pixels and the settings, decides the copies."""
+    import albumentations
+    import cv2
+
+    return f"{FORMAT_VERSION}/{AUGMENT_VERSION}/{__version__}/{albumentations.__version__}/{cv2.__version__}"
+
+
+def cache_key(versions: str, digest: bytes, shape: tuple, copies: int, seed: int, flip: bool) -> str:
+    salt = f"augmented/{versions}/{'x'.join(map(str, shape))}/{copies}/{seed}/{int(flip)}/{digest.hex()}"
+    return hashlib.blake2b(salt.encode(), digest_size=20).hexdigest()
+
+
+def augment_images(
+    images: np.ndarray,
+    digests: list[bytes],
+    copies: int,
+    seed: int,
+    flip: bool = True,
+    store: EntryStore | None = None,
+    counts: CacheCounts | None = None,
+) -> np.ndarray:
+    """(copies, len(images), H, W, C) augmented versions of `images` (uint8 NHWC), whose
+    pixel digests are `digests`. With a cache `store`, an image's copies come from its entry
+    when one is sound, and are put there when drawn (`counts` says which)."""
+    augmenter = build_augmenter(0, flip)
     out = np.empty((copies, *images.shape), dtype=np.uint8)
-    for c in range(copies):
-        for i, image in enumerate(images):
-            result = augmenter(image=image)["image"]
-            out[c, i] = result.reshape(image.shape)
+    versions = cache_versions() if store is not None else ""
+    shape = (copies, *images.shape[1:])
+    for i, (image, digest) in enumerate(zip(images, digests, strict=True)):
+        key = cache_key(versions, digest, images.shape[1:], copies, seed, flip) if store is not None else None
+        found = store.get(key, shape, counts) if store is not None else None
+        if found is not None:
+            out[:, i] = found[0]
+            counts.hits += 1
+            continue
+        _reseed(augmenter, image_seed(seed, digest))
+        for c in range(copies):
+            out[c, i] = augmenter(image=image)["image"].reshape(image.shape)
+        if store is not None:
+            counts.misses += 1
+            store.put(key, out[:, i], [])
     return out

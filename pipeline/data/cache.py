@@ -80,6 +80,9 @@ def cache_dir_for(chosen: str, no_cache: bool, out_dir: Path, images_dir: Path) 
 def note(counts: CacheCounts, folder: Path, n_files: int) -> str:
     """One line for stderr: what the cache served."""
     line = f"cache {folder}: {counts.hits} of {n_files} files from the cache ({counts.unread} not read again)"
+    augmented = counts.augmented_hits + counts.augmented_misses
+    if augmented:
+        line += f", and the augmented copies of {counts.augmented_hits} of {augmented} training images"
     recomputed = sum(counts.recomputed.values())
     if recomputed:
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.recomputed.items()))
@@ -121,6 +124,8 @@ class CacheCounts:
     unread: int = 0  # of the hits, files not even read (the stat fast path)
     misses: int = 0  # no entry: decoded, and an entry written
     recomputed: dict[str, int] = field(default_factory=dict)  # unusable entries by reason: decoded again
+    augmented_hits: int = 0  # training images whose augmented copies came from an entry
+    augmented_misses: int = 0  # ... that were drawn, and an entry written
 
     def add(self, other: CacheCounts) -> None:
         self.hits += other.hits
@@ -128,6 +133,13 @@ class CacheCounts:
         self.misses += other.misses
         for reason, n in other.recomputed.items():
             self.recomputed[reason] = self.recomputed.get(reason, 0) + n
+
+    def add_augmented(self, other: CacheCounts | None) -> None:
+        """The augmentation's counts (its hits and misses are images whose copies were served or drawn)."""
+        if other is not None:
+            self.augmented_hits += other.hits
+            self.augmented_misses += other.misses
+            self.add(CacheCounts(recomputed=other.recomputed))
 
 
 class EntryStore:
