@@ -247,8 +247,9 @@ def audit_csv(findings: dict) -> str:
             r["issues"].append("near duplicate across classes")
             r.setdefault("action", "keep")
     for group in findings["exact_duplicates_across_classes"]:  # prepare leaves these out until they agree
-        for path in group["paths"]:
-            r = row(path, path.split("/")[0], "")
+        # class_of: each file's class after --fixes (data folders from before it: the folder's name)
+        for path, cls in zip(group["paths"], group.get("class_of") or [p.split("/")[0] for p in group["paths"]]):
+            r = row(path, cls, "")
             r["issues"].append("exact duplicate across classes")
             r.setdefault("action", "keep")
     out = io.StringIO()

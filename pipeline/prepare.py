@@ -79,7 +79,7 @@ def prepare_dataset(images_dir: Path, out_dir: Path, settings: PrepareSettings) 
         raise PipelineError(f"no image files found under {images_dir}")
     cache_dir = cache.cache_dir_for(settings.cache, settings.no_cache, out_dir, images_dir)
     workers = settings.workers or available_cores()
-    with atomic_dir(out_dir) as tmp, _worker_pool(workers, len(scan.files), settings) as pool:
+    with atomic_dir(out_dir) as tmp, _worker_pool(workers, len(scan.files), settings, cache_dir) as pool:
         pool.check_storage(scan.root / scan.files[0][0], tmp)  # a cluster's workers must see both
         buffer_path = tmp / "_decoded.npy"
         decoded = decode_all(scan, settings, buffer_path, pool, cache_dir)
@@ -105,9 +105,11 @@ def prepare_dataset(images_dir: Path, out_dir: Path, settings: PrepareSettings) 
     return report
 
 
-def _worker_pool(workers: int, n_files: int, settings: PrepareSettings):
-    if settings.augment and not settings.scheduler:
-        augment.build_augmenter(0)  # import albumentations once, before the workers fork
+def _worker_pool(workers: int, n_files: int, settings: PrepareSettings, cache_dir: Path | None):
+    if settings.augment and not settings.scheduler and cache_dir is None:
+        # Import albumentations once, before the workers fork. With a cache the copies may
+        # all come from it: then nobody imports it (a second, a third of such a re-run).
+        augment.build_augmenter(0)
     return open_pool(min(workers, max(1, n_files // 16)), settings.scheduler)
 
 
@@ -338,7 +340,11 @@ def build_report(
             {"kept": path_of(g[0]), "removed": [path_of(r) for r in g[1:]]} for g in sources.duplicate_groups
         ],
         "label_conflicts": [
-            {"paths": [path_of(r) for r in g], "classes": sorted({class_of[sources.usable_labels[r]] for r in g})}
+            {
+                "paths": [path_of(r) for r in g],
+                "classes": sorted({class_of[sources.usable_labels[r]] for r in g}),
+                "class_of": [class_of[sources.usable_labels[r]] for r in g],  # after --fixes, not the folder's
+            }
             for g in sources.conflict_groups
         ],
         "near_duplicate_groups": near_duplicate_groups(groups, [files[r][0] for r in sources.rows], split_of),

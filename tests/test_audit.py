@@ -102,6 +102,28 @@ def test_audit_page_and_csv(audited):
     assert not (audited["root"] / "model").exists()  # the folds' models are thrown away
 
 
+def test_a_label_conflict_is_listed_under_its_class_after_the_fixes(tmp_path):
+    # the same picture in cat/ and dog/, the dog one relabelled fox by an earlier audit.csv:
+    # audit.csv must name the class prepare used (fox), not the folder the file sits in
+    from pipeline.audit import audit_csv
+
+    images = write_image_folder(tmp_path / "images", per_class=8)
+    Image.open(images / "cat" / "cat_001.jpg").save(images / "dog" / "twin.png")
+    fixes = tmp_path / "fixes.csv"
+    fixes.write_text("path,action\ndog/twin.png,relabel:fox\n")
+    run_cli("prepare", images, "--out", tmp_path / "data", "--size", "16", "--fixes", fixes, "--quiet")
+    report = json.loads((tmp_path / "data" / "report.json").read_text())
+    findings = {
+        "label_issues": [],
+        "health": {},
+        "near_duplicates_across_classes": [],
+        "exact_duplicates_across_classes": report["label_conflicts"],
+    }
+    rows = {r["path"]: r for r in csv.DictReader(audit_csv(findings).splitlines())}
+    assert rows["dog/twin.png"]["class"] == "fox" and rows["cat/cat_001.jpg"]["class"] == "cat"
+    assert rows["dog/twin.png"]["issues"] == "exact duplicate across classes"
+
+
 def test_fixes_change_the_arrays_and_never_the_images(audited, tmp_path):
     images = audited["images"]
     before = snapshot(images)

@@ -99,6 +99,7 @@ def test_identical_images_in_two_classes_are_all_left_out(tmp_path):
         {
             "paths": ["cat/cat_004.png", "dog/is_it_a_dog.png", "fox/or_a_fox.bmp"],
             "classes": ["cat", "dog", "fox"],
+            "class_of": ["cat", "dog", "fox"],
         }
     ]
     assert report["totals"]["label_conflicts_removed"] == 3

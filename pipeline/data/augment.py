@@ -9,6 +9,7 @@ with the last one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import random
@@ -55,12 +56,25 @@ def _reseed(augmenter, seed: int) -> None:
     augmenter.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
 
+@functools.cache
 def cache_versions() -> str:
-    """What, beside the source's pixels and the settings, decides the copies."""
-    import albumentations
-    import cv2
+    """What, beside the source's pixels and the settings, decides the copies: read from the
+    installed packages' metadata, since importing albumentations (and OpenCV) costs about a
+    second, a third of a re-run whose copies all come from the cache."""
+    from importlib import metadata
 
-    return f"{FORMAT_VERSION}/{AUGMENT_VERSION}/{__version__}/{albumentations.__version__}/{cv2.__version__}"
+    def installed(*names: str) -> str:
+        for name in names:
+            try:
+                return f"{name}-{metadata.version(name)}"
+            except metadata.PackageNotFoundError:
+                pass
+        return "none"
+
+    opencv = installed(
+        "opencv-python-headless", "opencv-python", "opencv-contrib-python-headless", "opencv-contrib-python"
+    )
+    return f"{FORMAT_VERSION}/{AUGMENT_VERSION}/{__version__}/{installed('albumentations')}/{opencv}"
 
 
 def cache_key(versions: str, digest: bytes, shape: tuple, copies: int, seed: int, flip: bool) -> str:
@@ -80,7 +94,7 @@ def augment_images(
     """(copies, len(images), H, W, C) augmented versions of `images` (uint8 NHWC), whose
     pixel digests are `digests`. With a cache `store`, an image's copies come from its entry
     when one is sound, and are put there when drawn (`counts` says which)."""
-    augmenter = build_augmenter(0, flip)
+    augmenter = None  # built at the first image the cache does not hold: its import is the costly part
     out = np.empty((copies, *images.shape), dtype=np.uint8)
     versions = cache_versions() if store is not None else ""
     shape = (copies, *images.shape[1:])
@@ -91,6 +105,7 @@ def augment_images(
             out[:, i] = found[0]
             counts.hits += 1
             continue
+        augmenter = augmenter or build_augmenter(0, flip)
         _reseed(augmenter, image_seed(seed, digest))
         for c in range(copies):
             out[c, i] = augmenter(image=image)["image"].reshape(image.shape)

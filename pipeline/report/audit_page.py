@@ -24,7 +24,6 @@ from pipeline.report.html import CSS
 
 MAX_SUSPECTS_SHOWN = 300  # beyond these, audit.csv and audit.json have them all
 MAX_PER_KIND_SHOWN = 60
-THUMB_SIDE = 96
 
 AUDIT_CSS = """
 .grid { display: flex; flex-wrap: wrap; gap: 10px; }
