@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core import paths, progress
-from pipeline.core.artifacts import atomic_dir, atomic_file, read_json, write_json
+from pipeline.core.artifacts import atomic_dir, atomic_file, read_json_optional, write_json
 from pipeline.core.errors import PipelineError
 from pipeline.core.settings import ExportSettings
 from pipeline.data.data_folder import load_classes, load_prepare_report, load_split
@@ -192,10 +192,6 @@ def _staged(target: Path, folder: bool):
 def _record(model_dir: Path, fmt: str, record: dict) -> None:
     """exports.json, one entry per format, rewritten atomically."""
     path = model_dir / paths.EXPORTS_FILE
-    try:
-        records = read_json(path, "") if path.is_file() else {}
-    except PipelineError:  # unreadable: start again rather than refuse a checked export
-        records = {}
-    records = records if isinstance(records, dict) else {}
+    records = read_json_optional(path) or {}  # unreadable: start again rather than refuse a checked export
     records[fmt] = record
     write_json(path, dict(sorted(records.items())))

@@ -153,6 +153,16 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def read_json_optional(path: Path) -> dict | None:
+    """A JSON object that may be missing or unreadable (a report made before it existed, a
+    file another version wrote): None then, never an error."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def read_json(path: Path, missing_hint: str) -> Any:
     path = Path(path)
     if not path.is_file():

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pipeline import __version__
 from pipeline.core import paths
+from pipeline.core.artifacts import read_json_optional
 
 MAX_SKIPPED_ROWS = 50
 
@@ -48,8 +49,8 @@ code { background: #eef2f7; padding: 1px 4px; border-radius: 3px; }
 def write_report(path: Path, metrics: dict, data_dir: Path, model_dir: Path, figures_dir: Path) -> None:
     """Write report.html to `path`; the figures come from their stages' folders and `figures_dir`."""
     data_dir, model_dir, figures_dir = Path(data_dir), Path(model_dir), Path(figures_dir)
-    prepare = _read_json(data_dir / paths.PREPARE_REPORT_FILE)
-    train = _read_json(model_dir / paths.TRAIN_SETTINGS_FILE)
+    prepare = read_json_optional(data_dir / paths.PREPARE_REPORT_FILE)
+    train = read_json_optional(model_dir / paths.TRAIN_SETTINGS_FILE)
     body = [  # results first, then how they came about
         _header(metrics, data_dir, model_dir),
         _metrics_section(metrics),
@@ -83,14 +84,6 @@ def write_report(path: Path, metrics: dict, data_dir: Path, model_dir: Path, fig
         "</head>\n<body>\n<main>\n" + "\n".join(body) + "\n</main>\n</body>\n</html>\n"
     )
     Path(path).write_text(html, encoding="utf-8")
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _section(title: str, content: str) -> str:

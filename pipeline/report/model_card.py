@@ -13,11 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.core import paths
-from pipeline.core.artifacts import atomic_write_text, read_json
-from pipeline.core.errors import PipelineError
+from pipeline.core.artifacts import atomic_write_text, read_json, read_json_optional
 from pipeline.core.settings import EXPORT_FORMATS
-
-CALIBRATION_FILE = "calibration.json"  # written by calibration (#22) when it runs; read if present
 
 
 def write_model_card(model_dir: Path, prepare_report: dict | None) -> Path:
@@ -27,21 +24,13 @@ def write_model_card(model_dir: Path, prepare_report: dict | None) -> Path:
     return model_dir / paths.MODEL_CARD_FILE
 
 
-def _optional_json(path: Path) -> dict | None:
-    try:
-        found = read_json(path, "") if path.is_file() else None
-    except PipelineError:
-        return None
-    return found if isinstance(found, dict) else None
-
-
 def render_model_card(model_dir: Path, prepare_report: dict) -> str:
     saved = read_json(model_dir / paths.TRAIN_SETTINGS_FILE, paths.TRAIN_HINT)
     preprocess = read_json(model_dir / paths.PREPROCESS_FILE, paths.TRAIN_HINT)
     classes = read_json(model_dir / paths.CLASSES_FILE, paths.TRAIN_HINT)
-    evaluation = _optional_json(model_dir / paths.EVALUATION_FILE)
-    calibration = _optional_json(model_dir / CALIBRATION_FILE)
-    exports = _optional_json(model_dir / paths.EXPORTS_FILE) or {}
+    evaluation = read_json_optional(model_dir / paths.EVALUATION_FILE)
+    calibration = read_json_optional(model_dir / paths.CALIBRATION_FILE)
+    exports = read_json_optional(model_dir / paths.EXPORTS_FILE) or {}
     size, color = preprocess["size"], preprocess["color"]
     lines = [
         f"# Model card: {model_dir.name}",
@@ -159,7 +148,7 @@ def _calibration_section(calibration: dict | None) -> list[str]:
     shown = {k: v for k, v in calibration.items() if isinstance(v, int | float | str | bool)}
     lines += [_cells("", "value"), _cells("---", "---")]
     lines += [_cells(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in shown.items()]
-    return [*lines, "", f"From {CALIBRATION_FILE}, fitted on the validation split.", ""]
+    return [*lines, "", f"From {paths.CALIBRATION_FILE}, fitted on the validation split.", ""]
 
 
 def _input_section(preprocess: dict) -> list[str]:

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 
 from pipeline import __version__
 from pipeline.core import paths
-from pipeline.core.artifacts import read_json
+from pipeline.core.artifacts import read_json_optional
 from pipeline.core.errors import PipelineError
 from pipeline.core.settings import ServeSettings
 from pipeline.data.images import PREPROCESS_VERSION, UnreadableImage
@@ -107,15 +107,12 @@ def find_metrics(model_dir: Path, reports_dir: Path | None, classes: list[str]) 
     other classes or is older than the model (it measured an earlier one)."""
     folder = Path(reports_dir) if reports_dir is not None else Path(model_dir).parent / paths.REPORTS_DIR.name
     path = folder / paths.METRICS_FILE
-    if not path.is_file():
-        return None
-    try:
-        metrics = read_json(path, "")
-    except PipelineError:
+    metrics = read_json_optional(path)
+    if metrics is None:
         return None
     model_files = [Path(model_dir) / name for name in (paths.TFLITE_FILE, paths.MODEL_FILE)]
     newest_model = max((f.stat().st_mtime for f in model_files if f.is_file()), default=0)
-    if not isinstance(metrics, dict) or metrics.get("classes") != classes or path.stat().st_mtime < newest_model:
+    if metrics.get("classes") != classes or path.stat().st_mtime < newest_model:
         return None
     return {"accuracy": metrics.get("accuracy"), "n_test": metrics.get("n_test"), "path": str(path)}
 
