@@ -72,7 +72,7 @@ def _decode_chunk(args: tuple) -> tuple[list[tuple], CacheCounts, list[list | No
     The worker writes the pixels itself, so they never travel back through a pipe and the
     parent never holds them.
     """
-    buffer_path, offset, start, files, size, color, cache_dir, known = args
+    buffer_path, offset, start, files, size, color, cache_dir, recorded = args
     shape = (size, size, channels(color))
     rows = np.zeros((len(files), *shape), dtype=np.uint8)
     store, counts = (EntryStore(cache_dir) if cache_dir else None), CacheCounts()
@@ -81,7 +81,7 @@ def _decode_chunk(args: tuple) -> tuple[list[tuple], CacheCounts, list[list | No
         if store is None:
             (array, result), served, key = _decode(path, size, color), False, None
         else:
-            array, result, seen[i], served, key = _cached_decode(path, known[i], shape, color, store, counts)
+            array, result, seen[i], served, key = _cached_decode(path, recorded[i], shape, color, store, counts)
         if key is not None:
             to_store[i] = key
         if not served:
@@ -107,17 +107,18 @@ def _decode(source: str | bytes, size: int, color: str) -> tuple[np.ndarray | No
     return array, tuple(results)
 
 
-def _cached_decode(path: str, known: str | None, shape, color: str, store: EntryStore, counts: CacheCounts):
+def _cached_decode(path: str, recorded: list | None, shape, color: str, store: EntryStore, counts: CacheCounts):
     """(row, results, stat record or None, served from an entry, key of an entry to write or None).
 
-    An unchanged stat (`known` hash) spares reading the file; otherwise its bytes are read
-    once, hashed, and decoded from memory only if no sound entry holds them."""
+    A stat unchanged since the last run (`recorded`) spares reading the file; otherwise its
+    bytes are read once, hashed, and decoded from memory only if no sound entry holds them."""
     size = shape[0]
+    known = stat_index.unchanged_hash(path, recorded)
     if known is not None:
         found = store.get(cache.entry_key(known, size, color, RESULTS_VERSION), shape, counts)
         if found is not None:
             counts.hits, counts.unread = counts.hits + 1, counts.unread + 1
-            return found[0], _from_json(found[1]), None, True, None
+            return found[0], _from_json(found[1]), recorded, True, None  # unchanged: its record stands
     read_ns = time.time_ns()
     try:
         with open(path, "rb") as f:
@@ -178,7 +179,7 @@ def decode_all(
             start,
             [os.path.join(root, rel) for rel in rel_paths[start : start + DECODE_CHUNK]],
         )
-        + (s.size, s.color, books.arg, books.known[start : start + DECODE_CHUNK])
+        + (s.size, s.color, books.arg, books.recorded_stats[start : start + DECODE_CHUNK])
         for start in range(0, n, DECODE_CHUNK)
     )
     done = progress.track(pool.imap(_decode_chunk, tasks), -(-n // DECODE_CHUNK), f"decoding {n} images")
@@ -195,15 +196,16 @@ def decode_all(
 
 
 class _CacheBooks:
-    """The cache's side of one decode_all, in prepare's process: the stat fast path's hits
-    before, the index and stat index written after."""
+    """The cache's side of one decode_all, in prepare's process: the last run's stat records
+    handed to the workers before, the index and stat index written after."""
 
     def __init__(self, cache_dir: Path | None, root: str, rel_paths: list[str]):
         self.cache_dir, self.root, self.rel_paths = cache_dir, root, rel_paths
         self.arg = os.path.abspath(cache_dir) if cache_dir else ""
         self.counts, self.recorded = CacheCounts(), {}
         self.stats = stat_index.load(cache_dir, root) if cache_dir else {}
-        self.known = stat_index.known_hashes(self.stats, root, rel_paths) if self.stats else [None] * len(rel_paths)
+        # each file's stat record from the last run; the workers compare it with the file's stat now
+        self.recorded_stats = [self.stats.get(rel) for rel in rel_paths] if self.stats else [None] * len(rel_paths)
         self.run = cache_index.start_run(cache_dir) if cache_dir else None
 
     def add(self, first: int, counts: CacheCounts, seen: list, written: list) -> None:
@@ -211,8 +213,6 @@ class _CacheBooks:
         if self.run is not None:
             self.run.new.extend(written)
         for i, record in enumerate(seen, start=first):
-            if record is None and self.known[i] is not None:
-                record = self.stats[self.rel_paths[i]]  # unchanged, and not read again
             if record is not None:
                 self.recorded[self.rel_paths[i]] = record
 

@@ -58,18 +58,15 @@ def load(cache_dir: Path, images_root: Path) -> dict[str, list]:
         return {}
 
 
-def known_hashes(index: dict[str, list], root: str, rel_paths: list[str]) -> list[str | None]:
-    """The content hash of each file whose stat is the one recorded, else None."""
-    known: list[str | None] = []
-    for rel in rel_paths:
-        hit = None
-        recorded = index.get(rel)
-        if recorded is not None:
-            with contextlib.suppress(OSError):
-                if signature(os.stat(os.path.join(root, rel))) == recorded[:5]:
-                    hit = recorded[5]
-        known.append(hit)
-    return known
+def unchanged_hash(path: str, recorded: list | None) -> str | None:
+    """The content hash recorded for the file at `path` if its stat is still the recorded
+    one, else None. Called by the decoding workers, so a re-run's stats are taken in parallel."""
+    if recorded is None:
+        return None
+    try:
+        return recorded[5] if signature(os.stat(path)) == recorded[:5] else None
+    except OSError:
+        return None
 
 
 def save(cache_dir: Path, images_root: Path, files: dict[str, list]) -> None:
