@@ -43,6 +43,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.settings import PrepareSettings
 from pipeline.data import augment, cache, cache_index, dedup
 from pipeline.data.cache import CacheCounts, EntryStore
+from pipeline.data.cache_index import CacheRun
 from pipeline.data.data_folder import (
     create_rows_file,
     read_rows,
@@ -79,27 +80,30 @@ def prepare_dataset(images_dir: Path, out_dir: Path, settings: PrepareSettings) 
         raise PipelineError(f"no image files found under {images_dir}")
     cache_dir = cache.cache_dir_for(settings.cache, settings.no_cache, out_dir, images_dir)
     workers = settings.workers or available_cores()
-    with atomic_dir(out_dir) as tmp, _worker_pool(workers, len(scan.files), settings, cache_dir) as pool:
-        pool.check_storage(scan.root / scan.files[0][0], tmp)  # a cluster's workers must see both
-        buffer_path = tmp / "_decoded.npy"
-        decoded = decode_all(scan, settings, buffer_path, pool, cache_dir)
-        sources = choose_sources(scan, decoded, settings)
-        groups = dedup.group_near_duplicates(decoded.phashes[sources.rows], settings.near_duplicate_distance)
-        split_of = split_by_group(
-            sources.labels, groups, settings.test_size, settings.val_size, settings.seed, sources.class_names
-        )
-        counts, augmented_cache = write_splits(
-            scan, sources, split_of, settings, buffer_path, tmp, pool, decoded.digests, cache_dir
-        )
-        if decoded.cache is not None:
-            decoded.cache.add_augmented(augmented_cache)
-        write_health(tmp / paths.HEALTH_FILE, scan, sources, split_of, decoded.health)
-        report = build_report(scan, decoded, sources, groups, split_of, counts, settings)
-        if fixes_applied is not None:
-            report["fixes"] = fixes_applied
-        write_json(tmp / paths.PREPARE_REPORT_FILE, report)
-        buffer_path.unlink()
-        _save_samples(tmp, report, settings)
+    run = cache_index.start_run(cache_dir) if cache_dir else None
+    try:
+        with atomic_dir(out_dir) as tmp, _worker_pool(workers, len(scan.files), settings, cache_dir) as pool:
+            pool.check_storage(scan.root / scan.files[0][0], tmp)  # a cluster's workers must see both
+            buffer_path = tmp / "_decoded.npy"
+            decoded = decode_all(scan, settings, buffer_path, pool, run)
+            sources = choose_sources(scan, decoded, settings)
+            groups = dedup.group_near_duplicates(decoded.phashes[sources.rows], settings.near_duplicate_distance)
+            split_of = split_by_group(
+                sources.labels, groups, settings.test_size, settings.val_size, settings.seed, sources.class_names
+            )
+            counts, augmented = write_splits(scan, sources, split_of, settings, buffer_path, tmp, pool, decoded, run)
+            if decoded.cache is not None and augmented is not None:
+                decoded.cache.add(augmented)
+            write_health(tmp / paths.HEALTH_FILE, scan, sources, split_of, decoded.health)
+            report = build_report(scan, decoded, sources, groups, split_of, counts, settings)
+            if fixes_applied is not None:
+                report["fixes"] = fixes_applied
+            write_json(tmp / paths.PREPARE_REPORT_FILE, report)
+            buffer_path.unlink()
+            _save_samples(tmp, report, settings)
+    finally:
+        if run is not None:  # once per run, a failed one too: the entries its workers wrote serve the next
+            cache_index.finish_run(run, int(settings.cache_limit_gb * 2**30))
     if decoded.cache is not None:  # after the run, so that an error stays the one line it ends with
         progress.say(cache.note(decoded.cache, cache_dir, len(scan.files)))
     return report
@@ -196,8 +200,8 @@ def write_splits(
     buffer_path: Path,
     tmp: Path,
     pool,
-    digests: list[bytes | None],
-    cache_dir: Path | None = None,
+    decoded: Decoded,
+    run: CacheRun | None = None,
 ) -> tuple[dict[str, dict[str, int]], CacheCounts | None]:
     """Write X/y for each split (augmented copies after the originals, train only), the
     manifest and classes.json; return the per-class counts, and what the cache served of
@@ -225,9 +229,9 @@ def write_splits(
         for _ in pool.imap(_copy_task, moves):
             pass
         if copies:
-            source_digests = [digests[row] for row in split_sources]
+            source_digests = [decoded.digests[row] for row in split_sources]
             augmented_cache = _write_augmented(
-                X_path, offset, buffer_path, split_sources, source_digests, copies, s, pool, cache_dir
+                X_path, offset, buffer_path, split_sources, source_digests, copies, s, pool, run
             )
         y = np.tile(split_labels, 1 + copies)
         np.save(tmp / paths.labels_file(split), y)
@@ -258,19 +262,19 @@ def _write_augmented(
     copies: int,
     s: PrepareSettings,
     pool,
-    cache_dir: Path | None,
+    run: CacheRun | None,
 ) -> CacheCounts | None:
-    """The augmented copies into X_train after its originals; with a cache, each source
-    image's copies are looked up by its pixels and the settings, and the new ones indexed."""
+    """The augmented copies into X_train after its originals; with a cache `run`, each
+    source image's copies are looked up by its pixels and the settings, and the entries
+    written are added to `run.new`."""
     n = len(sources)
-    run = cache_index.start_run(cache_dir) if cache_dir else None
     chunks = [
         (
             os.path.abspath(buffer_path),
             sources[start : start + augment.CHUNK_ROWS],
             digests[start : start + augment.CHUNK_ROWS],
         )
-        + (copies, s.seed, s.flip, os.path.abspath(X_path), offset, n, start, os.path.abspath(cache_dir) if run else "")
+        + (copies, s.seed, s.flip, os.path.abspath(X_path), offset, n, start, os.path.abspath(run.root) if run else "")
         for start in range(0, n, augment.CHUNK_ROWS)
     ]
     total = CacheCounts()
@@ -278,10 +282,7 @@ def _write_augmented(
         total.add(counts)
         if run is not None:
             run.new.extend(written)
-    if run is None:
-        return None
-    cache_index.finish_run(run, int(s.cache_limit_gb * 2**30))
-    return total
+    return total if run is not None else None
 
 
 def _augment_task(args) -> tuple[CacheCounts, list]:

@@ -103,13 +103,13 @@ def augment_images(
         found = store.get(key, shape, counts) if store is not None else None
         if found is not None:
             out[:, i] = found[0]
-            counts.hits += 1
+            counts.augmented_hits += 1
             continue
         augmenter = augmenter or build_augmenter(0, flip)
         _reseed(augmenter, image_seed(seed, digest))
         for c in range(copies):
             out[c, i] = augmenter(image=image)["image"].reshape(image.shape)
         if store is not None:
-            counts.misses += 1
+            counts.augmented_misses += 1
             store.put(key, out[:, i], [])
     return out

@@ -131,15 +131,10 @@ class CacheCounts:
         self.hits += other.hits
         self.unread += other.unread
         self.misses += other.misses
+        self.augmented_hits += other.augmented_hits
+        self.augmented_misses += other.augmented_misses
         for reason, n in other.recomputed.items():
             self.recomputed[reason] = self.recomputed.get(reason, 0) + n
-
-    def add_augmented(self, other: CacheCounts | None) -> None:
-        """The augmentation's counts (its hits and misses are images whose copies were served or drawn)."""
-        if other is not None:
-            self.augmented_hits += other.hits
-            self.augmented_misses += other.misses
-            self.add(CacheCounts(recomputed=other.recomputed))
 
 
 class EntryStore:

@@ -1,12 +1,12 @@
-"""The cache's index and packs as prepare's own process keeps them, around the decoding.
+"""The cache's index and packs as prepare's own process keeps them, once per prepare.
 
 Reads <cache>/packs/ and <cache>/index.npy, writes index.npy (atomically) and deletes
 packs beyond the size limit. `start_run`, before any worker looks: adopts the packs no
 index names (written by a run that was killed, or that raced this one to the index), so
-their entries are found. `finish_run`, after the decoding: indexes the entries the
-workers wrote, newest first (an entry rewritten because the old one was broken wins),
-then evicts the least recently used packs beyond --cache-limit-gb (a read touches a
-pack's mtime). The entries' format and the workers' side are in cache.py.
+their entries are found. `finish_run`, after the decoding and the augmentation (or after
+a failure between them): indexes the entries the workers wrote, newest first (an entry
+rewritten because the old one was broken wins), then evicts the least recently used
+packs beyond --cache-limit-gb (a read touches a pack's mtime). The entries' format and the workers' side are in cache.py.
 """
 
 from __future__ import annotations
@@ -32,16 +32,19 @@ from pipeline.data.cache import (
 )
 
 
-def _save_index(root: Path, index: np.ndarray) -> None:
+def _save_index(root: Path, index: np.ndarray) -> np.ndarray:
+    """Write the index sorted by key, one entry per key (the first wins); return what was written."""
     order = np.argsort(index["key"], kind="stable")
     index = index[order]
     keep = np.ones(len(index), dtype=bool)
     keep[1:] = index["key"][1:] != index["key"][:-1]  # the same content written twice: one entry
+    index = index[keep]
     buffer = io.BytesIO()
-    np.save(buffer, index[keep], allow_pickle=False)
+    np.save(buffer, index, allow_pickle=False)
     with contextlib.suppress(OSError):
         Path(root).mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(Path(root) / INDEX_FILE, buffer.getvalue())
+    return index
 
 
 def _list_packs(root: Path) -> dict[str, os.stat_result]:
@@ -103,9 +106,7 @@ def start_run(root: Path) -> CacheRun:
     orphans = [name for name in packs if name.encode() not in indexed]
     if orphans:
         adopted = [entry for name in sorted(orphans) for entry in _scan_pack(root, name)]
-        index = np.concatenate([index, _as_index(adopted)]) if adopted else index
-        _save_index(root, index)
-        index = load_index(root)
+        index = _save_index(root, np.concatenate([index, _as_index(adopted)]) if adopted else index)
     return CacheRun(root, packs, index)
 
 

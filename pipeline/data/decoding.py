@@ -26,8 +26,9 @@ import numpy as np
 
 from pipeline.core import progress
 from pipeline.core.settings import PrepareSettings
-from pipeline.data import cache, cache_index, dedup, health, stat_index
+from pipeline.data import cache, dedup, health, stat_index
 from pipeline.data.cache import CacheCounts, EntryStore
+from pipeline.data.cache_index import CacheRun
 from pipeline.data.data_folder import create_rows_file, write_rows
 from pipeline.data.image_folder import FolderScan
 from pipeline.data.images import UnreadableImage, channels, preprocess
@@ -155,12 +156,13 @@ def _from_json(stored: list) -> tuple:
 
 
 def decode_all(
-    scan: FolderScan, s: PrepareSettings, buffer_path: Path, pool: WorkerPool, cache_dir: Path | None = None
+    scan: FolderScan, s: PrepareSettings, buffer_path: Path, pool: WorkerPool, run: CacheRun | None = None
 ) -> Decoded:
     """Decode every scanned file into row i of the buffer file; keep only digests and hashes here.
 
-    With `cache_dir`, files decoded before come from the cache; the cache's index and stat
-    index are updated for the next run."""
+    With a cache `run`, files decoded before come from the cache; the entries written are
+    added to `run.new` (prepare indexes them once, after the augmentation) and the stat
+    index is updated for the next run."""
     n = len(scan.files)
     offset = create_rows_file(buffer_path, (n, s.size, s.size, channels(s.color)))
     ok = np.zeros(n, dtype=bool)
@@ -170,7 +172,7 @@ def decode_all(
     health_values = np.full((n, len(health.RAW_COLUMNS)), np.nan)
     root = os.path.abspath(scan.root)  # the same file for a cluster's worker, whatever its working folder
     rel_paths = [rel for rel, _ in scan.files]
-    books = _CacheBooks(cache_dir, root, rel_paths)
+    books = _CacheBooks(run, root, rel_paths)
     # Made as they are taken: a list of every task would hold a second copy of every path.
     tasks = (
         (
@@ -192,21 +194,21 @@ def decode_all(
             else:
                 reasons[i] = reason
             i += 1
-    return Decoded(ok, reasons, digests, phashes, health_values, books.finish(s.cache_limit_gb))
+    return Decoded(ok, reasons, digests, phashes, health_values, books.finish())
 
 
 class _CacheBooks:
     """The cache's side of one decode_all, in prepare's process: the last run's stat records
-    handed to the workers before, the index and stat index written after."""
+    handed to the workers before, the stat index written after."""
 
-    def __init__(self, cache_dir: Path | None, root: str, rel_paths: list[str]):
-        self.cache_dir, self.root, self.rel_paths = cache_dir, root, rel_paths
-        self.arg = os.path.abspath(cache_dir) if cache_dir else ""
+    def __init__(self, run: CacheRun | None, root: str, rel_paths: list[str]):
+        self.run, self.root, self.rel_paths = run, root, rel_paths
+        self.cache_dir = run.root if run is not None else None
+        self.arg = os.path.abspath(self.cache_dir) if run is not None else ""
         self.counts, self.recorded = CacheCounts(), {}
-        self.stats = stat_index.load(cache_dir, root) if cache_dir else {}
+        self.stats = stat_index.load(self.cache_dir, root) if run is not None else {}
         # each file's stat record from the last run; the workers compare it with the file's stat now
         self.recorded_stats = [self.stats.get(rel) for rel in rel_paths] if self.stats else [None] * len(rel_paths)
-        self.run = cache_index.start_run(cache_dir) if cache_dir else None
 
     def add(self, first: int, counts: CacheCounts, seen: list, written: list) -> None:
         self.counts.add(counts)
@@ -216,10 +218,9 @@ class _CacheBooks:
             if record is not None:
                 self.recorded[self.rel_paths[i]] = record
 
-    def finish(self, limit_gb: float) -> CacheCounts | None:
+    def finish(self) -> CacheCounts | None:
         if self.run is None:
             return None
-        cache_index.finish_run(self.run, int(limit_gb * 2**30))
         if self.recorded != self.stats:
             stat_index.save(self.cache_dir, self.root, self.recorded)
         return self.counts
