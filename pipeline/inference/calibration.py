@@ -83,7 +83,10 @@ def fit_temperature(probabilities: np.ndarray, y: np.ndarray) -> float:
     where scipy's import would cost train a quarter of a second). `probabilities` may hold
     several views of each image, (views, N, classes), as --tta averages them: each view is
     tempered, then their mean is scored."""
-    log_p, y = _log_views(probabilities), np.asarray(y, dtype=np.int64)
+    return _fit_on_logs(_log_views(probabilities), np.asarray(y, dtype=np.int64))
+
+
+def _fit_on_logs(log_p: np.ndarray, y: np.ndarray) -> float:
     if len(y) == 0 or (log_p.mean(axis=0).argmax(axis=1) == y).all():
         return 1.0  # no mistake to learn from: the NLL only falls as T -> 0, which would sharpen every answer
 
@@ -113,13 +116,13 @@ def checked_temperature(probabilities: np.ndarray, y: np.ndarray, folds: int = C
     generalises within them: T fitted on all folds but one, scored on that one, must give
     a lower total NLL than no temperature; otherwise 1.0. Returns (T, the check's figures)."""
     log_p, y = _log_views(probabilities), np.asarray(y, dtype=np.int64)
-    fold_of = np.arange(len(y)) % folds  # the validation split's order is already seeded and shuffled
+    fold_of = np.arange(len(y)) % folds  # interleaved: the split is in class order, so each fold holds every class
     held_out_nll, untempered_nll = 0.0, 0.0
     for k in range(folds):
         held, fit = fold_of == k, fold_of != k
         if not held.any():
             continue
-        t = fit_temperature(np.exp(log_p[:, fit]), y[fit])
+        t = _fit_on_logs(log_p[:, fit], y[fit])
         held_out_nll += _tempered_nll(log_p[:, held], y[held], np.log(t)) * held.sum()
         untempered_nll += _tempered_nll(log_p[:, held], y[held], 0.0) * held.sum()
     n = max(len(y), 1)
@@ -129,7 +132,7 @@ def checked_temperature(probabilities: np.ndarray, y: np.ndarray, folds: int = C
         "held_out_nll": round(float(held_out_nll) / n, 6),
         "held_out_nll_without": round(float(untempered_nll) / n, 6),
     }
-    temperature = fit_temperature(probabilities, y)
+    temperature = _fit_on_logs(log_p, y)
     check["kept"] = bool(temperature >= 1.0 or held_out_nll < untempered_nll)
     return (temperature if check["kept"] else 1.0), check
 
