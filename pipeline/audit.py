@@ -34,7 +34,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.settings import AuditSettings
 from pipeline.data import health
 from pipeline.data.data_folder import load_classes, load_prepare_report, load_split, read_health, read_manifest
-from pipeline.data.label_issues import find_suspects, noise_shares
+from pipeline.data.label_issues import NO_CLASS, find_suspects, noise_shares
 from pipeline.data.splits import audit_folds
 
 CSV_COLUMNS = ["path", "class", "split", "issues", "suggested", "score", "action"]
@@ -157,7 +157,7 @@ def _who(sources: dict, i: int) -> dict:
 
 
 def _rest(suspect: dict) -> dict:
-    return {"score": suspect["score"], "suggested_probability": suspect["suggested_probability"]}
+    return {k: suspect[k] for k in ("score", "suggested_probability", "kind")}
 
 
 def _flat(X: np.ndarray) -> np.ndarray:
@@ -215,6 +215,7 @@ def _counts(findings: dict, n: int) -> dict:
     return {
         "source_images": n,
         "label_issues": len(findings["label_issues"]),
+        "fitting_no_class": sum(item["kind"] == NO_CLASS for item in findings["label_issues"]),
         "health": {kind: len(items) for kind, items in findings["health"].items()},
         "exact_duplicates_across_classes": len(findings["exact_duplicates_across_classes"]),
         "near_duplicates_across_classes": len(findings["near_duplicates_across_classes"]),
@@ -232,8 +233,13 @@ def audit_csv(findings: dict) -> str:
 
     for item in findings["label_issues"]:
         r = row(item["path"], item["given"], item["split"])
-        r["issues"].append("label")
-        r["suggested"], r["score"], r["action"] = item["suggested"], item["score"], f"relabel:{item['suggested']}"
+        r["suggested"], r["score"] = item["suggested"], item["score"]
+        if item["kind"] == NO_CLASS:  # no other class is favoured: relabelling would be a guess
+            r["issues"].append(f"label ({NO_CLASS})")
+            r["action"] = "exclude"
+        else:
+            r["issues"].append("label")
+            r["action"] = f"relabel:{item['suggested']}"
     for kind, items in findings["health"].items():
         for item in items:
             r = row(item["path"], item["class"], item["split"])

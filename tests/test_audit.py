@@ -75,6 +75,7 @@ def test_audit_finds_every_planted_label_and_unfit_picture(audited):
     for path, true_class in moved.items():
         assert path in suspects, f"{path} (really {true_class}) not flagged: {findings['label_issues']}"
         assert suspects[path]["suggested"] == true_class
+        assert suspects[path]["kind"] == "looks like another class"
     scores = [item["score"] for item in findings["label_issues"]]
     assert scores == sorted(scores)  # most severe first
     # the real images among the suspects are few: the planted ones and the unfit pictures
@@ -122,6 +123,33 @@ def test_a_label_conflict_is_listed_under_its_class_after_the_fixes(tmp_path):
     rows = {r["path"]: r for r in csv.DictReader(audit_csv(findings).splitlines())}
     assert rows["dog/twin.png"]["class"] == "fox" and rows["cat/cat_001.jpg"]["class"] == "cat"
     assert rows["dog/twin.png"]["issues"] == "exact duplicate across classes"
+
+
+def test_a_suspect_that_fits_no_class_is_left_out_not_relabelled():
+    # labelled 0: four look confidently like class 1, two like none of the classes (a third
+    # each): cleanlab doubts all six labels, but relabelling the two would be a guess
+    from pipeline.audit import audit_csv
+    from pipeline.data.label_issues import find_suspects
+
+    confident = [np.eye(4)[c] * 0.92 + 0.02 for c in range(4) for _ in range(20)]
+    wrong = [np.array([0.02, 0.96, 0.01, 0.01])] * 4
+    no_class = [np.array([0.01, 0.33, 0.33, 0.33])] * 2
+    labels = np.array([c for c in range(4) for _ in range(20)] + [0] * 6)
+    suspects = find_suspects(labels, np.array(confident + wrong + no_class))
+    kinds = {s["position"]: s["kind"] for s in suspects}
+    assert {84: "fits no class", 85: "fits no class"}.items() <= kinds.items()
+    assert set(kinds) - {84, 85} and all(kinds[i] == "looks like another class" for i in set(kinds) - {84, 85})
+    findings = {
+        "label_issues": [
+            {**s, "path": f"a/{s['position']}.png", "given": "a", "split": "train", "suggested": "b"} for s in suspects
+        ],
+        "health": {},
+        "near_duplicates_across_classes": [],
+        "exact_duplicates_across_classes": [],
+    }
+    rows = {r["path"]: r for r in csv.DictReader(audit_csv(findings).splitlines())}
+    assert rows["a/84.png"]["action"] == "exclude" and rows["a/84.png"]["issues"] == "label (fits no class)"
+    assert rows["a/83.png"]["action"] == "relabel:b" and rows["a/83.png"]["issues"] == "label"
 
 
 def test_fixes_change_the_arrays_and_never_the_images(audited, tmp_path):
@@ -205,7 +233,8 @@ def test_audit_page_escapes_every_user_string(tmp_path):
     from pipeline.report.audit_page import write_audit_page
 
     evil = "<img src=x onerror=alert(1)>"
-    item = {"path": f"{evil}/a.png", "split": "train", "given": evil, "suggested": "b", "score": 0.01}
+    item = {"path": f"{evil}/a.png", "split": "train", "given": evil, "suggested": evil, "score": 0.01}
+    item["kind"] = "fits no class"  # its caption names the given class and the guess apart
     findings = {
         "data_dir": evil,
         "classes": [evil, "b"],
@@ -213,6 +242,7 @@ def test_audit_page_escapes_every_user_string(tmp_path):
         "counts": {
             "source_images": 1,
             "label_issues": 1,
+            "fitting_no_class": 1,
             "health": {"dark": 1},
             "exact_duplicates_across_classes": 0,
             "near_duplicates_across_classes": 1,

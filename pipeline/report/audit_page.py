@@ -20,6 +20,7 @@ from PIL import Image
 
 from pipeline import __version__
 from pipeline.core.artifacts import atomic_write_text
+from pipeline.data.label_issues import NO_CLASS
 from pipeline.report.html import CSS
 
 MAX_SUSPECTS_SHOWN = 300  # beyond these, audit.csv and audit.json have them all
@@ -49,6 +50,8 @@ def write_audit_page(path: Path, findings: dict, X: np.ndarray, source_paths: li
     thumb = lambda p: _thumbnail(X[row_of[p]]) if p in row_of else ""  # noqa: E731
     counts = findings["counts"]
     cards = [("source images", counts["source_images"]), ("label issues", counts["label_issues"])]
+    if counts.get("fitting_no_class"):
+        cards += [("of them fitting no class", counts["fitting_no_class"])]
     cards += [(KIND_TITLES[k].lower(), n) for k, n in counts["health"].items() if n]
     cards += [("exact duplicates across classes", counts["exact_duplicates_across_classes"])]
     cards += [("near duplicates across classes", counts["near_duplicates_across_classes"])]
@@ -93,10 +96,11 @@ def _tiles(items: list[dict], thumb, caption) -> str:
 
 
 def _suspect_caption(item: dict) -> str:
-    return (
-        f'<span class="arrow">{escape(item["given"])} &rarr; {escape(item["suggested"])}</span><br>'
-        f"score {item['score']:.3f} ({escape(item['split'])})"
-    )
+    if item["kind"] == NO_CLASS:  # the likeliest other class is only a guess
+        verdict = f"{escape(item['given'])}? fits no class</span><br>(best guess {escape(item['suggested'])})"
+    else:
+        verdict = f"{escape(item['given'])} &rarr; {escape(item['suggested'])}</span>"
+    return f'<span class="arrow">{verdict}<br>score {item["score"]:.3f} ({escape(item["split"])})'
 
 
 def _health_caption(item: dict) -> str:
