@@ -59,11 +59,8 @@ def run(cmd: list) -> dict:
     return result
 
 
-AUGMENT = 0  # --augment of every run (set from the command line)
-
-
-def prepare(folder: Path, out: Path, cache: Path | None) -> dict:
-    cmd = [PY, "-m", "pipeline", "prepare", folder, "--out", out, "--size", 64, "--augment", AUGMENT, "-q"]
+def prepare(folder: Path, out: Path, cache: Path | None, augment: int) -> dict:
+    cmd = [PY, "-m", "pipeline", "prepare", folder, "--out", out, "--size", 64, "--augment", augment, "-q"]
     return run(cmd + (["--cache", cache] if cache else ["--no-cache"]))
 
 
@@ -121,8 +118,6 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--augment", type=int, default=0, help="prepare's --augment (its default is 1)")
     a = p.parse_args()
-    global AUGMENT
-    AUGMENT = a.augment
     folder = photo_folder(f"cache_photos{a.n}", a.n, 0)
     extra = photo_folder(f"cache_extra{a.n}", max(4, a.n // 100), 1)
     work = WORK / "cache_runs"
@@ -130,21 +125,21 @@ def main() -> None:
     cache, out, reference = work / "cache", work / "data", work / "reference"
     rows: dict[str, list[dict]] = {"fresh, --no-cache": [], "fresh, empty cache": []}
     for _ in range(a.repeats):  # in turn, so that the machine's drift falls on both alike
-        rows["fresh, --no-cache"].append(prepare(folder, reference, None))
+        rows["fresh, --no-cache"].append(prepare(folder, reference, None, a.augment))
         shutil.rmtree(cache, ignore_errors=True)
-        rows["fresh, empty cache"].append(prepare(folder, out, cache))
+        rows["fresh, empty cache"].append(prepare(folder, out, cache, a.augment))
         assert same_outputs(out, reference), "a fresh cached run differs from --no-cache"
     for kind in ("unchanged", "added", "relabelled", "edited"):
         rows[f"re-run, {kind}" if kind == "unchanged" else f"re-run, 1 % {kind}"] = runs = []
         change = Change(kind, folder, extra)
         for repeat in range(a.repeats):
-            prepare(folder, out, cache)  # the cache as the folder was
+            prepare(folder, out, cache, a.augment)  # the cache as the folder was
             if kind != "unchanged":
                 change.apply()
             try:
-                runs.append(prepare(folder, out, cache))
+                runs.append(prepare(folder, out, cache, a.augment))
                 if repeat == 0:  # the same change each time: checked once
-                    prepare(folder, reference, None)
+                    prepare(folder, reference, None, a.augment)
                     assert same_outputs(out, reference), f"re-run after 1 % {kind} differs from --no-cache"
             finally:
                 change.undo()

@@ -55,9 +55,9 @@ def cached(images: Path, out: Path, cache_dir: Path, *extra: str) -> dict:
     return {"hits": hits, "files": files, "unread": unread, "augmented": augmented, "stderr": result.stderr}
 
 
-def assert_same_as_fresh(images: Path, out: Path, tmp_path: Path) -> None:
+def assert_same_as_fresh(images: Path, out: Path, tmp_path: Path, *extra: str) -> None:
     fresh = tmp_path / "fresh"
-    run_cli("prepare", images, "--out", fresh, "--no-cache", *OPTIONS, "--quiet")
+    run_cli("prepare", images, "--out", fresh, "--no-cache", *OPTIONS, *extra, "--quiet")
     for name in (*OUTPUTS, "report.json"):
         assert (out / name).read_bytes() == (fresh / name).read_bytes(), name
     shutil.rmtree(fresh)
@@ -169,6 +169,21 @@ def pack_files(cache_dir: Path) -> list[Path]:
     return sorted((cache_dir / cache.PACKS).glob("*/*.pack"))
 
 
+def test_a_killed_run_s_temporary_pack_is_removed_once_stale(folder, tmp_path):
+    # a pack is written under a temporary name (core.artifacts.atomic_write_bytes) and renamed;
+    # one a killed run left behind goes at a later run once an hour old, a young one stays
+    cache_dir, out = tmp_path / "cache", tmp_path / "data"
+    cached(folder, out, cache_dir)
+    left = pack_files(cache_dir)[0].parent
+    stale, young = left / ".dead.pack.tmp-a1b2", left / ".busy.pack.tmp-c3d4"
+    for path in (stale, young):
+        path.write_bytes(b"half a pack")
+    an_hour_ago = time.time() - cache.STALE_SECONDS - 60
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+    assert cached(folder, out, cache_dir)["hits"] == 61
+    assert not stale.exists() and young.exists()
+
+
 @pytest.mark.parametrize("damage", ["corrupt", "truncated", "foreign"])
 def test_a_broken_entry_is_decoded_again_and_counted(folder, tmp_path, damage):
     cache_dir, out = tmp_path / "cache", tmp_path / "data"
@@ -240,10 +255,7 @@ def test_the_size_limit_evicts_the_least_recently_used_packs(folder, tmp_path):
     assert 0 < total <= 150_000 and len(pack_files(cache_dir)) == 1
     run = cached(folder, out, cache_dir, "--augment", "0")
     assert 0 < run["hits"] < 61
-    fresh = tmp_path / "fresh"
-    run_cli("prepare", folder, "--out", fresh, "--no-cache", *OPTIONS, "--augment", "0", "--quiet")
-    for name in (*OUTPUTS, "report.json"):
-        assert (out / name).read_bytes() == (fresh / name).read_bytes(), name
+    assert_same_as_fresh(folder, out, tmp_path, "--augment", "0")
 
 
 def test_default_place_no_cache_and_a_cache_in_the_images_folder(folder, tmp_path):

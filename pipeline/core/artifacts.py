@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.core.errors import PipelineError
 
-_TMP_TAG = ".tmp-"
+TMP_TAG = ".tmp-"
 _OLD_TAG = ".old-"
 
 
@@ -33,7 +33,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         raise PipelineError(f"{target} exists and is not a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{_TMP_TAG}{os.getpid()}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{TMP_TAG}{os.getpid()}-", dir=target.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
@@ -72,7 +72,7 @@ def clean_stale(target: Path) -> list[Path]:
     removed = []
     for entry in target.parent.glob(f".{target.name}.*"):
         rest = entry.name[len(target.name) + 1 :]
-        for tag in (_TMP_TAG, _OLD_TAG):
+        for tag in (TMP_TAG, _OLD_TAG):
             if rest.startswith(tag):
                 pid = rest[len(tag) :].split("-", 1)[0]
                 if pid.isdigit() and not _alive(int(pid)):
@@ -134,7 +134,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write one file under a temporary name, then replace."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{_TMP_TAG}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_TAG}", dir=path.parent)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result is an ordinary file
@@ -211,7 +211,7 @@ def atomic_file(target: Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{_TMP_TAG}{os.getpid()}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{TMP_TAG}{os.getpid()}-", dir=target.parent))
     try:
         yield tmp / target.name
         os.replace(tmp / target.name, target)

@@ -200,8 +200,7 @@ class EntryStore:
         pack = uuid.uuid4().hex
         path = pack_path(self.root, pack)
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            atomic_write_bytes(path, b"".join(self._pending))
+            atomic_write_bytes(path, b"".join(self._pending))  # makes the pack's folder
         except OSError:
             return []
         return [(key, pack, offset, length) for key, offset, length in self._new]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.artifacts import atomic_write_bytes
+from pipeline.core.artifacts import TMP_TAG, atomic_write_bytes
 from pipeline.data.cache import (
     INDEX_DTYPE,
     INDEX_FILE,
@@ -42,7 +42,6 @@ def _save_index(root: Path, index: np.ndarray) -> np.ndarray:
     buffer = io.BytesIO()
     np.save(buffer, index, allow_pickle=False)
     with contextlib.suppress(OSError):
-        Path(root).mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(Path(root) / INDEX_FILE, buffer.getvalue())
     return index
 
@@ -60,7 +59,7 @@ def _list_packs(root: Path) -> dict[str, os.stat_result]:
                     st = entry.stat()
                     if entry.name.endswith(".pack"):
                         found[entry.name[: -len(".pack")]] = st
-                    elif ".tmp-" in entry.name and st.st_mtime < stale_before:
+                    elif TMP_TAG in entry.name and st.st_mtime < stale_before:
                         os.unlink(entry.path)
     return found
 

@@ -50,7 +50,7 @@ def write_audit_page(path: Path, findings: dict, X: np.ndarray, source_paths: li
     thumb = lambda p: _thumbnail(X[row_of[p]]) if p in row_of else ""  # noqa: E731
     counts = findings["counts"]
     cards = [("source images", counts["source_images"]), ("label issues", counts["label_issues"])]
-    if counts.get("fitting_no_class"):
+    if counts["fitting_no_class"]:
         cards += [("of them fitting no class", counts["fitting_no_class"])]
     cards += [(KIND_TITLES[k].lower(), n) for k, n in counts["health"].items() if n]
     cards += [("exact duplicates across classes", counts["exact_duplicates_across_classes"])]

@@ -164,7 +164,7 @@ def print_export(record: dict, fmt: str, model_dir: Path) -> None:
 
 
 def _no_class(counts: dict) -> str:
-    n = counts.get("fitting_no_class", 0)
+    n = counts["fitting_no_class"]
     return f" ({n} fitting no class: audit.csv suggests exclude)" if n else ""
 
 
