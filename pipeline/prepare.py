@@ -91,9 +91,7 @@ def prepare_dataset(images_dir: Path, out_dir: Path, settings: PrepareSettings) 
             split_of = split_by_group(
                 sources.labels, groups, settings.test_size, settings.val_size, settings.seed, sources.class_names
             )
-            counts, augmented = write_splits(scan, sources, split_of, settings, buffer_path, tmp, pool, decoded, run)
-            if decoded.cache is not None and augmented is not None:
-                decoded.cache.add(augmented)
+            counts = write_splits(scan, sources, split_of, settings, buffer_path, tmp, pool, decoded, run)
             write_health(tmp / paths.HEALTH_FILE, scan, sources, split_of, decoded.health)
             report = build_report(scan, decoded, sources, groups, split_of, counts, settings)
             if fixes_applied is not None:
@@ -202,16 +200,15 @@ def write_splits(
     pool,
     decoded: Decoded,
     run: CacheRun | None = None,
-) -> tuple[dict[str, dict[str, int]], CacheCounts | None]:
+) -> dict[str, dict[str, int]]:
     """Write X/y for each split (augmented copies after the originals, train only), the
-    manifest and classes.json; return the per-class counts, and what the cache served of
-    the augmented copies (None without a cache)."""
+    manifest and classes.json; return the per-class counts. With a cache `run`, what it
+    served of the augmented copies is added to `decoded.cache`."""
     class_names = sources.class_names
     row_shape = (s.size, s.size, channels(s.color))
     chunk_rows = max(1, COPY_BYTES // math.prod(row_shape))
     manifest: list[tuple[str, int, str, str, int]] = []
     counts = {name: dict.fromkeys(paths.COUNT_COLUMNS, 0) for name in class_names}
-    augmented_cache = None
     for split in paths.SPLITS:
         members = np.flatnonzero(split_of == split)
         split_sources, split_labels = sources.rows[members], sources.labels[members]
@@ -230,8 +227,8 @@ def write_splits(
             pass
         if copies:
             source_digests = [decoded.digests[row] for row in split_sources]
-            augmented_cache = _write_augmented(
-                X_path, offset, buffer_path, split_sources, source_digests, copies, s, pool, run
+            _write_augmented(
+                X_path, offset, buffer_path, split_sources, source_digests, copies, s, pool, run, decoded.cache
             )
         y = np.tile(split_labels, 1 + copies)
         np.save(tmp / paths.labels_file(split), y)
@@ -244,7 +241,7 @@ def write_splits(
             counts[class_names[label]]["train_augmented"] += copies
     write_manifest(tmp / paths.MANIFEST_FILE, manifest)
     write_classes(tmp, class_names)
-    return counts, augmented_cache
+    return counts
 
 
 def _copy_task(args) -> None:
@@ -263,10 +260,11 @@ def _write_augmented(
     s: PrepareSettings,
     pool,
     run: CacheRun | None,
-) -> CacheCounts | None:
+    cache_counts: CacheCounts | None,
+) -> None:
     """The augmented copies into X_train after its originals; with a cache `run`, each
-    source image's copies are looked up by its pixels and the settings, and the entries
-    written are added to `run.new`."""
+    source image's copies are looked up by its pixels and the settings, the entries
+    written are added to `run.new` and what was served to `cache_counts`."""
     n = len(sources)
     chunks = [
         (
@@ -277,12 +275,10 @@ def _write_augmented(
         + (copies, s.seed, s.flip, os.path.abspath(X_path), offset, n, start, os.path.abspath(run.root) if run else "")
         for start in range(0, n, augment.CHUNK_ROWS)
     ]
-    total = CacheCounts()
     for counts, written in progress.track(pool.imap(_augment_task, chunks), len(chunks), "augmenting training images"):
-        total.add(counts)
         if run is not None:
+            cache_counts.add(counts)
             run.new.extend(written)
-    return total if run is not None else None
 
 
 def _augment_task(args) -> tuple[CacheCounts, list]:
