@@ -83,7 +83,7 @@ def calibration_record(calibration: dict | None, seconds: float | None = None) -
         "val_ece_after": after["ece"],
         "val_nll_before": before["nll"],
         "val_nll_after": after["nll"],
-        "temperature_kept": calibration.get("temperature_check", {}).get("kept", True),
+        "temperature_kept": calibration["temperature_check"]["kept"],
         "seconds": seconds,
     }
 
