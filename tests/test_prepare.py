@@ -50,6 +50,26 @@ def test_split_is_stratified_and_seeded(images, tmp_path):
     assert np.bincount(y_test).tolist() == [2, 2, 2]
 
 
+@pytest.mark.parametrize("cache", [False, True])
+def test_reading_ahead_in_small_batches_does_not_change_the_outputs(tmp_path, monkeypatch, cache):
+    """A chunk's files are read ahead up to READ_AHEAD_BYTES before they are decoded: a bound
+    below one file (so each file is decoded alone, as for a folder of big photos) gives the
+    same arrays, manifest and report, with and without the cache."""
+    from pipeline.data import decoding
+
+    images = write_image_folder(tmp_path / "images", per_class=40)
+    (images / "cat" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    flags = ("--cache", tmp_path / "cache") if cache else ("--no-cache",)
+    run_cli("prepare", images, "--out", tmp_path / "batched", "--size", "16", *flags, "--quiet")
+    monkeypatch.setattr(decoding, "READ_AHEAD_BYTES", 1)  # the workers fork after this
+    flags = ("--cache", tmp_path / "cache2") if cache else ("--no-cache",)
+    run_cli("prepare", images, "--out", tmp_path / "one_by_one", "--size", "16", *flags, "--quiet")
+    for name in ("X_train.npy", "X_val.npy", "X_test.npy", "y_train.npy", "manifest.csv", "report.json"):
+        assert (tmp_path / "batched" / name).read_bytes() == (tmp_path / "one_by_one" / name).read_bytes(), name
+    skipped = json.loads((tmp_path / "one_by_one" / "report.json").read_text())["skipped"]
+    assert [s["path"] for s in skipped] == ["cat/broken.jpg"]
+
+
 def test_workers_do_not_change_the_arrays(tmp_path):
     images = write_image_folder(tmp_path / "images", per_class=40)
     run_cli("prepare", images, "--out", tmp_path / "one", "--size", "16", "--workers", "1", "--quiet")

@@ -43,13 +43,14 @@ from pathlib import Path
 
 import numpy as np
 import PIL
+from blake3 import blake3
 
 from pipeline import __version__
 from pipeline.core.artifacts import atomic_write_bytes
 from pipeline.core.errors import PipelineError
 from pipeline.data.images import PREPROCESS_VERSION
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: content hashed with BLAKE3, not SHA-256
 MAGIC = b"PLCACHE\x01"
 CHECKSUM = struct.Struct("<II")
 CHECKSUM_BYTES = CHECKSUM.size
@@ -104,8 +105,10 @@ def report_section(counts: CacheCounts | None) -> dict:
 
 
 def content_hash(data: bytes) -> str:
-    """SHA-256 of a file's bytes (CPUs hash it in hardware: 3 times blake2b's speed here)."""
-    return hashlib.sha256(data).hexdigest()[:40]
+    """BLAKE3 of a file's bytes: a cryptographic hash, as SHA-256 would be, at a third of
+    its time here even with SHA-256 in hardware (18 against 53 us for a 60 KB photo, 2 %
+    of decoding it)."""
+    return blake3(data).hexdigest()[:40]
 
 
 def entry_key(content: str, size: int, color: str, results_version: int) -> str:
@@ -180,13 +183,19 @@ class EntryStore:
                 os.utime(path)  # recently used: evicted last
         return self._fds[pack]
 
-    def put(self, key: str, row: np.ndarray, results: list) -> None:
-        header = json.dumps({"key": key, "shape": list(row.shape), "results": results}).encode()
-        body = b"".join((MAGIC, _HEADER_LEN.pack(len(header)), header, np.ascontiguousarray(row, dtype=np.uint8).data))
-        entry = body + _checksum(body)
-        self._new.append((key, self._pack_bytes, len(entry)))
-        self._pending.append(entry)
-        self._pack_bytes += len(entry)
+    def put(self, key: str, row: np.ndarray, results) -> None:
+        """Add an entry: `results` is JSON-able but for bytes and numpy values (see _json_default)."""
+        header = json.dumps({"key": key, "shape": list(row.shape), "results": results}, default=_json_default)
+        header = header.encode()
+        # pieces, checksummed as they stand: no copy of the whole entry until the pack is written
+        pieces = (MAGIC, _HEADER_LEN.pack(len(header)), header, np.ascontiguousarray(row, dtype=np.uint8).tobytes())
+        crc, adler = 0, 1
+        for piece in pieces:
+            crc, adler = zlib.crc32(piece, crc), zlib.adler32(piece, adler)
+        length = sum(map(len, pieces)) + CHECKSUM_BYTES
+        self._new.append((key, self._pack_bytes, length))
+        self._pending.extend((*pieces, CHECKSUM.pack(crc, adler)))
+        self._pack_bytes += length
 
     def flush(self) -> list[tuple[str, str, int, int]]:
         """Write the task's new entries as one pack; return their (key, pack, offset, length).
@@ -239,8 +248,19 @@ def parse_entry(data: bytes, key: str | None, shape: tuple[int, ...] | None) -> 
 
 def _checksum(body) -> bytes:
     """CRC-32 and Adler-32: against truncation and corruption, not forgery (the key in the
-    header, checked after, is what makes an entry this file's); a twentieth of SHA-256's time."""
+    header, checked after, is what makes an entry this file's); a twentieth of SHA-256's time.
+    EntryStore.put computes the same over an entry's pieces."""
     return CHECKSUM.pack(zlib.crc32(body), zlib.adler32(body))
+
+
+def _json_default(value):
+    """What json cannot write itself: bytes as {"hex": ...}, numpy values as Python ones
+    (numpy floats are floats to json already). Tuples come back as lists."""
+    if isinstance(value, bytes):
+        return {"hex": value.hex()}
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} cannot go into a cache entry")
 
 
 # --- the index: written by prepare's own process (cache_index.py), read by every worker ---

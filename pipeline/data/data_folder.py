@@ -76,10 +76,11 @@ def write_health(path: Path, scan, sources, split_of: np.ndarray, values: np.nda
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["split", "path", "label", *RAW_COLUMNS])
         for split in paths.SPLITS:
-            for member in np.flatnonzero(split_of == split):
-                row = sources.rows[member]
-                label = sources.class_names[sources.labels[member]]
-                writer.writerow([split, scan.files[row][0], label, *(repr(float(v)) for v in values[row])])
+            members = np.flatnonzero(split_of == split)
+            rows = sources.rows[members]
+            # Python floats: csv writes them as repr does, shortest round-trip digits
+            for row, label, row_values in zip(rows.tolist(), sources.labels[members].tolist(), values[rows].tolist()):
+                writer.writerow([split, scan.files[row][0], sources.class_names[label], *row_values])
 
 
 def read_health(data_dir: Path) -> dict[str, np.ndarray]:

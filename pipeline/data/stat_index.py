@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pipeline.core.artifacts import atomic_write_bytes
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the content hashes are BLAKE3 (cache.content_hash), no longer SHA-256
 RACY_NS = 1_000_000_000  # changed this close to its read: not trusted by stat
 CHECKSUM_BYTES = 16
 
