@@ -82,7 +82,7 @@ def prepare_dataset(images_dir: Path, out_dir: Path, settings: PrepareSettings) 
     workers = settings.workers or available_cores()
     run = cache_index.start_run(cache_dir) if cache_dir else None
     try:
-        with atomic_dir(out_dir) as tmp, _worker_pool(workers, len(scan.files), settings, cache_dir) as pool:
+        with atomic_dir(out_dir) as tmp, _worker_pool(workers, len(scan.files), settings, run) as pool:
             pool.check_storage(scan.root / scan.files[0][0], tmp)  # a cluster's workers must see both
             buffer_path = tmp / "_decoded.npy"
             decoded = decode_all(scan, settings, buffer_path, pool, run)
@@ -107,10 +107,12 @@ def prepare_dataset(images_dir: Path, out_dir: Path, settings: PrepareSettings) 
     return report
 
 
-def _worker_pool(workers: int, n_files: int, settings: PrepareSettings, cache_dir: Path | None):
-    if settings.augment and not settings.scheduler and cache_dir is None:
-        # Import albumentations once, before the workers fork. With a cache the copies may
-        # all come from it: then nobody imports it (a second, a third of such a re-run).
+def _worker_pool(workers: int, n_files: int, settings: PrepareSettings, run: CacheRun | None):
+    if settings.augment and not settings.scheduler and (run is None or len(run.index) < n_files):
+        # Import albumentations once, before the workers fork, where copies will be drawn:
+        # without a cache, or with one that holds fewer entries than the folder has files
+        # (it has not seen most of it). A cache that may serve every copy leaves the import
+        # to the first worker that draws one: nobody, in a re-run (a second, a third of it).
         augment.build_augmenter(0)
     return open_pool(min(workers, max(1, n_files // 16)), settings.scheduler)
 
