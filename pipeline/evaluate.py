@@ -29,7 +29,7 @@ from pipeline.data.data_folder import load_classes, load_prepare_report, load_sp
 from pipeline.data.images import channels
 from pipeline.inference.calibration import evaluation_report
 from pipeline.inference.classifier import load_classifier
-from pipeline.inference.model_folder import check_model_fits, load_keras_model, load_model_classes
+from pipeline.inference.model_folder import check_model_fits, load_model_classes
 from pipeline.report import calibration_plots, plots
 from pipeline.report.html import write_report
 from pipeline.report.model_card import write_model_card
@@ -68,7 +68,7 @@ def evaluate_model(data_dir: Path, model_dir: Path, out_dir: Path, engine: str =
         _write_predictions(tmp / paths.PREDICTIONS_FILE, test_paths, y, probabilities, classes)
         plots.save_confusion_matrix(np.array(metrics["confusion_matrix"]), classes, tmp / paths.CONFUSION_PNG)
         plots.save_misclassified(X, y, probabilities, classes, test_paths, tmp / paths.MISCLASSIFIED_PNG)
-        _save_misclassified_gradcam(model_dir, X, y, probabilities, classes, test_paths, tmp)
+        _save_misclassified_gradcam(classifier, model_dir, X, y, probabilities, classes, test_paths, tmp)
         calibration_plots.save_reliability(metrics["calibration"], tmp / paths.RELIABILITY_PNG)
         calibration_plots.save_risk_coverage(metrics["calibration"], tmp / paths.RISK_COVERAGE_PNG)
         write_report(tmp / paths.REPORT_HTML, metrics, data_dir, model_dir, tmp)
@@ -90,7 +90,9 @@ def _complete_model_card(model_dir: Path, data_dir: Path, metrics: dict) -> None
         progress.say(f"note: {model_dir / paths.MODEL_CARD_FILE} not updated: {e.strerror or e}")
 
 
-def _save_misclassified_gradcam(model_dir: Path, X, y, probabilities, classes, test_paths, folder: Path) -> None:
+def _save_misclassified_gradcam(
+    classifier, model_dir: Path, X, y, probabilities, classes, test_paths, folder: Path
+) -> None:
     """The gallery of mistakes again, each image overlaid with the Grad-CAM of the class it was taken for."""
     from pipeline.inference.gradcam import heatmaps, overlay
 
@@ -100,7 +102,7 @@ def _save_misclassified_gradcam(model_dir: Path, X, y, probabilities, classes, t
     if len(shown) == 0:
         return
     pixels = np.asarray(X[np.sort(shown)])
-    heat = heatmaps(load_keras_model(model_dir), pixels, predicted[np.sort(shown)])
+    heat = heatmaps(classifier.keras_model(model_dir), pixels, predicted[np.sort(shown)])
     overlays = {int(i): overlay(image, h) for i, image, h in zip(np.sort(shown), pixels, heat)}
     plots.save_misclassified(overlays, y, probabilities, classes, test_paths, folder / paths.MISCLASSIFIED_GRADCAM_PNG)
 

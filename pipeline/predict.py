@@ -64,7 +64,9 @@ def predict_files(
     )
     results = [classifier.label(name, p, settings.top_k, threshold) for name, p in zip(names, probabilities)]
     if settings.explain:
-        explain(Path(model_dir), Path(settings.explain), names, arrays, probabilities.argmax(axis=1))
+        explain(
+            classifier.keras_model(Path(model_dir)), Path(settings.explain), names, arrays, probabilities.argmax(axis=1)
+        )
     return results, errors
 
 
@@ -73,13 +75,12 @@ def note_tta(classifier: Classifier, tta: bool) -> None:
         progress.say("note: prepare was run with --no-flip, so --tta has no mirror image to average over")
 
 
-def explain(model_dir: Path, folder: Path, names: list[str], arrays: list, predicted) -> None:
-    """--explain DIR: a Grad-CAM overlay of each image's predicted class, one PNG each."""
+def explain(model, folder: Path, names: list[str], arrays: list, predicted) -> None:
+    """--explain DIR: a Grad-CAM overlay of each image's predicted class (by the Keras `model`), one PNG each."""
     from pipeline.inference.gradcam import heatmaps, write_overlays
-    from pipeline.inference.model_folder import load_keras_model
 
     pixels = np.stack(arrays)
-    written = write_overlays(folder, names, pixels, heatmaps(load_keras_model(model_dir), pixels, predicted))
+    written = write_overlays(folder, names, pixels, heatmaps(model, pixels, predicted))
     progress.say(f"{len(written)} Grad-CAM heatmap(s) written to {folder}")
 
 

@@ -43,7 +43,7 @@ from pipeline.core.native_stderr import import_keras
 from pipeline.core.settings import INFERENCE_BATCH, TrainSettings
 from pipeline.data.data_folder import TrainingData, load_training_data
 from pipeline.inference.calibration import calibrate_on_validation
-from pipeline.inference.model_folder import calibration_record, write_calibration, write_model_folder
+from pipeline.inference.model_folder import write_calibration, write_model_folder
 from pipeline.report import plots
 from pipeline.report.model_card import write_model_card
 from pipeline.training import distribute
@@ -97,10 +97,7 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
             with plots.TrainingCurvesBeside(tmp / paths.HISTORY_FILE, fit.best_epoch, tmp / paths.CURVES_PNG):
                 write_model_folder(tmp, model, data.classes, data_dir, data.prepare_report, settings, summary)
                 calibration, seconds = calibrate(tmp, model, data)
-                write_calibration(tmp, calibration, seconds)
-            summary["calibration"] = calibration_record(
-                calibration, seconds
-            )  # for the CLI's line; settings.json has it
+                summary["calibration"] = write_calibration(tmp, calibration, seconds)  # for the CLI's line
             # after calibration.json, which it reads; here, not in write_model_folder: report sits above inference
             write_model_card(tmp, data.prepare_report)
     plan.barrier("the chief wrote the model folder")  # no worker leaves before the model is in place

@@ -64,6 +64,12 @@ class Classifier:
     run: Callable[[np.ndarray], np.ndarray]  # uint8 batch (N, size, size, channels) -> float64 probabilities
     calibration: dict | None = None  # calibration.json: temperature, thresholds; None: uncalibrated
     flips: bool = False  # prepare mirrored training images left-right: --tta may average over the flip
+    keras: object = None  # the Keras model that `run` calls, for the keras engine; None for the others
+
+    def keras_model(self, model_dir: Path):
+        """The model folder's Keras model (Grad-CAM needs one whatever the engine): the one
+        loaded already for the keras engine, else loaded now."""
+        return self.keras if self.keras is not None else load_keras_model(model_dir)
 
     @property
     def temperature(self) -> float:
@@ -170,6 +176,7 @@ def load_classifier(model_dir: Path, engine: str = "auto", threads: int | None =
         "keras",
         lambda batch: np.asarray(model.predict_on_batch(batch), dtype=np.float64),
         **_calibration_and_flips(model_dir),
+        keras=model,
     )
 
 

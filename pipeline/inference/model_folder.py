@@ -60,16 +60,17 @@ def write_model_folder(
     )
 
 
-def write_calibration(folder: Path, calibration: dict | None, seconds: float | None = None) -> None:
+def write_calibration(folder: Path, calibration: dict | None, seconds: float | None = None) -> dict:
     """calibration.json (none without a validation split; the same bytes for the same model
     and data) and settings.json's `calibration` line with the `seconds` it took, into the
-    model folder train is writing (measured on its exported model)."""
+    model folder train is writing (measured on its exported model); returns that line."""
     folder = Path(folder)
     if calibration is not None:
         write_json(folder / paths.CALIBRATION_FILE, calibration)
     settings = read_json(folder / paths.TRAIN_SETTINGS_FILE, paths.TRAIN_HINT)
     record = calibration_record(calibration, seconds)
     write_json(folder / paths.TRAIN_SETTINGS_FILE, {**settings, "calibration": record})
+    return record
 
 
 def calibration_record(calibration: dict | None, seconds: float | None = None) -> dict:
