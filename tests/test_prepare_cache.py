@@ -214,6 +214,29 @@ def test_a_broken_entry_is_decoded_again_and_counted(folder, tmp_path, damage):
     assert_same_as_fresh(folder, out, tmp_path)
 
 
+def test_packs_with_no_entry_left_in_the_index_are_deleted(folder, tmp_path):
+    """A pack whose every entry was unusable and written again, and a stale copy of entries
+    that other packs hold (two runs decoding the same files), serve nothing: they go, or
+    every later run would scan them again. A young copy stays: its run may index it yet."""
+    cache_dir, out = tmp_path / "cache", tmp_path / "data"
+    cached(folder, out, cache_dir)
+    broken, *others = pack_files(cache_dir)
+    broken.write_bytes(bytes(broken.stat().st_size))  # every entry of it unreadable
+    stale, young = (Path(cache.pack_path(cache_dir, name)) for name in ("e" * 32, "f" * 32))
+    for copy in (stale, young):
+        copy.parent.mkdir(exist_ok=True)
+        shutil.copyfile(others[0], copy)
+    an_hour_ago = time.time() - cache.STALE_SECONDS - 60
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+    run = cached(folder, out, cache_dir)
+    assert "unusable entries decoded again" in run["stderr"]
+    assert not broken.exists() and not stale.exists() and young.exists()
+    assert all(p.exists() for p in others)
+    again = cached(folder, out, cache_dir)
+    assert again["hits"] == 61 and "unusable" not in again["stderr"]
+    assert_same_as_fresh(folder, out, tmp_path)
+
+
 def test_a_lost_index_costs_a_scan_of_the_packs_not_a_wrong_row(folder, tmp_path):
     cache_dir, out = tmp_path / "cache", tmp_path / "data"
     cached(folder, out, cache_dir)

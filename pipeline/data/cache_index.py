@@ -5,8 +5,9 @@ packs beyond the size limit. `start_run`, before any worker looks: adopts the pa
 index names (written by a run that was killed, or that raced this one to the index), so
 their entries are found. `finish_run`, after the decoding and the augmentation (or after
 a failure between them): indexes the entries the workers wrote, newest first (an entry
-rewritten because the old one was broken wins), then evicts the least recently used
-packs beyond --cache-limit-gb (a read touches a pack's mtime). The entries' format and the workers' side are in cache.py.
+rewritten because the old one was broken wins), deletes the packs left with no entry in
+the index, then evicts the least recently used packs beyond --cache-limit-gb (a read
+touches a pack's mtime). The entries' format and the workers' side are in cache.py.
 """
 
 from __future__ import annotations
@@ -32,13 +33,17 @@ from pipeline.data.cache import (
 )
 
 
-def _save_index(root: Path, index: np.ndarray) -> np.ndarray:
-    """Write the index sorted by key, one entry per key (the first wins); return what was written."""
-    order = np.argsort(index["key"], kind="stable")
-    index = index[order]
+def _one_per_key(index: np.ndarray) -> np.ndarray:
+    """The index sorted by key, one entry per key (the first wins)."""
+    index = index[np.argsort(index["key"], kind="stable")]
     keep = np.ones(len(index), dtype=bool)
     keep[1:] = index["key"][1:] != index["key"][:-1]  # the same content written twice: one entry
-    index = index[keep]
+    return index[keep]
+
+
+def _save_index(root: Path, index: np.ndarray) -> np.ndarray:
+    """Write the index sorted by key, one entry per key (the first wins); return what was written."""
+    index = _one_per_key(index)
     buffer = io.BytesIO()
     np.save(buffer, index, allow_pickle=False)
     with contextlib.suppress(OSError):
@@ -96,24 +101,44 @@ class CacheRun:
     new: list[tuple[str, str, int, int]] = field(default_factory=list)
 
 
+def _packs_of(index: np.ndarray) -> set[bytes]:
+    return set(np.unique(index["pack"]).tolist()) if len(index) else set()
+
+
+def _delete_packs(root: Path, names) -> None:
+    for name in names:
+        with contextlib.suppress(OSError):
+            os.unlink(pack_path(root, name))
+
+
 def start_run(root: Path) -> CacheRun:
-    """Adopt packs that no index names (a killed or concurrent run's) before the workers look."""
+    """Adopt packs that no index names (a killed or concurrent run's) before the workers look.
+    An orphan none of whose entries the index takes (each key held by another pack already:
+    two runs wrote the same files) is deleted once stale, or every run would scan it again."""
     root = Path(root)
     packs = _list_packs(root)
     index = load_index(root)
-    indexed = set(np.unique(index["pack"]).tolist()) if len(index) else set()
+    indexed = _packs_of(index)
     orphans = [name for name in packs if name.encode() not in indexed]
     if orphans:
         adopted = [entry for name in sorted(orphans) for entry in _scan_pack(root, name)]
         index = _save_index(root, np.concatenate([index, _as_index(adopted)]) if adopted else index)
+        kept, stale_before = _packs_of(index), time.time() - STALE_SECONDS
+        unused = [name for name in orphans if name.encode() not in kept and packs[name].st_mtime < stale_before]
+        _delete_packs(root, unused)
+        packs = {name: st for name, st in packs.items() if name not in unused}
     return CacheRun(root, packs, index)
 
 
 def finish_run(run: CacheRun, limit_bytes: int) -> None:
-    """Index this run's new entries; then delete least recently used packs beyond the limit."""
+    """Index this run's new entries; delete the packs that no entry is left in, then the
+    least recently used packs beyond the limit."""
     if not run.new:
         return
-    index = np.concatenate([_as_index(run.new), run.index])  # first wins: a rewritten entry over a broken one
+    index = _one_per_key(np.concatenate([_as_index(run.new), run.index]))  # a rewritten entry over a broken one
+    # A pack whose every entry this run wrote again (each found broken, or of another
+    # format) is named by no index now: it would only be scanned, at every start, for nothing.
+    _delete_packs(run.root, [name.decode() for name in _packs_of(run.index) - _packs_of(index)])
     packs = _list_packs(run.root)
     total = sum(st.st_size for st in packs.values())
     gone = set()
