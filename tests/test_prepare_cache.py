@@ -237,6 +237,18 @@ def test_packs_with_no_entry_left_in_the_index_are_deleted(folder, tmp_path):
     assert_same_as_fresh(folder, out, tmp_path)
 
 
+def test_an_entry_of_another_format_is_foreign_from_its_first_bytes(folder, tmp_path):
+    """The magic's last byte is the format: a pack an older pipeline wrote (other checksum,
+    other hash) is never read as this format's entries, nor adopted as one."""
+    cache_dir, out = tmp_path / "cache", tmp_path / "data"
+    cached(folder, out, cache_dir)
+    data = bytearray(pack_files(cache_dir)[0].read_bytes())
+    _, length = cache.parse_entry(bytes(data), None, None)
+    assert cache.MAGIC == b"PLCACHE" + bytes([cache.FORMAT_VERSION])
+    data[len(cache.MAGIC) - 1] = cache.FORMAT_VERSION - 1
+    assert cache.parse_entry(bytes(data[:length]), None, None) == "foreign"
+
+
 def test_a_lost_index_costs_a_scan_of_the_packs_not_a_wrong_row(folder, tmp_path):
     cache_dir, out = tmp_path / "cache", tmp_path / "data"
     cached(folder, out, cache_dir)

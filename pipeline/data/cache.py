@@ -51,7 +51,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.data.images import PREPROCESS_VERSION
 
 FORMAT_VERSION = 2  # 2: content hashed with BLAKE3 (not SHA-256), entries checked by CRC-32 alone
-MAGIC = b"PLCACHE\x01"
+MAGIC = b"PLCACHE" + bytes([FORMAT_VERSION])  # another format's entries are foreign from their first bytes
 CHECKSUM = struct.Struct("<I")
 CHECKSUM_BYTES = CHECKSUM.size
 INDEX_FILE, PACKS = "index.npy", "packs"
