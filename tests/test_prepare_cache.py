@@ -237,16 +237,29 @@ def test_packs_with_no_entry_left_in_the_index_are_deleted(folder, tmp_path):
     assert_same_as_fresh(folder, out, tmp_path)
 
 
-def test_an_entry_of_another_format_is_foreign_from_its_first_bytes(folder, tmp_path):
-    """The magic's last byte is the format: a pack an older pipeline wrote (other checksum,
-    other hash) is never read as this format's entries, nor adopted as one."""
+def test_an_orphan_pack_of_another_format_is_not_adopted(folder, tmp_path):
+    """A stale pack whose entries carry the previous format's magic (as an older pipeline
+    wrote them) is neither adopted nor served: its entries, here for keys the index does not
+    hold (another --size), would otherwise be indexed as this format's. It is deleted."""
     cache_dir, out = tmp_path / "cache", tmp_path / "data"
+    other = tmp_path / "other_cache"
+    run_cli("prepare", folder, "--out", tmp_path / "other", "--cache", other, "--size", "24", "--quiet")
+    data = bytearray(pack_files(other)[0].read_bytes())
+    offset = 0
+    while offset < len(data):  # every entry of it marked as the previous format's
+        _, length = cache.parse_entry(bytes(data[offset:]), None, None)
+        data[offset + len(cache.MAGIC) - 1] = cache.FORMAT_VERSION - 1
+        offset += length
     cached(folder, out, cache_dir)
-    data = bytearray(pack_files(cache_dir)[0].read_bytes())
-    _, length = cache.parse_entry(bytes(data), None, None)
-    assert cache.MAGIC == b"PLCACHE" + bytes([cache.FORMAT_VERSION])
-    data[len(cache.MAGIC) - 1] = cache.FORMAT_VERSION - 1
-    assert cache.parse_entry(bytes(data[:length]), None, None) == "foreign"
+    old = Path(cache.pack_path(cache_dir, "d" * 32))
+    old.parent.mkdir(exist_ok=True)
+    old.write_bytes(bytes(data))
+    an_hour_ago = time.time() - cache.STALE_SECONDS - 60
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    indexed = len(cache.load_index(cache_dir))
+    run = cached(folder, out, cache_dir)
+    assert run["hits"] == 61 and "unusable" not in run["stderr"]
+    assert len(cache.load_index(cache_dir)) == indexed and not old.exists()
 
 
 def test_a_lost_index_costs_a_scan_of_the_packs_not_a_wrong_row(folder, tmp_path):
