@@ -173,7 +173,10 @@ def main() -> None:
                 "x_train": round(seconds / results["train_s"], 2),
                 **score_issues(flagged, planted & kept),
                 "with_symbol_fonts": score_issues(flagged, (planted | set(truth["not_letters"])) & kept),
-                "fitting_no_class": findings["counts"]["fitting_no_class"],  # audit.csv: exclude, not relabel
+                # doubted but like no class (audit.csv: exclude): not label issues, scored with them here
+                "with_fits_no_class": score_issues(
+                    flagged | {item["path"] for item in findings["fits_no_class"]}, planted & kept
+                ),
                 "health": findings["counts"]["health"],
                 "right_suggestions": sum(
                     truth["planted"].get(i["path"]) == i["suggested"] for i in findings["label_issues"]

@@ -34,7 +34,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.settings import AuditSettings
 from pipeline.data import health
 from pipeline.data.data_folder import load_classes, load_prepare_report, load_split, read_health, read_manifest
-from pipeline.data.label_issues import NO_CLASS, find_suspects, noise_shares
+from pipeline.data.label_issues import WRONG_CLASS, find_suspects, noise_shares
 from pipeline.data.splits import audit_folds
 
 CSV_COLUMNS = ["path", "class", "split", "issues", "suggested", "score", "action"]
@@ -71,10 +71,7 @@ def audit_dataset(data_dir: Path, out_dir: Path, settings: AuditSettings) -> dic
         "seconds": round(seconds, 1),
         "folds": folds,
         "out_of_fold_agreement": round(float(np.mean(probabilities.argmax(1) == labels)), 4),
-        "label_issues": [
-            {**_who(sources, s["position"]), "suggested": classes[s["suggested"]], **_rest(s)}
-            for s in find_suspects(labels, probabilities)
-        ],
+        **_suspects(sources, find_suspects(labels, probabilities), classes),
         "label_noise": noise_shares(labels, probabilities, classes),
         "health": _health_issues(data_dir, sources, _flat(fold_rows.X), fold_rows.X.shape[-1] == 3),
         "exact_duplicates_across_classes": report.get("label_conflicts", []),
@@ -152,6 +149,17 @@ def _group_ids(source_paths: list[str], report: dict) -> np.ndarray:
     return np.array([group_of.get(p, offset + i) for i, p in enumerate(source_paths)], dtype=np.int64)
 
 
+def _suspects(sources: dict, suspects: list[dict], classes: list[str]) -> dict[str, list[dict]]:
+    """audit.json's two lists of doubted labels, each most severe first: label_issues (the
+    models put the image in another class) and fits_no_class (they doubt its label but favour
+    no other class: a guess is no suggestion)."""
+    found = {"label_issues": [], "fits_no_class": []}
+    for s in suspects:
+        item = {**_who(sources, s["position"]), "suggested": classes[s["suggested"]], **_rest(s)}
+        found["label_issues" if s["kind"] == WRONG_CLASS else "fits_no_class"].append(item)
+    return found
+
+
 def _who(sources: dict, i: int) -> dict:
     return {"path": sources["path"][i], "split": sources["split"][i], "given": sources["class"][i]}
 
@@ -215,7 +223,7 @@ def _counts(findings: dict, n: int) -> dict:
     return {
         "source_images": n,
         "label_issues": len(findings["label_issues"]),
-        "fitting_no_class": sum(item["kind"] == NO_CLASS for item in findings["label_issues"]),
+        "fits_no_class": len(findings["fits_no_class"]),
         "health": {kind: len(items) for kind, items in findings["health"].items()},
         "exact_duplicates_across_classes": len(findings["exact_duplicates_across_classes"]),
         "near_duplicates_across_classes": len(findings["near_duplicates_across_classes"]),
@@ -234,12 +242,13 @@ def audit_csv(findings: dict) -> str:
     for item in findings["label_issues"]:
         r = row(item["path"], item["given"], item["split"])
         r["suggested"], r["score"] = item["suggested"], item["score"]
-        if item["kind"] == NO_CLASS:  # no other class is favoured: relabelling would be a guess
-            r["issues"].append(f"label ({NO_CLASS})")
-            r["action"] = "exclude"
-        else:
-            r["issues"].append("label")
-            r["action"] = f"relabel:{item['suggested']}"
+        r["issues"].append("label")
+        r["action"] = f"relabel:{item['suggested']}"
+    for item in findings["fits_no_class"]:  # no other class is favoured: relabelling would be a guess
+        r = row(item["path"], item["given"], item["split"])
+        r["suggested"], r["score"] = item["suggested"], item["score"]
+        r["issues"].append("fits no class")
+        r["action"] = "exclude"
     for kind, items in findings["health"].items():
         for item in items:
             r = row(item["path"], item["class"], item["split"])

@@ -56,7 +56,10 @@ def audited(tmp_path_factory) -> dict:
     images, moved = planted_folder(root / "images")
     data, out = root / "data", root / "audit"
     run_cli("prepare", images, "--out", data, "--size", "16", "--quiet")
-    result = run_cli("audit", "--data", data, "--out", out, "--epochs", "6", "--quiet")
+    # 3 folds, not the default 4: of 64 pictures, 4 folds leave each model 16 per class, too
+    # few to be sure of one planted file (its suggested class came at 0.807, just under
+    # cleanlab's 0.814 for that class); the default is measured on the letters (bench/)
+    result = run_cli("audit", "--data", data, "--out", out, "--epochs", "6", "--folds", "3", "--quiet")
     findings = json.loads((out / "audit.json").read_text())
     return {
         "root": root,
@@ -116,6 +119,7 @@ def test_a_label_conflict_is_listed_under_its_class_after_the_fixes(tmp_path):
     report = json.loads((tmp_path / "data" / "report.json").read_text())
     findings = {
         "label_issues": [],
+        "fits_no_class": [],
         "health": {},
         "near_duplicates_across_classes": [],
         "exact_duplicates_across_classes": report["label_conflicts"],
@@ -128,7 +132,7 @@ def test_a_label_conflict_is_listed_under_its_class_after_the_fixes(tmp_path):
 def test_a_suspect_that_fits_no_class_is_left_out_not_relabelled():
     # labelled 0: four look confidently like class 1, two like none of the classes (a third
     # each): cleanlab doubts all six labels, but relabelling the two would be a guess
-    from pipeline.audit import audit_csv
+    from pipeline.audit import _suspects, audit_csv
     from pipeline.data.label_issues import find_suspects
 
     confident = [np.eye(4)[c] * 0.92 + 0.02 for c in range(4) for _ in range(20)]
@@ -136,19 +140,25 @@ def test_a_suspect_that_fits_no_class_is_left_out_not_relabelled():
     no_class = [np.array([0.01, 0.33, 0.33, 0.33])] * 2
     labels = np.array([c for c in range(4) for _ in range(20)] + [0] * 6)
     suspects = find_suspects(labels, np.array(confident + wrong + no_class))
+    # all four confident ones, though prune_by_class alone spends class 0's count of four
+    # on the two that fit nothing and keeps only two of them
     kinds = {s["position"]: s["kind"] for s in suspects}
-    assert {84: "fits no class", 85: "fits no class"}.items() <= kinds.items()
-    assert set(kinds) - {84, 85} and all(kinds[i] == "looks like another class" for i in set(kinds) - {84, 85})
+    assert kinds == {
+        **dict.fromkeys(range(80, 84), "looks like another class"),
+        84: "fits no class",
+        85: "fits no class",
+    }
+    sources = {"path": [f"a/{i}.png" for i in range(86)], "split": ["train"] * 86, "class": ["a"] * 86}
     findings = {
-        "label_issues": [
-            {**s, "path": f"a/{s['position']}.png", "given": "a", "split": "train", "suggested": "b"} for s in suspects
-        ],
+        **_suspects(sources, suspects, ["a", "b", "c", "d"]),
         "health": {},
         "near_duplicates_across_classes": [],
         "exact_duplicates_across_classes": [],
     }
+    assert [i["path"] for i in findings["fits_no_class"]] == ["a/84.png", "a/85.png"]
+    assert {i["path"] for i in findings["label_issues"]} == {f"a/{i}.png" for i in range(80, 84)}
     rows = {r["path"]: r for r in csv.DictReader(audit_csv(findings).splitlines())}
-    assert rows["a/84.png"]["action"] == "exclude" and rows["a/84.png"]["issues"] == "label (fits no class)"
+    assert rows["a/84.png"]["action"] == "exclude" and rows["a/84.png"]["issues"] == "fits no class"
     assert rows["a/83.png"]["action"] == "relabel:b" and rows["a/83.png"]["issues"] == "label"
 
 
@@ -242,13 +252,14 @@ def test_audit_page_escapes_every_user_string(tmp_path):
         "counts": {
             "source_images": 1,
             "label_issues": 1,
-            "fitting_no_class": 1,
+            "fits_no_class": 1,
             "health": {"dark": 1},
             "exact_duplicates_across_classes": 0,
             "near_duplicates_across_classes": 1,
         },
         "label_noise": [{"text": f"about 4 % of '{evil}' look like 'b'"}],
-        "label_issues": [item],
+        "label_issues": [{**item, "kind": "looks like another class"}],
+        "fits_no_class": [item],
         "health": {"dark": [{**item, "class": evil}]},
         "exact_duplicates_across_classes": [],
         "near_duplicates_across_classes": [{"paths": [item["path"]], "classes": [evil, "b"]}],
@@ -257,4 +268,4 @@ def test_audit_page_escapes_every_user_string(tmp_path):
     write_audit_page(page, findings, np.zeros((1, 16, 16, 3), dtype=np.uint8), [item["path"]])
     text = page.read_text()
     assert evil not in text and "&lt;img src=x onerror=alert(1)&gt;" in text
-    assert text.count("data:image/png;base64,") == 2
+    assert text.count("data:image/png;base64,") == 3

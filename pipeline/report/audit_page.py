@@ -50,8 +50,8 @@ def write_audit_page(path: Path, findings: dict, X: np.ndarray, source_paths: li
     thumb = lambda p: _thumbnail(X[row_of[p]]) if p in row_of else ""  # noqa: E731
     counts = findings["counts"]
     cards = [("source images", counts["source_images"]), ("label issues", counts["label_issues"])]
-    if counts["fitting_no_class"]:
-        cards += [("of them fitting no class", counts["fitting_no_class"])]
+    if counts["fits_no_class"]:
+        cards += [("doubted, fitting no class", counts["fits_no_class"])]
     cards += [(KIND_TITLES[k].lower(), n) for k, n in counts["health"].items() if n]
     cards += [("exact duplicates across classes", counts["exact_duplicates_across_classes"])]
     cards += [("near duplicates across classes", counts["near_duplicates_across_classes"])]
@@ -71,6 +71,13 @@ def write_audit_page(path: Path, findings: dict, X: np.ndarray, source_paths: li
     body.append(_tiles(findings["label_issues"][:MAX_SUSPECTS_SHOWN], thumb, _suspect_caption))
     if counts["label_issues"] > MAX_SUSPECTS_SHOWN:
         body.append(f'<p class="muted">and {counts["label_issues"] - MAX_SUSPECTS_SHOWN} more in audit.csv</p>')
+    if findings["fits_no_class"]:
+        body.append(
+            f"<h2>Doubted, fitting no class ({counts['fits_no_class']})</h2><p>The models doubt the label "
+            "but favour no other class: a picture unlike the classes, or an odd one. audit.csv suggests "
+            "leaving them out.</p>"
+        )
+        body.append(_tiles(findings["fits_no_class"][:MAX_SUSPECTS_SHOWN], thumb, _suspect_caption))
     body.append("<h2>Health</h2>")
     for kind, items in findings["health"].items():
         if items:

@@ -164,14 +164,12 @@ def print_export(record: dict, fmt: str, model_dir: Path) -> None:
 
 
 def _no_class(counts: dict) -> str:
-    n = counts["fitting_no_class"]
-    return f" ({n} fitting no class: audit.csv suggests exclude)" if n else ""
+    n = counts["fits_no_class"]
+    return f" and {n} doubted but fitting no class (audit.csv suggests exclude)" if n else ""
 
 
 def print_audit_summary(findings: dict, out_dir: Path, shown: int = 10) -> None:
     """The audit in a few lines: the counts, the worst suspects, the noise per class, the page."""
-    from pipeline.data.label_issues import NO_CLASS
-
     counts = findings["counts"]
     health = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in counts["health"].items() if n) or "none"
     out.print(
@@ -186,8 +184,7 @@ def print_audit_summary(findings: dict, out_dir: Path, shown: int = 10) -> None:
         for column in ("file", "given", "suggested", "score"):
             table.add_column(column, justify="right" if column == "score" else "left")
         for item in findings["label_issues"][:shown]:  # Text: a bracket in a file name is not markup
-            suggested = item["suggested"] if item["kind"] != NO_CLASS else f"none ({item['suggested']}?)"
-            table.add_row(Text(item["path"]), Text(item["given"]), Text(suggested), f"{item['score']:.3f}")
+            table.add_row(Text(item["path"]), Text(item["given"]), Text(item["suggested"]), f"{item['score']:.3f}")
         out.print(table)
     for noise in findings["label_noise"][:shown]:
         out.print(noise["text"], markup=False)
