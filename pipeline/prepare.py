@@ -289,7 +289,11 @@ def _augment_task(args) -> tuple[CacheCounts, list]:
     what the cache served and the entries it wrote."""
     buffer_path, sources, digests, copies, seed, flip, X_path, offset, n, start, cache_dir = args
     store, counts = (EntryStore(cache_dir) if cache_dir else None), CacheCounts()
-    out = augment.augment_images(read_rows(Path(buffer_path), sources), digests, copies, seed, flip, store, counts)
+    buffer = np.load(buffer_path, mmap_mode="r", allow_pickle=False)  # a re-run's copies need no source row
+    try:
+        out = augment.augment_images(buffer, sources, digests, copies, seed, flip, store, counts)
+    finally:
+        del buffer
     for c in range(copies):
         write_rows(Path(X_path), offset, n * (1 + c) + start, out[c])
     return counts, (store.flush() if store is not None else [])

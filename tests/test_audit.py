@@ -4,6 +4,7 @@ to the arrays and never to the images, and health holds to cleanvision's own sco
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -269,3 +270,28 @@ def test_audit_page_escapes_every_user_string(tmp_path):
     text = page.read_text()
     assert evil not in text and "&lt;img src=x onerror=alert(1)&gt;" in text
     assert text.count("data:image/png;base64,") == 3
+
+
+def test_health_csv_is_what_the_csv_module_writes_for_awkward_names(tmp_path):
+    # health.csv is written line by line from text the workers made: it must still be the
+    # csv module's own output, quoting and all, for names with commas, quotes and line breaks
+    images = tmp_path / "images"
+    awkward = {"a,b": ['x, "y".png', "line\nbreak.png", "plain.png"], 'c"d': ["z.png", "w.png", "v,.png"]}
+    rng = np.random.default_rng(0)
+    for cls, names in awkward.items():
+        (images / cls).mkdir(parents=True)
+        for name in names:
+            Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(images / cls / name)
+    run_cli("prepare", images, "--out", tmp_path / "data", "--size", "16", "--quiet")
+    text = (tmp_path / "data/health.csv").read_text(encoding="utf-8")
+    with open(tmp_path / "data/health.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    again = io.StringIO()
+    csv.writer(again, lineterminator="\n").writerows(rows)
+    assert text == again.getvalue()
+    assert rows[0] == ["split", "path", "label", *health.RAW_COLUMNS]
+    listed = {(row[1], row[2]) for row in rows[1:]}
+    assert listed == {(f"{cls}/{name}", cls) for cls, names in awkward.items() for name in names}
+    for row in rows[1:]:
+        values = dict(zip(health.RAW_COLUMNS, map(float, row[3:]), strict=True))
+        assert (values["width"], values["height"]) == (30.0, 20.0)

@@ -84,6 +84,7 @@ def cache_key(versions: str, digest: bytes, shape: tuple, copies: int, seed: int
 
 def augment_images(
     images: np.ndarray,
+    rows: np.ndarray,
     digests: list[bytes],
     copies: int,
     seed: int,
@@ -91,20 +92,22 @@ def augment_images(
     store: EntryStore | None = None,
     counts: CacheCounts | None = None,
 ) -> np.ndarray:
-    """(copies, len(images), H, W, C) augmented versions of `images` (uint8 NHWC), whose
-    pixel digests are `digests`. With a cache `store`, an image's copies come from its entry
-    when one is sound, and are put there when drawn (`counts` says which)."""
+    """(copies, len(rows), H, W, C) augmented versions of `images[rows]` (uint8 NHWC; a
+    memory map is read only at the rows whose copies are drawn), whose pixel digests are
+    `digests`. With a cache `store`, an image's copies come from its entry when one is
+    sound, and are put there when drawn (`counts` says which)."""
     augmenter = None  # built at the first image the cache does not hold: its import is the costly part
-    out = np.empty((copies, *images.shape), dtype=np.uint8)
+    out = np.empty((copies, len(rows), *images.shape[1:]), dtype=np.uint8)
     versions = cache_versions() if store is not None else ""
     shape = (copies, *images.shape[1:])
-    for i, (image, digest) in enumerate(zip(images, digests, strict=True)):
+    for i, (row, digest) in enumerate(zip(rows.tolist(), digests, strict=True)):
         key = cache_key(versions, digest, images.shape[1:], copies, seed, flip) if store is not None else None
         found = store.get(key, shape, counts) if store is not None else None
         if found is not None:
             out[:, i] = found[0]
             counts.augmented_hits += 1
             continue
+        image = np.array(images[row])  # a copy of its own: the map is read-only
         augmenter = augmenter or build_augmenter(0, flip)
         _reseed(augmenter, image_seed(seed, digest))
         for c in range(copies):

@@ -60,6 +60,9 @@ IN_MEMORY_KEYS = 1_000_000  # up to 84 MB of index per worker in memory; beyond,
 STALE_SECONDS = 3600  # temporary files older than this were left by killed runs
 _HEADER_LEN = struct.Struct("<I")
 _BINARY = getattr(os, "O_BINARY", 0)  # Windows would translate line ends without it
+# json.loads without its encoding sniffing and its whitespace check: a few us of each
+# entry read; what the header's bytes may hide after its JSON, the checksum catches
+_HEADER_DECODER = json.JSONDecoder()
 
 
 def cache_dir_for(chosen: str, no_cache: bool, out_dir: Path, images_dir: Path) -> Path | None:
@@ -229,7 +232,7 @@ def parse_entry(data: bytes, key: str | None, shape: tuple[int, ...] | None) -> 
         return "truncated"
     (header_len,) = _HEADER_LEN.unpack_from(data, len(MAGIC))
     try:
-        header = json.loads(data[start : start + header_len])
+        header, _ = _HEADER_DECODER.raw_decode(data[start : start + header_len].decode())
         row_bytes = math.prod(header["shape"])
     except (ValueError, KeyError, TypeError):
         return "truncated" if len(data) < start + header_len else "corrupt"

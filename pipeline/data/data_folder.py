@@ -11,6 +11,7 @@ without pickle.
 from __future__ import annotations
 
 import csv
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,19 +69,29 @@ def read_manifest(data_dir: Path) -> list[dict]:
         return [{**row, "index": int(row["index"]), "augmented": row["augmented"] == "1"} for row in csv.DictReader(f)]
 
 
-def write_health(path: Path, scan, sources, split_of: np.ndarray, values: np.ndarray) -> None:
-    """health.csv: the kept source images' health values (`data.health.RAW_COLUMNS`), in split order."""
+def write_health(path: Path, scan, sources, split_of: np.ndarray, values: list[str | None]) -> None:
+    """health.csv: the kept source images' health values (`data.health.RAW_COLUMNS`, as the
+    text decoding made of them: `health.as_text`), in split order."""
     from pipeline.data.health import RAW_COLUMNS
 
+    header = io.StringIO()
+    csv.writer(header, lineterminator="\n").writerow(["split", "path", "label", *RAW_COLUMNS])
+    class_names = [_csv_field(name) for name in sources.class_names]
+    lines = [header.getvalue()]
+    for split in paths.SPLITS:
+        members = np.flatnonzero(split_of == split)
+        for row, label in zip(sources.rows[members].tolist(), sources.labels[members].tolist()):
+            lines.append(f"{split},{_csv_field(scan.files[row][0])},{class_names[label]},{values[row]}\n")
     with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["split", "path", "label", *RAW_COLUMNS])
-        for split in paths.SPLITS:
-            members = np.flatnonzero(split_of == split)
-            rows = sources.rows[members]
-            # Python floats: csv writes them as repr does, shortest round-trip digits
-            for row, label, row_values in zip(rows.tolist(), sources.labels[members].tolist(), values[rows].tolist()):
-                writer.writerow([split, scan.files[row][0], sources.class_names[label], *row_values])
+        f.write("".join(lines))
+
+
+def _csv_field(text: str) -> str:
+    """One field as the csv module's default (minimal) quoting writes it: quoted, its quotes
+    doubled, where it holds a comma, a quote or a line break."""
+    if "," in text or '"' in text or "\n" in text or "\r" in text:
+        return '"' + text.replace('"', '""') + '"'
+    return text
 
 
 def read_health(data_dir: Path) -> dict[str, np.ndarray]:
