@@ -14,8 +14,8 @@ the folders). Then, each step a whole `pipeline` process, timed:
   folder has wrong labels of its own (two symbol fonts: NOT_LETTERS): the issue list is
   scored against the planted files, and against those plus the symbol fonts' files.
 
-    python bench/audit_bench.py --letters LETTERS_DIR            # defaults: 5 % noise, 4 folds x 4 epochs
-    python bench/audit_bench.py --letters L --budgets 4x4 5x3 3x6 4x6   # compare audit budgets
+    python bench/audit_bench.py --letters LETTERS_DIR            # defaults: 5 % noise, audit's defaults (4 x 6)
+    python bench/audit_bench.py --letters L --budgets 4x6 3x6 5x6   # compare audit budgets
     python bench/audit_bench.py --make-letters                   # build the full letters folder first
 
 Prints one JSON document and writes it to bench/work/audit/results.json.
@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.settings import AuditSettings
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "bench"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -41,6 +43,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 # URW's Dingbats draw symbols, Standard Symbols Greek. Their files are wrong labels the
 # folder had before any was planted; the issue list is scored with and without them.
 NOT_LETTERS = ("D050000L", "StandardSymbolsPS")
+AUDIT = AuditSettings()
 
 
 def pipeline(*args, quiet: bool = True) -> float:
@@ -137,7 +140,10 @@ def main() -> None:
     p.add_argument("--holdout", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--budgets", nargs="+", default=["4x4"], help="audit FOLDSxEPOCHS; the first one's fixes are applied"
+        "--budgets",
+        nargs="+",
+        default=[f"{AUDIT.folds}x{AUDIT.epochs}"],
+        help="audit FOLDSxEPOCHS (default: pipeline audit's); the first one's fixes are applied",
     )
     args = p.parse_args()
     work = args.work
