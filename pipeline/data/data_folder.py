@@ -11,7 +11,6 @@ without pickle.
 from __future__ import annotations
 
 import csv
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,29 +68,18 @@ def read_manifest(data_dir: Path) -> list[dict]:
         return [{**row, "index": int(row["index"]), "augmented": row["augmented"] == "1"} for row in csv.DictReader(f)]
 
 
-def write_health(path: Path, scan, sources, split_of: np.ndarray, values: list[str | None]) -> None:
+def write_health(path: Path, scan, sources, split_of: np.ndarray, values: list[list[str] | None]) -> None:
     """health.csv: the kept source images' health values (`data.health.RAW_COLUMNS`, as the
-    text decoding made of them: `health.as_text`), in split order."""
+    fields decoding made of them: `health.as_fields`), in split order."""
     from pipeline.data.health import RAW_COLUMNS
 
-    header = io.StringIO()
-    csv.writer(header, lineterminator="\n").writerow(["split", "path", "label", *RAW_COLUMNS])
-    class_names = [_csv_field(name) for name in sources.class_names]
-    lines = [header.getvalue()]
+    rows = [["split", "path", "label", *RAW_COLUMNS]]
     for split in paths.SPLITS:
         members = np.flatnonzero(split_of == split)
         for row, label in zip(sources.rows[members].tolist(), sources.labels[members].tolist()):
-            lines.append(f"{split},{_csv_field(scan.files[row][0])},{class_names[label]},{values[row]}\n")
+            rows.append([split, scan.files[row][0], sources.class_names[label], *values[row]])
     with open(path, "w", newline="", encoding="utf-8") as f:
-        f.write("".join(lines))
-
-
-def _csv_field(text: str) -> str:
-    """One field as the csv module's default (minimal) quoting writes it: quoted, its quotes
-    doubled, where it holds a comma, a quote or a line break."""
-    if "," in text or '"' in text or "\n" in text or "\r" in text:
-        return '"' + text.replace('"', '""') + '"'
-    return text
+        csv.writer(f, lineterminator="\n").writerows(rows)
 
 
 def read_health(data_dir: Path) -> dict[str, np.ndarray]:

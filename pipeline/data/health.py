@@ -45,10 +45,10 @@ SIZE_IQR_FACTOR = 3.0
 GREY_FOLDER_SHARE = 0.5  # from this share of grey pictures on, a folder is grey, and grey is no issue
 
 
-def as_text(values) -> str:
-    """RAW_COLUMNS' values as health.csv holds them: shortest round-trip digits (repr), as the
-    csv module writes floats, comma-separated."""
-    return ",".join([repr(float(v)) for v in values])
+def as_fields(values) -> list[str]:
+    """RAW_COLUMNS' values as health.csv's fields: shortest round-trip digits (repr), the
+    text the csv module would make of the floats."""
+    return [repr(float(v)) for v in values]
 
 
 def raw_values(picture: Image.Image, original_size: tuple[int, int], original_mode: str = "RGB") -> tuple[float, ...]:

@@ -38,7 +38,7 @@ def find_suspects(labels: np.ndarray, probabilities: np.ndarray) -> list[dict]:
     label's quality, 0-1, low = likely wrong), the suggested label's probability and the
     kind (WRONG_CLASS when that probability reaches SURE_SUGGESTION, else NO_CLASS)."""
     from cleanlab.filter import find_label_issues
-    from cleanlab.rank import get_label_quality_scores
+    from cleanlab.rank import get_label_quality_scores, order_label_issues
 
     labels = np.asarray(labels, dtype=np.int64)
     flagged = np.zeros(len(labels), dtype=bool)
@@ -46,7 +46,7 @@ def find_suspects(labels: np.ndarray, probabilities: np.ndarray) -> list[dict]:
         flagged |= find_label_issues(labels, probabilities, filter_by=filter_by, n_jobs=1)
     scores = get_label_quality_scores(labels, probabilities, method="self_confidence")
     found = []
-    for i in sorted(np.flatnonzero(flagged).tolist(), key=lambda i: (scores[i], i)):
+    for i in order_label_issues(flagged, labels, probabilities, rank_by="self_confidence").tolist():
         others = probabilities[i].copy()
         others[labels[i]] = -1  # the suggestion is another class, however unsure
         suggested = int(others.argmax())
