@@ -144,7 +144,8 @@ def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     component and different between them: each edge hooks the larger of its two labels onto
     the smaller, then every label jumps to its label's label until none moves; a few rounds,
     each numpy's over all the edges. On the 20,000-photo bench folder's hashes the grouping
-    takes 0.08 s this way, 0.12 s with the union-find looped in Python that it replaced."""
+    takes 0.089 s this way, 0.161 s with the union-find looped in Python that it replaced
+    (medians of 9 alternating pairs; the same groups)."""
     label = np.arange(n)
     while True:
         low = np.minimum(label[a], label[b])
