@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import __version__
-from pipeline.core import paths, progress
+from pipeline.core import paths
 from pipeline.core.artifacts import atomic_dir, atomic_write_text, check_out_dir, write_json
 from pipeline.core.errors import PipelineError
 from pipeline.core.settings import AuditSettings
@@ -56,11 +56,10 @@ def audit_dataset(data_dir: Path, out_dir: Path, settings: AuditSettings) -> dic
     sources, fold_rows = _fold_rows(data_dir, classes)
     groups = _group_ids(sources["path"], report)
     fold_of = audit_folds(fold_rows.labels, groups, settings.folds, settings.seed)
-    progress.say("loading TensorFlow...")
     from pipeline.training.out_of_fold import out_of_fold_probabilities
 
     started = time.perf_counter()
-    probabilities, folds = out_of_fold_probabilities(fold_rows, fold_of, classes, settings)
+    probabilities, folds, plan = out_of_fold_probabilities(fold_rows, fold_of, classes, settings)
     seconds = time.perf_counter() - started
     labels = fold_rows.labels
     findings = {
@@ -70,6 +69,8 @@ def audit_dataset(data_dir: Path, out_dir: Path, settings: AuditSettings) -> dic
         "settings": asdict(settings),
         "seconds": round(seconds, 1),
         "folds": folds,
+        # side by side in worker processes of `threads` each, or (1 worker) one after the other in this one
+        "fold_processes": {"workers": plan.workers, "threads": plan.threads or None},
         "out_of_fold_agreement": round(float(np.mean(probabilities.argmax(1) == labels)), 4),
         **_suspects(sources, find_suspects(labels, probabilities), classes),
         "label_noise": noise_shares(labels, probabilities, classes),

@@ -6,6 +6,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -295,3 +298,28 @@ def test_health_csv_is_what_the_csv_module_writes_for_awkward_names(tmp_path):
     for row in rows[1:]:
         values = dict(zip(health.RAW_COLUMNS, map(float, row[3:]), strict=True))
         assert (values["width"], values["height"]) == (30.0, 20.0)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="two cores")
+def test_folds_side_by_side_give_the_probabilities_of_one_process(audited, tmp_path):
+    """On two cores the folds train two at a time in worker processes of one thread each; on
+    one core (as beside a GPU) one after the other in the audit's own process: the same
+    probabilities to the last bit, and the same findings."""
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    runs = {}
+    for name, allowed in (("side_by_side", cores), ("one_process", cores[:1])):
+        out = tmp_path / name
+        command = [sys.executable, "-m", "pipeline", "audit", "--data", audited["data"], "--out", out]
+        subprocess.run(
+            [str(part) for part in command] + ["--epochs", "6", "--folds", "3", "--quiet"],
+            check=True,
+            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},  # no GPU in play: CPU plans only
+            preexec_fn=lambda allowed=allowed: os.sched_setaffinity(0, allowed),
+        )
+        findings = json.loads((out / "audit.json").read_text())
+        runs[name] = (findings, np.load(out / "pred_probs.npy", allow_pickle=False))
+    assert runs["side_by_side"][0]["fold_processes"] == {"workers": 2, "threads": 1}
+    assert runs["one_process"][0]["fold_processes"] == {"workers": 1, "threads": None}
+    np.testing.assert_array_equal(runs["side_by_side"][1], runs["one_process"][1])
+    for key in ("label_issues", "fits_no_class", "label_noise", "images"):
+        assert runs["side_by_side"][0][key] == runs["one_process"][0][key]

@@ -33,7 +33,7 @@ def epoch_summary(epoch: int, epochs: int, logs: dict, seconds: float) -> str:
     return f"epoch {epoch + 1}/{epochs}  " + "  ".join(parts) + f"  {seconds:.1f}s"
 
 
-def _short(logs: dict) -> str:
+def short_metrics(logs: dict) -> str:
     return "  ".join(f"{SHORT[k]} {logs[k]:.4f}" for k in SHORT if k in logs)
 
 
@@ -58,12 +58,12 @@ class EpochBars(keras.callbacks.Callback):
         self.batches = self.bars.add_task(f"epoch {epoch + 1}/{self.epochs}", total=steps, metrics="")
 
     def on_train_batch_end(self, batch, logs=None):
-        self.bars.update(self.batches, advance=1, metrics=_short(logs or {}))
+        self.bars.update(self.batches, advance=1, metrics=short_metrics(logs or {}))
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         self.bars.remove_task(self.batches)
-        self.bars.update(self.all_epochs, advance=1, metrics=_short(logs))
+        self.bars.update(self.all_epochs, advance=1, metrics=short_metrics(logs))
         self.bars.console.print(
             epoch_summary(epoch, self.epochs, logs, time.perf_counter() - self.started), markup=False
         )

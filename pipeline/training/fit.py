@@ -45,20 +45,29 @@ class FitResult:
 
 
 def fit_model(
-    model, data: TrainingData, settings: TrainSettings, in_memory: bool, tmp: Path, ctrl_c, plan=None, checkpoints=None
+    model,
+    data: TrainingData,
+    settings: TrainSettings,
+    in_memory: bool,
+    tmp: Path,
+    ctrl_c,
+    plan=None,
+    checkpoints=None,
+    epoch_progress=None,
 ) -> FitResult:
     """Keras fit with early stopping on the validation loss (the training loss without a
     validation split); the best epoch's weights are back in `model` when it returns. With
     more than one replica (several GPUs, several workers) the replicated loop's custom step
     runs instead of fit, driving the same callbacks. `checkpoints` (training.checkpoints)
-    writes one at every epoch end and resumes from the one it found."""
+    writes one at every epoch end and resumes from the one it found. `epoch_progress`, a
+    callback, shows the progress in place of the terminal's bars or lines (the audit's folds)."""
     has_val = len(data.X_val) > 0
     monitor = "val_loss" if has_val else "loss"
     weights = class_weights(data.y_train, len(data.classes)) if settings.class_weight == "balanced" else None
     by_name = dict(zip(data.classes, map(float, weights))) if weights is not None else None
     weighted_from = class_weights_from_epoch(settings.epochs)
     early_stopping, callbacks = _callbacks(
-        settings, monitor, tmp, weighted_from if weights is not None else 0, checkpoints is not None
+        settings, monitor, tmp, weighted_from if weights is not None else 0, checkpoints is not None, epoch_progress
     )
     if checkpoints is not None:  # last: it saves what early stopping and the CSV logger have just recorded
         callbacks.append(checkpoints.callback(early_stopping, tmp / paths.HISTORY_FILE))
@@ -85,7 +94,9 @@ def fit_model(
     return result
 
 
-def _callbacks(settings: TrainSettings, monitor: str, tmp: Path, watch_from: int, resumable: bool = False):
+def _callbacks(
+    settings: TrainSettings, monitor: str, tmp: Path, watch_from: int, resumable: bool = False, shown_by=None
+):
     """(early stopping, every callback): the ones fit and the replicated loop both drive."""
     keras = import_keras()
     from pipeline.training.callbacks import EpochScalars, epoch_progress
@@ -102,7 +113,7 @@ def _callbacks(settings: TrainSettings, monitor: str, tmp: Path, watch_from: int
         early_stopping,
         keras.callbacks.TerminateOnNaN(),  # a NaN loss never comes back: stop at once
         keras.callbacks.CSVLogger(str(tmp / paths.HISTORY_FILE), append=resumable),  # after the resumed rows
-        epoch_progress(settings.epochs),
+        shown_by or epoch_progress(settings.epochs),
     ]
     if settings.tensorboard:
         callbacks.append(EpochScalars(tmp / paths.TENSORBOARD_DIR))
