@@ -15,6 +15,7 @@ manifest and report.json equal a --no-cache run's of the same folder.
 
     python bench/cache_bench.py                       # 20,000 photos, 5 repeats (the issue's figures)
     python bench/cache_bench.py --n 2000 --repeats 3  # a quick check
+    python bench/cache_bench.py --side-by-side 7      # also 7 fresh pairs run at once, a core each
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import filecmp
 import shutil
 import statistics
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -59,9 +61,41 @@ def run(cmd: list) -> dict:
     return result
 
 
-def prepare(folder: Path, out: Path, cache: Path | None, augment: int) -> dict:
+def prepare(folder: Path, out: Path, cache: Path | None, augment: int, core: int | None = None) -> dict:
+    """A whole prepare process; with `core`, one decoding process pinned to that core."""
     cmd = [PY, "-m", "pipeline", "prepare", folder, "--out", out, "--size", 64, "--augment", augment, "-q"]
-    return run(cmd + (["--cache", cache] if cache else ["--no-cache"]))
+    pinned = ["taskset", "-c", core] if core is not None else []
+    return run(pinned + cmd + (["--cache", cache] if cache else ["--no-cache"]) + (["--workers", 1] if pinned else []))
+
+
+def side_by_side(folder: Path, work: Path, pairs: int, augment: int) -> list[float]:
+    """Fresh runs of both arms at the same time, one process each pinned to its own core
+    (swapped every pair): both meet the machine's speed of that minute, which on a shared
+    VM moves whole sequential runs by a fifth. Returns the pairs' cached / --no-cache walls."""
+    ratios = []
+    for pair in range(pairs):
+        cores = {"cache": pair % 2, "no-cache": 1 - pair % 2}
+        shutil.rmtree(work / "sbs", ignore_errors=True)
+        results: dict[str, dict] = {}
+
+        def arm(name: str, core: int, results: dict = results) -> None:
+            cache = work / "sbs" / "cache" if name == "cache" else None
+            results[name] = prepare(folder, work / "sbs" / f"out-{name}", cache, augment, core)
+
+        threads = [threading.Thread(target=arm, args=(name, core)) for name, core in cores.items()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert same_outputs(work / "sbs" / "out-cache", work / "sbs" / "out-no-cache"), "side by side: outputs differ"
+        ratios.append(results["cache"]["wall"] / results["no-cache"]["wall"])
+        print(
+            f"side by side {pair + 1}: cache on core {cores['cache']} {results['cache']['wall']:.2f} s "
+            f"(CPU {results['cache']['cpu']:.2f}), --no-cache {results['no-cache']['wall']:.2f} s "
+            f"(CPU {results['no-cache']['cpu']:.2f}), ratio {ratios[-1]:.3f}",
+            flush=True,
+        )
+    return ratios
 
 
 def same_outputs(a: Path, b: Path) -> bool:
@@ -119,6 +153,9 @@ def main() -> None:
     p.add_argument("--augment", type=int, default=0, help="prepare's --augment (its default is 1)")
     p.add_argument("--pairs", type=int, default=0, help="fresh pairs to time (default: --repeats)")
     p.add_argument("--fresh-only", action="store_true", help="time the fresh pairs only")
+    p.add_argument(
+        "--side-by-side", type=int, default=0, help="also N fresh pairs run at once, a core each (--workers 1)"
+    )
     a = p.parse_args()
     folder = photo_folder(f"cache_photos{a.n}", a.n, 0)
     extra = photo_folder(f"cache_extra{a.n}", max(4, a.n // 100), 1)
@@ -168,6 +205,12 @@ def main() -> None:
         print(f"| {name} | {wall:.2f} | {wall / base:.3f} | {cpu:.2f} | {cpu / base_cpu:.3f} | {peak:.0f} |")
     size = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
     print(f"\ncache: {size / 2**20:.0f} MB for {a.n} photos")
+    if a.side_by_side:
+        ratios = side_by_side(folder, work, a.side_by_side, a.augment)
+        print(
+            f"\nfresh with an empty cache against --no-cache, side by side (a core each, --workers 1), "
+            f"median of {len(ratios)} pairs: {statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f})"
+        )
 
 
 if __name__ == "__main__":

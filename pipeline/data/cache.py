@@ -37,22 +37,22 @@ import math
 import os
 import struct
 import uuid
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import PIL
 from blake3 import blake3
+from xxhash import xxh3_64, xxh3_64_intdigest
 
 from pipeline import __version__
 from pipeline.core.artifacts import atomic_write_bytes
 from pipeline.core.errors import PipelineError
 from pipeline.data.images import PREPROCESS_VERSION
 
-FORMAT_VERSION = 2  # 2: content hashed with BLAKE3 (not SHA-256), entries checked by CRC-32 alone
+FORMAT_VERSION = 3  # 2: content hashed with BLAKE3 (not SHA-256); 3: entries checked by XXH3-64, not CRC-32
 MAGIC = b"PLCACHE" + bytes([FORMAT_VERSION])  # another format's entries are foreign from their first bytes
-CHECKSUM = struct.Struct("<I")
+CHECKSUM = struct.Struct("<Q")
 CHECKSUM_BYTES = CHECKSUM.size
 INDEX_FILE, PACKS = "index.npy", "packs"
 INDEX_DTYPE = np.dtype([("key", "S40"), ("pack", "S32"), ("offset", "<u8"), ("length", "<u4")])
@@ -187,17 +187,22 @@ class EntryStore:
         return self._fds[pack]
 
     def put(self, key: str, row: np.ndarray, results) -> None:
-        """Add an entry: `results` is JSON-able but for bytes and numpy values (see _json_default)."""
-        header = json.dumps({"key": key, "shape": list(row.shape), "results": results}, default=_json_default)
-        header = header.encode()
-        # pieces, checksummed as they stand: no copy of the whole entry until the pack is written
-        pieces = (MAGIC, _HEADER_LEN.pack(len(header)), header, np.ascontiguousarray(row, dtype=np.uint8).tobytes())
-        crc = 0
+        """Add an entry: `results` is JSON-able but for bytes and numpy values (see _json_default).
+        The header is json.dumps' own text of {"key", "shape", "results"}, put together here
+        (the key is hex, the shape integers): json.dumps of the whole dict was 7 us of the
+        17 us an entry took, and an augmented copies' entry has no results to encode."""
+        results_text = json.dumps(results, default=_json_default) if len(results) else "[]"
+        shape = ", ".join(map(str, row.shape))
+        header = f'{{"key": "{key}", "shape": [{shape}], "results": {results_text}}}'.encode()
+        # pieces, checksummed as they stand: the pixels not copied until the pack is written
+        pixels = memoryview(np.ascontiguousarray(row, dtype=np.uint8)).cast("B")
+        pieces = (MAGIC, _HEADER_LEN.pack(len(header)), header, pixels)
+        checksum = xxh3_64()
         for piece in pieces:
-            crc = zlib.crc32(piece, crc)
+            checksum.update(piece)
         length = sum(map(len, pieces)) + CHECKSUM_BYTES
         self._new.append((key, self._pack_bytes, length))
-        self._pending.extend((*pieces, CHECKSUM.pack(crc)))
+        self._pending.extend((*pieces, CHECKSUM.pack(checksum.intdigest())))
         self._pack_bytes += length
 
     def flush(self) -> list[tuple[str, str, int, int]]:
@@ -250,11 +255,11 @@ def parse_entry(data: bytes, key: str | None, shape: tuple[int, ...] | None) -> 
 
 
 def _checksum(body) -> bytes:
-    """CRC-32, as PNG, gzip and zip keep: against truncation and corruption, not forgery
-    (the key in the header, checked after, is what makes an entry this file's). Every
-    entry read is checked: 6 us for a 64 px row. EntryStore.put computes the same over an
-    entry's pieces."""
-    return CHECKSUM.pack(zlib.crc32(body))
+    """XXH3-64, against truncation and corruption, not forgery (the key in the header,
+    checked after, is what makes an entry this file's): 0.5 us for a 64 px row where CRC-32
+    took 6 us, and every entry written and read is checked. EntryStore.put computes the
+    same over an entry's pieces."""
+    return CHECKSUM.pack(xxh3_64_intdigest(body))
 
 
 def _json_default(value):
