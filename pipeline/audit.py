@@ -166,7 +166,7 @@ def _who(sources: dict, i: int) -> dict:
 
 
 def _rest(suspect: dict) -> dict:
-    return {k: suspect[k] for k in ("score", "suggested_probability", "kind")}
+    return {k: suspect[k] for k in ("score", "suggested_probability")}  # the kind is the list it is in
 
 
 def _flat(X: np.ndarray) -> np.ndarray:

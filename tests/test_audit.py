@@ -82,7 +82,6 @@ def test_audit_finds_every_planted_label_and_unfit_picture(audited):
     for path, true_class in moved.items():
         assert path in suspects, f"{path} (really {true_class}) not flagged: {findings['label_issues']}"
         assert suspects[path]["suggested"] == true_class
-        assert suspects[path]["kind"] == "looks like another class"
     scores = [item["score"] for item in findings["label_issues"]]
     assert scores == sorted(scores)  # most severe first
     # the real images among the suspects are few: the planted ones and the unfit pictures

@@ -20,7 +20,6 @@ from PIL import Image
 
 from pipeline import __version__
 from pipeline.core.artifacts import atomic_write_text
-from pipeline.data.label_issues import NO_CLASS
 from pipeline.report.html import CSS
 
 MAX_SUSPECTS_SHOWN = 300  # beyond these, audit.csv and audit.json have them all
@@ -68,7 +67,7 @@ def write_audit_page(path: Path, findings: dict, X: np.ndarray, source_paths: li
         body += [f"<li>{escape(n['text'])}</li>" for n in findings["label_noise"]]
         body.append("</ul>")
     body.append(f"<h2>Suspected wrong labels ({counts['label_issues']}), most severe first</h2>")
-    body.append(_tiles(findings["label_issues"][:MAX_SUSPECTS_SHOWN], thumb, _suspect_caption))
+    body.append(_tiles(findings["label_issues"][:MAX_SUSPECTS_SHOWN], thumb, _label_issue_caption))
     if counts["label_issues"] > MAX_SUSPECTS_SHOWN:
         body.append(f'<p class="muted">and {counts["label_issues"] - MAX_SUSPECTS_SHOWN} more in audit.csv</p>')
     if findings["fits_no_class"]:
@@ -77,7 +76,7 @@ def write_audit_page(path: Path, findings: dict, X: np.ndarray, source_paths: li
             "but favour no other class: a picture unlike the classes, or an odd one. audit.csv suggests "
             "leaving them out.</p>"
         )
-        body.append(_tiles(findings["fits_no_class"][:MAX_SUSPECTS_SHOWN], thumb, _suspect_caption))
+        body.append(_tiles(findings["fits_no_class"][:MAX_SUSPECTS_SHOWN], thumb, _no_class_caption))
     body.append("<h2>Health</h2>")
     for kind, items in findings["health"].items():
         if items:
@@ -102,11 +101,17 @@ def _tiles(items: list[dict], thumb, caption) -> str:
     return '<div class="grid">' + "".join(tiles) + "</div>"
 
 
-def _suspect_caption(item: dict) -> str:
-    if item["kind"] == NO_CLASS:  # the likeliest other class is only a guess
-        verdict = f"{escape(item['given'])}? fits no class</span><br>(best guess {escape(item['suggested'])})"
-    else:
-        verdict = f"{escape(item['given'])} &rarr; {escape(item['suggested'])}</span>"
+def _label_issue_caption(item: dict) -> str:
+    return _suspect_caption(item, f"{escape(item['given'])} &rarr; {escape(item['suggested'])}</span>")
+
+
+def _no_class_caption(item: dict) -> str:  # the likeliest other class is only a guess
+    return _suspect_caption(
+        item, f"{escape(item['given'])}? fits no class</span><br>(best guess {escape(item['suggested'])})"
+    )
+
+
+def _suspect_caption(item: dict, verdict: str) -> str:
     return f'<span class="arrow">{verdict}<br>score {item["score"]:.3f} ({escape(item["split"])})'
 
 

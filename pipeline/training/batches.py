@@ -60,14 +60,16 @@ def example_weights(table, labels, weighted):
 
 
 def in_memory_bytes(limit_mb: int) -> int:
-    if limit_mb >= 0:
-        return limit_mb * 2**20
+    return limit_mb * 2**20 if limit_mb >= 0 else available_memory() // 2
+
+
+def available_memory() -> int:
+    """The memory the kernel says it can give without swapping (MemAvailable); 4 GiB where it does not say."""
     try:
         with open("/proc/meminfo", encoding="utf-8") as f:
-            free_kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
-        return free_kb * 1024 // 2
+            return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) * 1024
     except (OSError, StopIteration, ValueError):
-        return 2 * 2**30
+        return 4 * 2**30
 
 
 def row_gatherer(X, y, in_memory: bool):

@@ -39,6 +39,7 @@ from pipeline.core.native_stderr import import_keras, import_tensorflow
 from pipeline.core.settings import INFERENCE_BATCH, AuditSettings, TrainSettings
 from pipeline.data.data_folder import TrainingData
 from pipeline.data.worker_pool import available_cores
+from pipeline.training.batches import available_memory
 
 WORKER_BYTES = 700 * 2**20  # a worker with TensorFlow and Keras loaded, before its fold's rows
 ROWS_COPIES = 3  # a fold's rows in a worker: the numpy copy, fit's in-memory tensor, slack
@@ -69,7 +70,7 @@ def fold_plan(folds: int, fold_bytes: int) -> FoldPlan:
     cores = available_cores()
     if cores < 2 or gpu_possible():
         return FoldPlan(1, 0)
-    workers = min(folds, cores, max(1, _available_memory() // (WORKER_BYTES + ROWS_COPIES * fold_bytes)))
+    workers = min(folds, cores, max(1, available_memory() // (WORKER_BYTES + ROWS_COPIES * fold_bytes)))
     return FoldPlan(workers, max(1, cores // workers)) if workers > 1 else FoldPlan(1, 0)
 
 
@@ -80,14 +81,6 @@ def gpu_possible() -> bool:
     if os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1"):
         return False
     return sys.platform == "darwin" or any(os.path.exists(path) for path in GPU_DEVICE_FILES)
-
-
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) * 1024
-    except (OSError, StopIteration, ValueError):
-        return 4 * 2**30
 
 
 def out_of_fold_probabilities(
