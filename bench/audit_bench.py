@@ -183,6 +183,8 @@ def main() -> None:
                 "with_fits_no_class": score_issues(
                     flagged | {item["path"] for item in findings["fits_no_class"]}, planted & kept
                 ),
+                # doubted out of fold but learned by the models that trained on them: left out of the list
+                "learned_anyway": score_issues({item["path"] for item in findings.get("learned_anyway", [])}, planted),
                 "health": findings["counts"]["health"],
                 "right_suggestions": sum(
                     truth["planted"].get(i["path"]) == i["suggested"] for i in findings["label_issues"]

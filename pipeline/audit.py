@@ -11,7 +11,7 @@ health issues by kind).
 The steps, in `audit_dataset`'s order: gather every source image of every split once and
 the augmented copies of the training ones (`_fold_rows`); assign folds, stratified, a
 near-duplicate group within one fold (`splits.audit_folds`); train one CNN per fold on the
-others and predict the held-out fold (`training.out_of_fold`); rank the label issues and
+others and predict the held-out fold, and the images it trained on (`training.out_of_fold`); rank the label issues and
 estimate each class's noise with cleanlab (`data.label_issues`); flag the health issues
 from prepare's measurements (`data.health`); list the duplicates across classes; write.
 The audit's models are thrown away.
@@ -34,7 +34,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.settings import AuditSettings
 from pipeline.data import health
 from pipeline.data.data_folder import load_classes, load_prepare_report, load_split, read_health, read_manifest
-from pipeline.data.label_issues import WRONG_CLASS, find_suspects, noise_shares
+from pipeline.data.label_issues import LEARNED_ANYWAY, NO_CLASS, WRONG_CLASS, find_suspects, noise_shares
 from pipeline.data.splits import audit_folds
 
 CSV_COLUMNS = ["path", "class", "split", "issues", "suggested", "score", "action"]
@@ -59,7 +59,8 @@ def audit_dataset(data_dir: Path, out_dir: Path, settings: AuditSettings) -> dic
     from pipeline.training.out_of_fold import out_of_fold_probabilities
 
     started = time.perf_counter()
-    probabilities, folds, plan = out_of_fold_probabilities(fold_rows, fold_of, classes, settings)
+    trained = out_of_fold_probabilities(fold_rows, fold_of, classes, settings)
+    probabilities, plan = trained.probabilities, trained.plan
     seconds = time.perf_counter() - started
     labels = fold_rows.labels
     findings = {
@@ -68,16 +69,16 @@ def audit_dataset(data_dir: Path, out_dir: Path, settings: AuditSettings) -> dic
         "classes": classes,
         "settings": asdict(settings),
         "seconds": round(seconds, 1),
-        "folds": folds,
+        "folds": trained.folds,
         # side by side in worker processes of `threads` each, or (1 worker) one after the other in this one
         "fold_processes": {"workers": plan.workers, "threads": plan.threads or None},
         "out_of_fold_agreement": round(float(np.mean(probabilities.argmax(1) == labels)), 4),
-        **_suspects(sources, find_suspects(labels, probabilities), classes),
+        **_suspects(sources, find_suspects(labels, probabilities, trained.in_sample), classes),
         "label_noise": noise_shares(labels, probabilities, classes),
         "health": _health_issues(data_dir, sources, _flat(fold_rows.X), fold_rows.X.shape[-1] == 3),
         "exact_duplicates_across_classes": report.get("label_conflicts", []),
         "near_duplicates_across_classes": _near_duplicates_across(report, sources, classes),
-        "images": _verdicts(sources, labels, probabilities, fold_of, classes),
+        "images": _verdicts(sources, labels, probabilities, trained.in_sample, fold_of, classes),
     }
     findings["counts"] = _counts(findings, len(labels))
     with atomic_dir(out_dir) as tmp:
@@ -123,8 +124,9 @@ def _fold_rows(data_dir: Path, classes: list[str]):
     return sources, FoldRows(X_all, labels, X_augmented, augmented_source)
 
 
-def _verdicts(sources: dict, labels: np.ndarray, probabilities: np.ndarray, fold_of, classes) -> list[dict]:
-    """Every source's out-of-fold verdict, in pred_probs.npy's row order, for a closer look."""
+def _verdicts(sources: dict, labels: np.ndarray, probabilities, in_sample, fold_of, classes) -> list[dict]:
+    """Every source's out-of-fold verdict, in pred_probs.npy's row order, for a closer look;
+    learned_probability: the given label's, from the models that trained on it."""
     return [
         {
             "path": path,
@@ -132,10 +134,11 @@ def _verdicts(sources: dict, labels: np.ndarray, probabilities: np.ndarray, fold
             "given": classes[given],
             "predicted": classes[int(p.argmax())],
             "given_probability": round(float(p[given]), 4),
+            "learned_probability": round(float(q[given]), 4),
             "fold": int(fold) + 1,
         }
-        for path, split, given, p, fold in zip(
-            sources["path"], sources["split"], labels.tolist(), probabilities, fold_of
+        for path, split, given, p, q, fold in zip(
+            sources["path"], sources["split"], labels.tolist(), probabilities, in_sample, fold_of
         )
     ]
 
@@ -151,13 +154,15 @@ def _group_ids(source_paths: list[str], report: dict) -> np.ndarray:
 
 
 def _suspects(sources: dict, suspects: list[dict], classes: list[str]) -> dict[str, list[dict]]:
-    """audit.json's two lists of doubted labels, each most severe first: label_issues (the
-    models put the image in another class) and fits_no_class (they doubt its label but favour
-    no other class: a guess is no suggestion)."""
-    found = {"label_issues": [], "fits_no_class": []}
+    """audit.json's three lists of doubted labels, each most severe first: label_issues (the
+    models put the image in another class), fits_no_class (they doubt its label but favour
+    no other class: a guess is no suggestion) and learned_anyway (doubted out of fold, but the
+    models that trained on it learned its label: listed for a look, no action suggested)."""
+    lists = {WRONG_CLASS: "label_issues", NO_CLASS: "fits_no_class", LEARNED_ANYWAY: "learned_anyway"}
+    found = {name: [] for name in lists.values()}
     for s in suspects:
         item = {**_who(sources, s["position"]), "suggested": classes[s["suggested"]], **_rest(s)}
-        found["label_issues" if s["kind"] == WRONG_CLASS else "fits_no_class"].append(item)
+        found[lists[s["kind"]]].append(item)
     return found
 
 
@@ -166,7 +171,8 @@ def _who(sources: dict, i: int) -> dict:
 
 
 def _rest(suspect: dict) -> dict:
-    return {k: suspect[k] for k in ("score", "suggested_probability")}  # the kind is the list it is in
+    keys = ("score", "suggested_probability", "learned_probability")  # the kind is the list it is in
+    return {k: suspect[k] for k in keys if suspect.get(k) is not None}
 
 
 def _flat(X: np.ndarray) -> np.ndarray:
@@ -225,6 +231,7 @@ def _counts(findings: dict, n: int) -> dict:
         "source_images": n,
         "label_issues": len(findings["label_issues"]),
         "fits_no_class": len(findings["fits_no_class"]),
+        "learned_anyway": len(findings.get("learned_anyway", [])),
         "health": {kind: len(items) for kind, items in findings["health"].items()},
         "exact_duplicates_across_classes": len(findings["exact_duplicates_across_classes"]),
         "near_duplicates_across_classes": len(findings["near_duplicates_across_classes"]),

@@ -95,6 +95,10 @@ def test_audit_finds_every_planted_label_and_unfit_picture(audited):
     noise = {(n["given"], n["looks_like"]) for n in findings["label_noise"]}
     assert {("dog", "cat"), ("fox", "dog"), ("cat", "fox")} <= noise
     assert "look like" in audited["stdout"] and "audit.html" in audited["stdout"]
+    # the models that trained on the planted files did not learn their wrong labels
+    learned = {item["path"]: item["learned_probability"] for item in findings["images"]}
+    assert all(learned[path] < 0.6 for path in moved), {path: learned[path] for path in moved}
+    assert np.median(list(learned.values())) > 0.6  # and learned the rest
 
 
 def test_audit_page_and_csv(audited):
@@ -163,6 +167,56 @@ def test_a_suspect_that_fits_no_class_is_left_out_not_relabelled():
     rows = {r["path"]: r for r in csv.DictReader(audit_csv(findings).splitlines())}
     assert rows["a/84.png"]["action"] == "exclude" and rows["a/84.png"]["issues"] == "fits no class"
     assert rows["a/83.png"]["action"] == "relabel:b" and rows["a/83.png"]["issues"] == "label"
+
+
+def test_a_doubted_label_the_training_models_learned_is_listed_apart_not_acted_on():
+    # labelled 0, six look like class 1 to the model that never saw them; the models that
+    # trained on them learned two of those labels (0.9): most likely hard, not wrong
+    from pipeline.audit import _suspects, audit_csv
+    from pipeline.data.label_issues import find_suspects
+
+    confident = [np.eye(4)[c] * 0.92 + 0.02 for c in range(4) for _ in range(20)]
+    labels = np.array([c for c in range(4) for _ in range(20)] + [0] * 6)
+    probabilities = np.array(confident + [np.array([0.02, 0.96, 0.01, 0.01])] * 6)
+    in_sample = probabilities.copy()
+    in_sample[80:86] = [0.3, 0.6, 0.05, 0.05]  # not learned: the given label under LEARNED (0.5)
+    in_sample[84:86] = [0.9, 0.08, 0.01, 0.01]
+    suspects = find_suspects(labels, probabilities, in_sample)
+    kinds = {s["position"]: s["kind"] for s in suspects}
+    assert kinds == {
+        **dict.fromkeys(range(80, 84), "looks like another class"),
+        84: "learned anyway",
+        85: "learned anyway",
+    }
+    assert {s["learned_probability"] for s in suspects} == {0.3, 0.9}
+    sources = {"path": [f"a/{i}.png" for i in range(86)], "split": ["train"] * 86, "class": ["a"] * 86}
+    findings = {
+        **_suspects(sources, suspects, ["a", "b", "c", "d"]),
+        "health": {},
+        "near_duplicates_across_classes": [],
+        "exact_duplicates_across_classes": [],
+    }
+    assert sorted(i["path"] for i in findings["learned_anyway"]) == ["a/84.png", "a/85.png"]
+    assert {i["path"] for i in findings["label_issues"]} == {f"a/{i}.png" for i in range(80, 84)}
+    rows = {r["path"] for r in csv.DictReader(audit_csv(findings).splitlines())}
+    assert rows == {f"a/{i}.png" for i in range(80, 84)}  # nothing to do for the learned ones
+
+
+def test_a_confident_disagreement_cleanlab_leaves_out_is_doubted_too():
+    # class 1's own pictures sit at 0.94, so cleanlab's threshold for "looks like 1" is 0.94:
+    # a picture labelled 0 read as 1 at 0.78 escapes both of its filters; the audit doubts it
+    # (at 0.7 or more), not one read as 1 at 0.6
+    from cleanlab.filter import find_label_issues
+
+    from pipeline.data.label_issues import find_suspects
+
+    confident = [np.eye(4)[c] * 0.92 + 0.02 for c in range(4) for _ in range(20)]
+    probabilities = np.array(confident + [[0.19, 0.78, 0.02, 0.01], [0.37, 0.6, 0.02, 0.01]])
+    labels = np.array([c for c in range(4) for _ in range(20)] + [0, 0])
+    for filter_by in ("prune_by_class", "confident_learning"):
+        assert not find_label_issues(labels, probabilities, filter_by=filter_by).any()
+    suspects = find_suspects(labels, probabilities, in_sample=probabilities)
+    assert [(s["position"], s["suggested"], s["kind"]) for s in suspects] == [(80, 1, "looks like another class")]
 
 
 def test_fixes_change_the_arrays_and_never_the_images(audited, tmp_path):

@@ -77,6 +77,15 @@ def write_audit_page(path: Path, findings: dict, X: np.ndarray, source_paths: li
             "leaving them out.</p>"
         )
         body.append(_tiles(findings["fits_no_class"][:MAX_SUSPECTS_SHOWN], thumb, _no_class_caption))
+    learned = findings.get("learned_anyway", [])  # audit folders from before it have none
+    if learned:
+        body.append(
+            f"<h2>Doubted, but learned ({len(learned)})</h2><p>The model that never saw these put them in "
+            "another class, but the models that trained on them learned their labels, as they learn a hard "
+            "picture that is labelled like others of its kind and rarely a wrong label. Most likely right; "
+            "audit.csv does not list them.</p>"
+        )
+        body.append(_tiles(learned[:MAX_SUSPECTS_SHOWN], thumb, _learned_caption))
     body.append("<h2>Health</h2>")
     for kind, items in findings["health"].items():
         if items:
@@ -108,6 +117,14 @@ def _label_issue_caption(item: dict) -> str:
 def _no_class_caption(item: dict) -> str:  # the likeliest other class is only a guess
     return _suspect_caption(
         item, f"{escape(item['given'])}? fits no class</span><br>(best guess {escape(item['suggested'])})"
+    )
+
+
+def _learned_caption(item: dict) -> str:
+    return _suspect_caption(
+        item,
+        f"{escape(item['given'])} (read as {escape(item['suggested'])})</span><br>"
+        f"learned at {item['learned_probability']:.2f}",
     )
 
 

@@ -164,8 +164,11 @@ def print_export(record: dict, fmt: str, model_dir: Path) -> None:
 
 
 def _no_class(counts: dict) -> str:
-    n = counts["fits_no_class"]
-    return f" and {n} doubted but fitting no class (audit.csv suggests exclude)" if n else ""
+    n, learned = counts["fits_no_class"], counts.get("learned_anyway", 0)
+    said = f" and {n} doubted but fitting no class (audit.csv suggests exclude)" if n else ""
+    return said + (
+        f" ({learned} more doubted but learned by the models that trained on them: likely right)" if learned else ""
+    )
 
 
 def print_audit_summary(findings: dict, out_dir: Path, shown: int = 10) -> None:

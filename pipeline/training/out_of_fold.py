@@ -2,7 +2,8 @@
 
 Reads nothing the user keeps and writes nothing the user keeps: the rows come in memory,
 each fold's model trains in a temporary folder (fit's history.csv) that is deleted with
-it, and only the held-out fold's probabilities come back. Each fold trains as `train`
+it, and only probabilities come back: the held-out fold's, and the trained-on images' (did
+the model learn their labels? `data.label_issues` asks). Each fold trains as `train`
 does (`training.fit.fit_model`: the one-cycle schedule, train's precision, seeded) for
 --epochs, with no validation split: the held-out fold is what it is judged on, and its
 labels are the ones in question, so none of them may choose the weights.
@@ -83,15 +84,23 @@ def gpu_possible() -> bool:
     return sys.platform == "darwin" or any(os.path.exists(path) for path in GPU_DEVICE_FILES)
 
 
-def out_of_fold_probabilities(
-    rows: FoldRows, fold_of: np.ndarray, classes: list[str], s: AuditSettings
-) -> tuple[np.ndarray, list[dict], FoldPlan]:
-    """(probabilities, one summary per fold, how they were trained): row i's probabilities
-    from the model that never saw it nor any near-duplicate or augmented copy of it."""
+@dataclass
+class OutOfFold:
+    probabilities: np.ndarray  # row i's, from the model that never saw it nor a near-duplicate or copy of it
+    in_sample: np.ndarray  # row i's, the mean of the other folds' models, which trained on it with its label
+    folds: list[dict]  # one summary per fold
+    plan: FoldPlan  # how they were trained
+
+
+def out_of_fold_probabilities(rows: FoldRows, fold_of: np.ndarray, classes: list[str], s: AuditSettings) -> OutOfFold:
+    """Every row's out-of-fold probabilities, and its in-sample ones: whether the models that
+    trained on it learned its label (a wrong label is learned late or never; a hard picture
+    with the right label, like others the models trained on, is learned)."""
     folds = int(fold_of.max()) + 1
     fold_bytes = (rows.X.nbytes + rows.X_augmented.nbytes) * (folds - 1) // folds
     plan = fold_plan(folds, fold_bytes)
     probabilities = np.zeros((len(rows.X), len(classes)), dtype=np.float64)
+    in_sample = np.zeros_like(probabilities)
     summaries = []
     with FoldBoard(folds) as board:
         if plan.workers == 1:
@@ -103,15 +112,18 @@ def out_of_fold_probabilities(
                 f"{plan.threads} thread{'s' if plan.threads > 1 else ''} each (TensorFlow loads in each)"
             )
             results = _in_workers(rows, fold_of, classes, s, plan, board.handle)
-        for fold, held_out_probabilities, summary in results:
+        for fold, held_out_probabilities, trained_on_probabilities, summary in results:
             probabilities[fold_of == fold] = held_out_probabilities
+            in_sample[fold_of != fold] += trained_on_probabilities
             summaries.append(summary)
-    return probabilities, sorted(summaries, key=lambda summary: summary["fold"]), plan
+    in_sample /= np.maximum(folds - 1, 1)  # each row trained in all folds but its own
+    return OutOfFold(probabilities, in_sample, sorted(summaries, key=lambda summary: summary["fold"]), plan)
 
 
 def _run_fold(rows: FoldRows, fold_of: np.ndarray, fold: int, classes, s: AuditSettings, send: Callable):
-    """(fold, the held-out rows' probabilities, the fold's summary): one model trained on the
-    other folds and the augmented copies of their images, then thrown away."""
+    """(fold, the held-out rows' probabilities, the trained-on source rows' probabilities, the
+    fold's summary): one model trained on the other folds and the augmented copies of their
+    images, then thrown away."""
     keras = import_keras()
     held_out = np.flatnonzero(fold_of == fold)
     trained_on = np.flatnonzero(fold_of != fold)
@@ -122,6 +134,7 @@ def _run_fold(rows: FoldRows, fold_of: np.ndarray, fold: int, classes, s: AuditS
     send(("begin", fold, about, s.epochs * math.ceil(len(X) / s.batch_size)))
     model, fit = _train_one(X, y, classes, s, s.seed + fold, _reporter(send, fold, s.epochs))
     held_out_probabilities = _predict(model, np.asarray(rows.X[held_out]))
+    trained_on_probabilities = _predict(model, np.asarray(rows.X[trained_on]))  # ~1 s: no copies, no gradients
     send(("end", fold))
     summary = {
         "fold": fold + 1,
@@ -135,7 +148,7 @@ def _run_fold(rows: FoldRows, fold_of: np.ndarray, fold: int, classes, s: AuditS
     }
     del model
     keras.backend.clear_session()  # K models in one process: free each one's graph
-    return fold, held_out_probabilities, summary
+    return fold, held_out_probabilities, trained_on_probabilities, summary
 
 
 def _predict(model, X: np.ndarray) -> np.ndarray:
@@ -241,7 +254,7 @@ class FoldBoard:
 
 
 def _in_workers(rows: FoldRows, fold_of: np.ndarray, classes, s: AuditSettings, plan: FoldPlan, show: Callable):
-    """Each fold's (fold, probabilities, summary) as its worker sends it: fold k goes to worker
+    """Each fold's _run_fold result as its worker sends it: fold k goes to worker
     k mod workers. A worker that fails or dies ends the audit; so does Ctrl-C, all workers stopped."""
     folds = int(fold_of.max()) + 1
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: TensorFlow does not survive fork
