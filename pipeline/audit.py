@@ -23,6 +23,7 @@ import csv
 import io
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.settings import AuditSettings
 from pipeline.data import health
 from pipeline.data.data_folder import load_classes, load_prepare_report, load_split, read_health, read_manifest
-from pipeline.data.label_issues import LEARNED_ANYWAY, NO_CLASS, WRONG_CLASS, find_suspects, noise_shares
+from pipeline.data.label_issues import LEARNED_ANYWAY, NO_CLASS, WRONG_CLASS, doubted_rows, find_suspects, noise_shares
 from pipeline.data.splits import audit_folds
 
 CSV_COLUMNS = ["path", "class", "split", "issues", "suggested", "score", "action"]
@@ -59,10 +60,10 @@ def audit_dataset(data_dir: Path, out_dir: Path, settings: AuditSettings) -> dic
     from pipeline.training.out_of_fold import out_of_fold_probabilities
 
     started = time.perf_counter()
-    trained = out_of_fold_probabilities(fold_rows, fold_of, classes, settings)
+    labels = fold_rows.labels
+    trained = out_of_fold_probabilities(fold_rows, fold_of, classes, settings, partial(doubted_rows, labels))
     probabilities, plan = trained.probabilities, trained.plan
     seconds = time.perf_counter() - started
-    labels = fold_rows.labels
     findings = {
         "version": __version__,
         "data_dir": str(data_dir.resolve()),
@@ -126,7 +127,8 @@ def _fold_rows(data_dir: Path, classes: list[str]):
 
 def _verdicts(sources: dict, labels: np.ndarray, probabilities, in_sample, fold_of, classes) -> list[dict]:
     """Every source's out-of-fold verdict, in pred_probs.npy's row order, for a closer look;
-    learned_probability: the given label's, from the models that trained on it."""
+    learned_probability: the given label's, from the models that trained on it (asked of the
+    doubted labels only; null for the rest)."""
     return [
         {
             "path": path,
@@ -134,7 +136,7 @@ def _verdicts(sources: dict, labels: np.ndarray, probabilities, in_sample, fold_
             "given": classes[given],
             "predicted": classes[int(p.argmax())],
             "given_probability": round(float(p[given]), 4),
-            "learned_probability": round(float(q[given]), 4),
+            "learned_probability": None if np.isnan(q[given]) else round(float(q[given]), 4),  # doubted ones
             "fold": int(fold) + 1,
         }
         for path, split, given, p, q, fold in zip(

@@ -95,10 +95,13 @@ def test_audit_finds_every_planted_label_and_unfit_picture(audited):
     noise = {(n["given"], n["looks_like"]) for n in findings["label_noise"]}
     assert {("dog", "cat"), ("fox", "dog"), ("cat", "fox")} <= noise
     assert "look like" in audited["stdout"] and "audit.html" in audited["stdout"]
-    # the models that trained on the planted files did not learn their wrong labels
+    # the models that trained on the planted files did not learn their wrong labels; the
+    # labels nobody doubted were not asked about
     learned = {item["path"]: item["learned_probability"] for item in findings["images"]}
-    assert all(learned[path] < 0.6 for path in moved), {path: learned[path] for path in moved}
-    assert np.median(list(learned.values())) > 0.6  # and learned the rest
+    assert all(learned[path] < 0.5 for path in moved), {path: learned[path] for path in moved}
+    doubted = {i["path"] for name in ("label_issues", "fits_no_class", "learned_anyway") for i in findings[name]}
+    assert all((learned[path] is not None) == (path in doubted) for path in learned)
+    assert all(i["learned_probability"] >= 0.5 for i in findings["learned_anyway"])
 
 
 def test_audit_page_and_csv(audited):

@@ -113,10 +113,11 @@ def check_unsure(threshold: float, target_accuracy: float | None) -> None:
 @dataclass
 class AuditSettings:
     # 4 folds of train's 6 epochs: on the letters with 5 % planted (bench/audit_bench.py, two
-    # plantings) the label issues reached 0.90 precision at 0.92-0.94 recall, where 3 x 6
-    # reached 0.88-0.90 at 0.91-0.93 and 5 x 6 0.90-0.92 at 0.90-0.96 for 3.9x one train;
-    # 4 x 5 and 5 x 4 ranked worse. With the folds two at a time on two cores (training.out_of_fold)
-    # this costs 2.1-2.4x one train (3 plantings; one after the other it was 2.8-3.25x).
+    # plantings, before data.label_issues' in-sample check) the label issues reached 0.90
+    # precision at 0.92-0.94 recall, where 3 x 6 reached 0.88-0.90 at 0.91-0.93 and 5 x 6
+    # 0.90-0.92 at 0.90-0.96 for 3.9x one train; 4 x 5 and 5 x 4 ranked worse. With the check,
+    # 0.923-0.934 at 0.927-0.955 (three plantings). The folds two at a time on two cores
+    # (training.out_of_fold) cost 2.1-2.7x one train (one after the other: 2.8-3.25x).
     folds: int = 4  # out-of-fold models; each trains on the other folds' images
     epochs: int = 6  # each fold's budget
     batch_size: int = 64

@@ -54,14 +54,11 @@ LEARNED = 0.5
 WRONG_CLASS, NO_CLASS, LEARNED_ANYWAY = "looks like another class", "fits no class", "learned anyway"
 
 
-def find_suspects(labels: np.ndarray, probabilities: np.ndarray, in_sample: np.ndarray | None = None) -> list[dict]:
-    """The doubted labels, most severe first: position, suggested label, score (the given
-    label's quality, 0-1, low = likely wrong), the suggested label's probability, the
-    in-sample probability of the given label (`in_sample`: the models that trained on it;
-    None where not given) and the kind: LEARNED_ANYWAY when that reaches LEARNED, else
-    WRONG_CLASS when the suggested label's probability reaches SURE_SUGGESTION, else NO_CLASS."""
+def doubted_rows(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """Which labels are doubted (a boolean per row): cleanlab's FILTERS, and the confident
+    disagreements they leave out. The suspects are these; the audit asks the models that
+    trained on them for their in-sample probabilities."""
     from cleanlab.filter import find_label_issues
-    from cleanlab.rank import get_label_quality_scores, order_label_issues
 
     labels = np.asarray(labels, dtype=np.int64)
     flagged = np.zeros(len(labels), dtype=bool)
@@ -69,7 +66,19 @@ def find_suspects(labels: np.ndarray, probabilities: np.ndarray, in_sample: np.n
         flagged |= find_label_issues(labels, probabilities, filter_by=filter_by, n_jobs=1)
     other_classes = probabilities.copy()
     other_classes[np.arange(len(labels)), labels] = -1
-    flagged |= other_classes.max(axis=1) >= CONFIDENT_DISAGREEMENT
+    return flagged | (other_classes.max(axis=1) >= CONFIDENT_DISAGREEMENT)
+
+
+def find_suspects(labels: np.ndarray, probabilities: np.ndarray, in_sample: np.ndarray | None = None) -> list[dict]:
+    """The doubted labels, most severe first: position, suggested label, score (the given
+    label's quality, 0-1, low = likely wrong), the suggested label's probability, the
+    in-sample probability of the given label (`in_sample`, for the doubted_rows at least: the
+    models that trained on it; None where not given) and the kind: LEARNED_ANYWAY when that reaches LEARNED, else
+    WRONG_CLASS when the suggested label's probability reaches SURE_SUGGESTION, else NO_CLASS."""
+    from cleanlab.rank import get_label_quality_scores, order_label_issues
+
+    labels = np.asarray(labels, dtype=np.int64)
+    flagged = doubted_rows(labels, probabilities)
     scores = get_label_quality_scores(labels, probabilities, method="self_confidence")
     found = []
     for i in order_label_issues(flagged, labels, probabilities, rank_by="self_confidence").tolist():
