@@ -11,8 +11,8 @@ health issues by kind).
 The steps, in `audit_dataset`'s order: gather every source image of every split once and
 the augmented copies of the training ones (`_fold_rows`); assign folds, stratified, a
 near-duplicate group within one fold (`splits.audit_folds`); train one CNN per fold on the
-others and predict the held-out fold, and the images it trained on (`training.out_of_fold`); rank the label issues and
-estimate each class's noise with cleanlab (`data.label_issues`); flag the health issues
+others, predict the held-out fold and then the doubted images it trained on
+(`training.out_of_fold`); rank the label issues and estimate each class's noise with cleanlab (`data.label_issues`); flag the health issues
 from prepare's measurements (`data.health`); list the duplicates across classes; write.
 The audit's models are thrown away.
 """

@@ -101,7 +101,6 @@ def test_audit_finds_every_planted_label_and_unfit_picture(audited):
     assert all(learned[path] < 0.5 for path in moved), {path: learned[path] for path in moved}
     doubted = {i["path"] for name in ("label_issues", "fits_no_class", "learned_anyway") for i in findings[name]}
     assert all((learned[path] is not None) == (path in doubted) for path in learned)
-    assert all(i["learned_probability"] >= 0.5 for i in findings["learned_anyway"])
 
 
 def test_audit_page_and_csv(audited):

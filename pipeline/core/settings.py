@@ -116,7 +116,7 @@ class AuditSettings:
     # plantings, before data.label_issues' in-sample check) the label issues reached 0.90
     # precision at 0.92-0.94 recall, where 3 x 6 reached 0.88-0.90 at 0.91-0.93 and 5 x 6
     # 0.90-0.92 at 0.90-0.96 for 3.9x one train; 4 x 5 and 5 x 4 ranked worse. With the check,
-    # 0.923-0.934 at 0.927-0.955 (three plantings). The folds two at a time on two cores
+    # 0.923-0.934 at 0.927-0.955 (three plantings, each +-0.04 by chance). The folds two at a time on two cores
     # (training.out_of_fold) cost 2.1-2.7x one train (one after the other: 2.8-3.25x).
     folds: int = 4  # out-of-fold models; each trains on the other folds' images
     epochs: int = 6  # each fold's budget

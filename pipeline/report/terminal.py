@@ -163,7 +163,7 @@ def print_export(record: dict, fmt: str, model_dir: Path) -> None:
     )
 
 
-def _no_class(counts: dict) -> str:
+def _other_doubts(counts: dict) -> str:
     n, learned = counts["fits_no_class"], counts.get("learned_anyway", 0)
     said = f" and {n} doubted but fitting no class (audit.csv suggests exclude)" if n else ""
     return said + (
@@ -178,7 +178,7 @@ def print_audit_summary(findings: dict, out_dir: Path, shown: int = 10) -> None:
     out.print(
         f"Audited {counts['source_images']} source images in {len(findings['folds'])} folds "
         f"(out-of-fold agreement with the labels {findings['out_of_fold_agreement']:.1%}): "
-        f"{counts['label_issues']} label issue(s){_no_class(counts)}; health: {health}; "
+        f"{counts['label_issues']} label issue(s){_other_doubts(counts)}; health: {health}; "
         f"{counts['exact_duplicates_across_classes']} exact and {counts['near_duplicates_across_classes']} "
         "near duplicate group(s) across classes"
     )

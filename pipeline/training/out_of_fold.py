@@ -4,8 +4,8 @@ Reads nothing the user keeps and writes nothing the user keeps: the rows come in
 each fold's model trains in a temporary folder (fit's history.csv) that is deleted with
 it, and only probabilities come back: the held-out fold's, and, once every fold is in, the
 doubted images' from the models that trained on them (did they learn those labels?
-`data.label_issues` asks); each fold's weights are kept in memory until then. Each fold trains as `train`
-does (`training.fit.fit_model`: the one-cycle schedule, train's precision, seeded) for
+`data.label_issues` asks); each fold's weights are kept in memory until then. Each fold
+trains as `train` does (`training.fit.fit_model`: the one-cycle schedule, train's precision, seeded) for
 --epochs, with no validation split: the held-out fold is what it is judged on, and its
 labels are the ones in question, so none of them may choose the weights.
 
@@ -20,6 +20,7 @@ process, as before: side by side they would share one device's memory.
 
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing
 import os
@@ -101,10 +102,10 @@ def out_of_fold_probabilities(
     """Every row's out-of-fold probabilities; and, for the rows doubted(probabilities) picks
     (a boolean mask), their in-sample ones: whether the models that trained on them learned
     their labels (a wrong label is learned late or never; a hard picture with the right label,
-    like others the models trained on, is learned). Each fold's weights are kept until then:
-    predicting only the doubted rows is a fraction of predicting every row a fold trained on
-    (on the letters, about 200 against 2,652 a fold: the audit's fold stage 140.7 -> 138.6 s,
-    the same findings; on a larger folder it is a pass over most of it per fold)."""
+    like others the models trained on, is learned). Each fold's weights are kept until then,
+    so each model predicts only the doubted rows it trained on, not every one (on the
+    letters about 200 against 2,652 a fold: too little time to show beside a run's own
+    spread there; on a larger folder every row would be a pass over most of it per fold)."""
     folds = int(fold_of.max()) + 1
     fold_bytes = (rows.X.nbytes + rows.X_augmented.nbytes) * (folds - 1) // folds
     plan = fold_plan(folds, fold_bytes)
@@ -116,12 +117,9 @@ def out_of_fold_probabilities(
         probabilities[fold_of == fold] = held_out_probabilities
         summaries.append(summary)
 
-    asked = []
-
-    def wanted() -> np.ndarray:  # the rows to predict in sample, once every fold is in
-        if not asked:
-            asked.append(np.flatnonzero(doubted(probabilities)) if doubted else np.zeros(0, dtype=np.int64))
-        return asked[0]
+    @functools.cache
+    def wanted() -> np.ndarray:  # the rows to predict in sample, asked once every fold is in
+        return np.flatnonzero(doubted(probabilities)) if doubted else np.zeros(0, dtype=np.int64)
 
     with FoldBoard(folds) as board:
         if plan.workers == 1:
