@@ -132,7 +132,7 @@ def test_a_signal_that_comes_out_of_c_code_as_another_error_is_still_an_interrup
     KeyboardInterrupt into a TypeError: that must still end as an interruption, not a traceback."""
     import typer
 
-    from pipeline import cli
+    from pipeline.cli import base as cli
 
     monkeypatch.setattr(cli, "_signalled", False)
     previous = signal.signal(signal.SIGTERM, cli._interrupt)
