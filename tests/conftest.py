@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 
+LOCAL = "http://127.0.0.1"  # TestClient's base URL: a Host the server accepts (server/guard.py)
 CLASS_COLORS = {"cat": (220, 60, 40), "dog": (40, 80, 220), "fox": (40, 190, 60)}
 
 

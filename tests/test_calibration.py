@@ -21,7 +21,7 @@ from pipeline.core.settings import ServeSettings
 from pipeline.inference import calibration as cal
 from pipeline.inference.classifier import load_classifier
 from pipeline.serve import create_app
-from tests.conftest import run_cli
+from tests.conftest import LOCAL, run_cli
 
 MARK = slice(1, 7)  # the planted square, in 24-pixel images
 
@@ -202,7 +202,7 @@ def test_predict_serve_and_evaluate_give_the_same_calibrated_numbers(planted):
     by_cli = {
         p["file"]: p for p in json.loads(run_cli("predict", *files, "--model", planted["model"], "--json").stdout)
     }
-    client = TestClient(create_app(planted["model"], ServeSettings(workers=1)))
+    client = TestClient(create_app(planted["model"], ServeSettings(workers=1)), base_url=LOCAL)
     keras = load_classifier(planted["model"], "keras")
     raw = keras.probabilities_before_and_after([keras.preprocess(f) for f in files])[0]
     for row, file, raw_p in zip(rows, files, raw):
@@ -236,7 +236,7 @@ def test_unsure_below_the_recorded_threshold_with_the_top_k(planted):
         assert after["label"] == ("unsure" if before["confidence"] < recorded else before["label"])
         assert after["top_k"] == before["top_k"] and len(after["top_k"]) == 2
     assert {"unsure"} < {p["label"] for p in unsure}  # some unsure, some answered
-    client = TestClient(create_app(planted["model"], ServeSettings(workers=1, target_accuracy=0.8)))
+    client = TestClient(create_app(planted["model"], ServeSettings(workers=1, target_accuracy=0.8)), base_url=LOCAL)
     assert client.get("/health").json()["threshold"] == recorded
     sent = [("files", (f.name, f.read_bytes())) for f in files[:8]]
     assert [p["label"] for p in client.post("/predict", files=sent).json()] == [p["label"] for p in unsure[:8]]
@@ -266,7 +266,7 @@ def test_gradcam_puts_the_planted_class_on_its_corner_and_explain_writes_one_png
     written = sorted(p.name for p in out.iterdir())
     assert written == sorted(f"{f.stem}.gradcam.png" for f in files[:3]) and "heatmap" in result.stderr
     assert Image.open(out / written[0]).size[0] >= 160
-    client = TestClient(create_app(planted["model"], ServeSettings(workers=1)))
+    client = TestClient(create_app(planted["model"], ServeSettings(workers=1)), base_url=LOCAL)
     png = client.post("/explain", files=[("files", (files[0].name, files[0].read_bytes()))])
     assert png.status_code == 200 and png.headers["content-type"] == "image/png" and png.content[:4] == b"\x89PNG"
     gallery = planted["reports"] / "misclassified_gradcam.png"

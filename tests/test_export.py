@@ -23,7 +23,7 @@ from pipeline.inference.classifier import load_classifier
 from pipeline.inference.engines import flex_ops
 from pipeline.report.model_card import write_model_card
 from pipeline.server.app import create_app
-from tests.conftest import run_cli, snapshot
+from tests.conftest import LOCAL, run_cli, snapshot
 from tests.test_light_imports_and_engines import HEAVY, imported_modules
 
 
@@ -134,7 +134,7 @@ def test_serve_runs_an_export_with_its_engine(exported, trained):
     expected = keras.probabilities([keras.preprocess(image)])[0]
     for fmt in ("openvino", "saved-model"):
         app = create_app(exported["model"], ServeSettings(engine=fmt, workers=1))
-        with TestClient(app) as client:
+        with TestClient(app, base_url=LOCAL) as client:
             assert client.get("/health").json()["engine"] == fmt
             answer = client.post("/predict", files=[("files", (image.name, image.read_bytes()))]).json()
         assert answer[0]["label"] == keras.classes[int(expected.argmax())]

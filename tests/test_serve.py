@@ -26,7 +26,7 @@ from PIL import Image
 
 from pipeline.core.settings import ServeSettings
 from pipeline.serve import create_app, listening_socket
-from tests.conftest import run_cli
+from tests.conftest import LOCAL, run_cli
 from tests.test_html_report import CHROMIUM_FLAGS, chromium
 from tests.test_images import bomb_png, truncated_jpeg
 
@@ -44,7 +44,7 @@ def served(trained, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(served):
-    with TestClient(create_app(served, LIMITS)) as test_client:
+    with TestClient(create_app(served, LIMITS), base_url=LOCAL) as test_client:
         yield test_client
 
 
@@ -136,7 +136,7 @@ def test_bad_input_gets_a_4xx_naming_it_and_the_next_request_is_served(client, s
 
 def test_the_keras_engine_answers_the_same(served, photos):
     expected = cli_predictions(served, photos, "--top-k", "2")
-    keras_app = TestClient(create_app(served, ServeSettings(engine="keras", workers=2)))
+    keras_app = TestClient(create_app(served, ServeSettings(engine="keras", workers=2)), base_url=LOCAL)
     assert keras_app.get("/health").json()["engine"] == "keras"
     answer = keras_app.post("/predict", params={"top_k": 2}, files=upload(*photos))
     assert_same_predictions(answer.json(), expected, atol=1e-4)  # predict ran LiteRT: as close as the engines agree
@@ -165,8 +165,8 @@ def test_reports_of_another_model_are_not_shown(served, tmp_path):
     reports.mkdir()
     metrics = json.loads((served.parent / "reports" / "metrics.json").read_text())
     (reports / "metrics.json").write_text(json.dumps({**metrics, "classes": ["a", "b", "c"]}))
-    assert TestClient(create_app(model, LIMITS)).get("/health").json()["test_accuracy"] is None
-    given = TestClient(create_app(model, LIMITS, reports_dir=served.parent / "reports"))
+    assert TestClient(create_app(model, LIMITS), base_url=LOCAL).get("/health").json()["test_accuracy"] is None
+    given = TestClient(create_app(model, LIMITS, reports_dir=served.parent / "reports"), base_url=LOCAL)
     assert given.get("/health").json()["test_accuracy"] == metrics["accuracy"]  # --reports
 
 
@@ -392,3 +392,44 @@ def test_the_docs_pages_name_no_other_host(client):
     for page in ("/docs", "/redoc"):
         html = client.get(page).text
         assert re.findall(r"https?://[^\s\"'<>]+", html) == [], page
+
+
+def raw_request(url: str, method: str, path: str, headers: dict, body: bytes = b"") -> int:
+    """The status of one request with exactly these headers (Host included), by http.client."""
+    port = int(url.rsplit(":", 1)[1])
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for name, value in {**headers, "Content-Length": str(len(body))}.items():
+            connection.putheader(name, value)
+        connection.endheaders(body)
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+def test_a_foreign_host_gets_400_and_a_cross_site_page_403_but_scripts_and_the_page_are_served(live_server, photos):
+    port = live_server.rsplit(":", 1)[1]
+    body, kind = multipart_body(photos[:1])
+    same = {"Host": f"127.0.0.1:{port}", "Content-Type": kind}
+    assert raw_request(live_server, "POST", "/predict", same, body) == 200  # curl, a script: no Origin
+    assert raw_request(live_server, "POST", "/predict", {**same, "Origin": f"http://127.0.0.1:{port}"}, body) == 200
+    assert raw_request(live_server, "POST", "/predict", {**same, "Host": f"localhost:{port}"}, body) == 200
+    # DNS rebinding: another site's name pointed at 127.0.0.1 arrives with that name as Host
+    assert raw_request(live_server, "GET", "/classes", {"Host": f"evil.example:{port}"}) == 400
+    assert raw_request(live_server, "POST", "/predict", {**same, "Host": "evil.example"}, body) == 400
+    for origin in ("http://evil.example", f"http://127.0.0.1:{int(port) + 1}", "https://127.0.0.1", "null"):
+        assert raw_request(live_server, "POST", "/predict", {**same, "Origin": origin}, body) == 403, origin
+        assert raw_request(live_server, "POST", "/explain", {**same, "Origin": origin}, body) == 403, origin
+
+
+def test_the_hosts_a_wildcard_bind_accepts_are_this_machines_and_those_given():
+    from pipeline.server.guard import allowed_hosts
+
+    assert allowed_hosts("127.0.0.1") == ["127.0.0.1", "[::1]", "localhost"]
+    assert "[::1]" in allowed_hosts("::1")
+    wide = allowed_hosts("0.0.0.0", ("photos.lan", "10.0.0.7"))
+    assert {socket.gethostname().lower(), "photos.lan", "10.0.0.7", "localhost"} <= set(wide)
+    assert "evil.example" not in wide

@@ -31,6 +31,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.settings import ServeSettings
 from pipeline.data.images import PREPROCESS_VERSION, UnreadableImage
 from pipeline.inference.classifier import Classifier, load_classifier
+from pipeline.server.guard import guard
 from pipeline.server.limits import Admission, inflight_limits, return_freed_memory
 from pipeline.server.uploads import RequestError, read_uploads
 
@@ -138,6 +139,7 @@ def create_app(model_dir: Path, settings: ServeSettings | None = None, reports_d
     _add_routes(app, model_workers, settings)
     _add_explain_route(app, Path(model_dir), model_workers, settings)
     _bound_what_requests_hold(app, settings, len(model_workers.copies))
+    guard(app, settings.host)  # outermost: a foreign Host or a cross-site page is refused before anything is held
     return app
 
 
