@@ -194,6 +194,16 @@ class ServeSettings:
 
 
 @dataclass
+class ReviewSettings:
+    host: str = "127.0.0.1"  # loopback, as serve: the decisions are one person's
+    port: int = 8001  # beside serve's 8000, so both can run at once; 0: any free port
+
+    def check(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise PipelineError(f"--port must be between 0 and 65535, got {self.port}")
+
+
+@dataclass
 class ExportSettings:
     format: str | None = "litert-int8"  # one of EXPORT_FORMATS (the CLI insists on --format)
     calibration_images: int = 300  # training images that set the int8 ranges (evenly spaced over the split)

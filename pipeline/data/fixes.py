@@ -55,23 +55,32 @@ def read_fixes(csv_path: Path, scan: FolderScan) -> list[Fix]:
 
 def _parse_row(row: dict, where: str, known: set[str], class_names: list[str]) -> Fix:
     path = (row.get("path") or "").strip()
-    action = (row.get("action") or "").strip()
     if not path:
         raise PipelineError(f"{where}: the path is empty")
     if path not in known:
         raise PipelineError(f"{where}: {path!r} is not an image file in the images folder")
+    try:
+        action, to_class = parse_action((row.get("action") or "").strip(), class_names)
+    except PipelineError as e:
+        raise PipelineError(f"{where}: {e}") from None
+    return Fix(path, action, to_class)
+
+
+def parse_action(action: str, class_names: list[str]) -> tuple[str, str | None]:
+    """("keep" | "exclude" | "relabel", the class relabelled to) of an action cell; PipelineError
+    saying what is wrong with it (`pipeline review` checks each decision with it too)."""
     if action in ("keep", "exclude"):
-        return Fix(path, action)
+        return action, None
     if action.startswith("relabel:"):
         to_class = action.removeprefix("relabel:").strip()
         if to_class not in class_names:
             raise PipelineError(
-                f"{where}: class {to_class!r} does not exist (the classes: {', '.join(class_names[:20])}"
+                f"class {to_class!r} does not exist (the classes: {', '.join(class_names[:20])}"
                 + (", ..." if len(class_names) > 20 else "")
                 + ")"
             )
-        return Fix(path, "relabel", to_class)
-    raise PipelineError(f"{where}: cannot read the action {action!r}; write one of {', '.join(ACTIONS)}")
+        return "relabel", to_class
+    raise PipelineError(f"cannot read the action {action!r}; write one of {', '.join(ACTIONS)}")
 
 
 def apply_fixes(scan: FolderScan, fixes: list[Fix]) -> tuple[FolderScan, list[dict]]:
