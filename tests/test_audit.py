@@ -54,28 +54,6 @@ def planted_folder(root: Path) -> tuple[Path, dict[str, str]]:
     return images, moved
 
 
-@pytest.fixture(scope="module")
-def audited(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("audit")
-    images, moved = planted_folder(root / "images")
-    data, out = root / "data", root / "audit"
-    run_cli("prepare", images, "--out", data, "--size", "16", "--quiet")
-    # 3 folds, not the default 4: of 64 pictures, 4 folds leave each model 16 per class, too
-    # few to be sure of one planted file (its suggested class came at 0.807, just under
-    # cleanlab's 0.814 for that class); the default is measured on the letters (bench/)
-    result = run_cli("audit", "--data", data, "--out", out, "--epochs", "6", "--folds", "3", "--quiet")
-    findings = json.loads((out / "audit.json").read_text())
-    return {
-        "root": root,
-        "images": images,
-        "data": data,
-        "out": out,
-        "moved": moved,
-        "findings": findings,
-        **{"stdout": result.output},
-    }
-
-
 def test_audit_finds_every_planted_label_and_unfit_picture(audited):
     findings, moved = audited["findings"], audited["moved"]
     suspects = {item["path"]: item for item in findings["label_issues"]}

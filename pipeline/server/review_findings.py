@@ -122,7 +122,7 @@ class Decisions:
         self._rows = {row["path"]: row for row in csv_rows}
         self._lock = threading.Lock()
         self.taken: dict[str, str] = {}
-        self.kept_aside: list[dict] = []  # rows of an earlier review for files no longer among the findings
+        self.kept_aside: list[dict] = []  # an earlier review's rows this audit does not list, kept as they are
         self._load()
 
     def _load(self) -> None:
@@ -139,12 +139,16 @@ class Decisions:
                 rows = list(reader)
         except (OSError, UnicodeDecodeError, csv.Error) as e:
             raise PipelineError(f"{self.path} cannot be read ({e}): move it aside to start the review afresh") from None
-        for row in rows:
+        aside: dict[str, dict] = {}
+        for row in rows:  # a file listed twice (an edit by hand): its last row holds
             path, action = (row.get("path") or "").strip(), (row.get("action") or "").strip()
-            if path in self._items and path not in self.taken and self._readable(action):
+            if path in self._items and self._readable(action):
                 self.taken[path] = action
+                aside.pop(path, None)
             else:
-                self.kept_aside.append({column: row.get(column) or "" for column in CSV_COLUMNS})
+                self.taken.pop(path, None)
+                aside[path] = {column: row.get(column) or "" for column in CSV_COLUMNS}
+        self.kept_aside = list(aside.values())
 
     def _readable(self, action: str) -> bool:
         try:
@@ -176,7 +180,9 @@ class Decisions:
                 atomic_write_text(self.path, self.csv_text(), durable=True)
             except OSError as e:
                 self._undo(path, before)
-                raise ReviewError(507, f"could not write {self.path}: {e.strerror or e}; the decision is not kept") from None
+                raise ReviewError(
+                    507, f"could not write {self.path}: {e.strerror or e}; the decision is not kept"
+                ) from None
         return action
 
     def _undo(self, path: str, before: str | None) -> None:
