@@ -6,7 +6,7 @@ atomically, the audit folder: audit.json (everything found), pred_probs.npy (the
 out-of-fold probabilities, a row per audit.json image), audit.csv (one row per
 flagged file with an `action` the user edits: keep, relabel:CLASS, exclude; `prepare
 --fixes` reads it) and audit.html (the page: counts, the suspects as thumbnails, the
-health issues by kind).
+health issues by kind). A reviewed.csv `pipeline review` wrote there is carried into the new folder.
 
 The steps, in `audit_dataset`'s order: gather every source image of every split once and
 the augmented copies of the training ones (`_fold_rows`); assign folds, stratified, a
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import io
+import shutil
 import time
 from dataclasses import asdict
 from functools import partial
@@ -83,6 +84,8 @@ def audit_dataset(data_dir: Path, out_dir: Path, settings: AuditSettings) -> dic
     }
     findings["counts"] = _counts(findings, len(labels))
     with atomic_dir(out_dir) as tmp:
+        if (out_dir / paths.AUDIT_REVIEWED).is_file():  # `pipeline review`'s decisions are the user's: kept
+            shutil.copy2(out_dir / paths.AUDIT_REVIEWED, tmp / paths.AUDIT_REVIEWED)
         write_json(tmp / paths.AUDIT_JSON, findings)
         np.save(tmp / paths.AUDIT_PROBABILITIES, probabilities)
         atomic_write_text(tmp / paths.AUDIT_CSV, audit_csv(findings))

@@ -28,7 +28,7 @@ def review_app(audit_dir: Path, data_dir: Path | None = None):
     (audit.json names it) unless given."""
     from pipeline.audit import audit_csv
     from pipeline.server.review_app import create_review_app
-    from pipeline.server.review_findings import REVIEWED_CSV, Decisions, review_items
+    from pipeline.server.review_findings import Decisions, review_items
 
     audit_dir = Path(audit_dir)
     findings = read_json(audit_dir / paths.AUDIT_JSON, "run `pipeline audit` first")
@@ -43,7 +43,7 @@ def review_app(audit_dir: Path, data_dir: Path | None = None):
         )
     rows = list(csv.DictReader(audit_csv(findings).splitlines()))
     items = review_items(findings, rows)
-    decisions = Decisions(audit_dir / REVIEWED_CSV, items, rows, classes)
+    decisions = Decisions(audit_dir / paths.AUDIT_REVIEWED, items, rows, classes)
     images_dir = (read_json_optional(data_dir / paths.PREPARE_REPORT_FILE) or {}).get("images_dir")
     app = create_review_app(audit_dir, data_dir, findings, items, decisions, images_dir)
     app.state.summary = {"findings": len(items), "decided": len(decisions.taken), "kept_aside": decisions.kept_aside}
@@ -71,7 +71,7 @@ def review_audit(
     summary = app.state.summary
     say(
         f"reviewing {summary['findings']} findings of {audit_dir} ({summary['decided']} decided already) "
-        f"on {url}/  (decisions: {Path(audit_dir) / 'reviewed.csv'}  Ctrl-C stops)"
+        f"on {url}/  (decisions: {Path(audit_dir) / paths.AUDIT_REVIEWED}  Ctrl-C stops)"
     )
     if summary["kept_aside"]:
         say(

@@ -114,7 +114,10 @@ def test_pictures_are_served_only_for_the_files_the_review_lists(review, tmp_pat
             assert picture.size == (side, side)
     outside = tmp_path / "secret.png"
     Image.new("RGB", (8, 8)).save(outside)
-    for probe in ("../secret.png", str(outside), "cat/../../secret.png", "cat/cat_003.jpg", "", "cat"):
+    shown = {s["path"] for s in client.get("/api/suspects").json()}
+    shown |= {p for paths in client.get("/api/review").json()["examples"].values() for p in paths}
+    unlisted = next(row["path"] for row in read_manifest(review["data"]) if row["path"] not in shown)
+    for probe in ("../secret.png", str(outside), "cat/../../secret.png", unlisted, "", "cat"):
         answer = client.get("/api/image", params={"path": probe, "view": "file"})
         assert answer.status_code == 404 and "only the files it lists" in answer.json()["error"], probe
     assert client.get("/api/image", params={"path": path, "view": "raw"}).status_code == 422
@@ -122,7 +125,7 @@ def test_pictures_are_served_only_for_the_files_the_review_lists(review, tmp_pat
     images = tmp_path / "images"
     (images / "cat").mkdir(parents=True)
     (images / "cat" / "link.png").symlink_to(outside)
-    pictures = Pictures(review["data"], images, {"cat/link.png", "../secret.png"}, ["cat", "dog", "fox"])
+    pictures = Pictures(review["data"], images, ["cat", "dog", "fox"], {"cat/link.png", "../secret.png"})
     assert pictures.png("cat/link.png", "file") is None and pictures.png("../secret.png", "file") is None
     page = client.get("/")
     assert page.status_code == 200 and "<script>" in page.text
@@ -196,6 +199,16 @@ def test_an_earlier_reviews_rows_are_kept_and_an_unreadable_one_is_never_overwri
     assert review["reviewed"].read_bytes() == b"\xff\xfe not a CSV \x00"
 
 
+def test_a_new_audit_keeps_the_decisions_of_the_review(review, monkeypatch):
+    # the folds one after the other in this process, as on one core: no worker processes to start
+    monkeypatch.setattr("pipeline.training.out_of_fold.available_cores", lambda: 1)
+    decided = "path,class,split,issues,suggested,score,action\ncat/cat_000.png,cat,train,label,dog,0.1,exclude\n"
+    review["reviewed"].write_text(decided, encoding="utf-8")
+    run_cli("audit", "--data", review["data"], "--out", review["audit"], "--folds", "2", "--epochs", "1", "--quiet")
+    assert (review["audit"] / "audit.json").stat().st_mtime > (review["out"] / "audit.json").stat().st_mtime
+    assert review["reviewed"].read_text(encoding="utf-8") == decided
+
+
 def test_user_errors_are_one_line(review, tmp_path):
     missing = run_cli("review", "--audit", tmp_path / "nothing", expect=1)
     assert missing.output.startswith("error: ") and "pipeline audit" in missing.output
@@ -239,8 +252,9 @@ def post_decision(port: int, path: str, action: str | None) -> tuple[int, dict]:
 
 
 def test_decisions_posted_at_once_all_survive_a_sigkill_and_prepare_applies_them_all(review, tmp_path):
-    """The issue's check: after audit, decisions through the API (12 and more, eight clients
-    at once), SIGKILL of the server: reviewed.csv holds them all and prepare --fixes applies them all."""
+    """The issue's check: after audit, decisions through the API (every finding, then half of
+    them changed, eight clients at once), a SIGKILL of the server: reviewed.csv holds every one
+    answered last, and prepare --fixes applies them all."""
     process, port = start_review(review["audit"], review["data"])
     try:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -256,8 +270,12 @@ def test_decisions_posted_at_once_all_survive_a_sigkill_and_prepare_applies_them
         }
         with ThreadPoolExecutor(8) as clients:
             answers = list(clients.map(lambda p: post_decision(port, p, actions[p]), paths))
+            # then half of them changed, at once too: the last answer for a file is what holds
+            changed = {p: "keep" if actions[p] != "keep" else "exclude" for p in paths[::2]}
+            answers += list(clients.map(lambda p: post_decision(port, p, changed[p]), changed))
+        actions.update(changed)
         assert all(status == 200 for status, _ in answers), answers
-        assert len(actions) >= 12
+        assert len(answers) >= 12 and len(actions) >= 8
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
     finally:
@@ -356,5 +374,5 @@ def test_the_page_in_a_real_browser_decides_by_click_and_by_key_and_a_sigkill_lo
         image.load()
         assert image.format == "PNG" and image.size[0] >= 1000
         assert np.asarray(image.convert("RGB"), dtype=np.int16).std() > 20  # not a blank page
-    if os.environ.get("PIPELINE_DOCS_SCREENSHOTS"):  # `make docs-screenshots`: the picture in docs/review.md
+    if os.environ.get("PIPELINE_DOCS_SCREENSHOTS"):  # =docs: the picture in docs/review.md (see there)
         shutil.copy(shot, Path(os.environ["PIPELINE_DOCS_SCREENSHOTS"]) / "review.png")

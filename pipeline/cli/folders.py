@@ -1,4 +1,4 @@
-"""The commands on the images folder and the prepared data: prepare, inspect, audit."""
+"""The commands on the images folder and the prepared data: prepare, inspect, audit, review."""
 
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ from pipeline.cli.base import (
     user_errors,
 )
 from pipeline.core import paths, progress
-from pipeline.core.settings import AuditSettings, InspectSettings, PrepareSettings
+from pipeline.core.settings import AuditSettings, InspectSettings, PrepareSettings, ReviewSettings
 from pipeline.report import terminal
+
+REVIEW = ReviewSettings()
 
 
 @app.command()
@@ -123,3 +125,24 @@ def audit(
     from pipeline.audit import audit_dataset
 
     terminal.print_audit_summary(audit_dataset(data_dir, out_dir, settings_from(AuditSettings, locals())), out_dir)
+
+
+@app.command()
+@user_errors
+def review(
+    audit_dir: Annotated[Path, typer.Option("--audit", help="The audit folder (from audit).")] = paths.AUDIT_DIR,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data", help="The prepared data folder that was audited (default: the one audit.json names)."),
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; the default, loopback, lets only this machine connect.")
+    ] = REVIEW.host,
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free one).")] = REVIEW.port,
+    quiet: Quiet = False,
+) -> None:
+    """Go through the audit's findings on a page (keep, relabel, exclude); each decision is saved to reviewed.csv."""
+    progress.set_quiet(quiet)
+    from pipeline.review import review_audit
+
+    review_audit(audit_dir, data_dir, settings_from(ReviewSettings, locals()), say=progress.say)

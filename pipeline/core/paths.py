@@ -57,6 +57,7 @@ AUDIT_JSON = "audit.json"
 AUDIT_CSV = "audit.csv"
 AUDIT_HTML = "audit.html"
 AUDIT_PROBABILITIES = "pred_probs.npy"  # out-of-fold probabilities, rows as audit.json's images (cleanlab's pred_probs)
+AUDIT_REVIEWED = "reviewed.csv"  # pipeline review's decisions, in audit.csv's columns; a new audit keeps it
 
 # What to run when an input folder is missing: said the same way by every stage.
 PREPARE_HINT = "run `pipeline prepare IMAGES_DIR` first"

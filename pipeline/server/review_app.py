@@ -45,13 +45,13 @@ FILE_VIEW_SIDE = 320  # the picture from the images folder, at most this many pi
 
 
 class Pictures:
-    """The pictures the review may show: the source rows of the data folder's arrays (what the
-    model saw) and the files themselves, looked up by their path as the manifest names them."""
+    """The pictures the review shows (`allowed`: the findings, their copies and the training
+    examples), from the source rows of the data folder's arrays (what the model saw) or the
+    files themselves, looked up by their path as the manifest names them."""
 
-    def __init__(self, data_dir: Path, images_dir: Path | None, finding_paths: set[str], classes: list[str]):
-        self.data_dir, self.classes = Path(data_dir), classes
+    def __init__(self, data_dir: Path, images_dir: Path | None, classes: list[str], allowed: set[str] = frozenset()):
+        self.data_dir, self.classes, self.allowed = Path(data_dir), classes, set(allowed)
         self.row_of = {r["path"]: (r["split"], r["index"]) for r in read_manifest(data_dir) if not r["augmented"]}
-        self.allowed = set(self.row_of) | finding_paths  # label conflicts: left out of the arrays
         self.images_dir = Path(images_dir).resolve() if images_dir and Path(images_dir).is_dir() else None
         self._arrays: dict[str, np.ndarray] = {}
 
@@ -132,8 +132,10 @@ def create_review_app(
     classes = findings["classes"]
     by_path = {found["path"]: found for found in items}
     finding_paths = set(by_path)
-    pictures = Pictures(data_dir, Path(images_dir) if images_dir else None, finding_paths, classes)
+    pictures = Pictures(data_dir, Path(images_dir) if images_dir else None, classes)
     examples = training_examples(findings, classes, finding_paths, pictures)
+    copies = {copy["path"] for found in items for copy in found["copies"]}
+    pictures.allowed = finding_paths | copies | {path for shown in examples.values() for path in shown}
     commands = next_commands(audit_dir, data_dir, images_dir, decisions.path)
     kinds = list(dict.fromkeys(found["kind"] for found in items))
     page = resources.files("pipeline.server").joinpath("review.html").read_text(encoding="utf-8")

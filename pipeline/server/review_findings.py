@@ -21,7 +21,6 @@ from pipeline.core.errors import PipelineError
 from pipeline.data.fixes import parse_action
 from pipeline.data.health import ISSUE_KINDS
 
-REVIEWED_CSV = "reviewed.csv"
 CSV_COLUMNS = ["path", "class", "split", "issues", "suggested", "score", "action"]  # audit.csv's
 # The order of the page: wrong labels first, then what fits no class, the same picture
 # under several classes, then the pictures' health. A file in several lists is shown once,
