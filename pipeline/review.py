@@ -23,9 +23,9 @@ from pipeline.core.settings import ReviewSettings
 from pipeline.data.data_folder import load_classes
 
 
-def review_app(audit_dir: Path, data_dir: Path | None = None):
-    """The review's FastAPI app over `audit_dir`'s findings; `data_dir`: the one audited
-    (audit.json names it) unless given."""
+def review_app(audit_dir: Path, data_dir: Path | None = None, host: str = ReviewSettings.host):
+    """The review's FastAPI app over `audit_dir`'s findings, to be served on `host`; `data_dir`:
+    the one audited (audit.json names it) unless given."""
     from pipeline.audit import audit_csv
     from pipeline.server.review_app import create_review_app
     from pipeline.server.review_findings import Decisions, review_items
@@ -45,7 +45,7 @@ def review_app(audit_dir: Path, data_dir: Path | None = None):
     items = review_items(findings, rows)
     decisions = Decisions(audit_dir / paths.AUDIT_REVIEWED, items, rows, classes)
     images_dir = (read_json_optional(data_dir / paths.PREPARE_REPORT_FILE) or {}).get("images_dir")
-    app = create_review_app(audit_dir, data_dir, findings, items, decisions, images_dir)
+    app = create_review_app(audit_dir, data_dir, findings, items, decisions, images_dir, host)
     app.state.summary = {"findings": len(items), "decided": len(decisions.taken), "kept_aside": decisions.kept_aside}
     return app
 
@@ -64,7 +64,7 @@ def review_audit(
     settings.check()
     from pipeline.serve import listening_socket
 
-    app = review_app(audit_dir, data_dir)  # a missing audit fails before the port is taken
+    app = review_app(audit_dir, data_dir, settings.host)  # a missing audit fails before the port is taken
     sock = listening_socket(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"

@@ -27,9 +27,9 @@ from PIL import Image
 from pipeline.review import review_app
 from pipeline.server.review_app import Pictures
 from pipeline.server.review_findings import CSV_COLUMNS, KINDS
-from tests.conftest import read_manifest, run_cli, snapshot, write_image_folder
+from tests.conftest import LOCAL, read_manifest, run_cli, snapshot, write_image_folder
 from tests.test_html_report import CHROMIUM_FLAGS, chromium
-from tests.test_serve import chromedriver
+from tests.test_serve import chromedriver, raw_request
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def reviewed_rows(path: Path) -> dict[str, dict]:
 
 
 def test_the_findings_come_label_issues_first_and_each_decision_is_on_disk_when_answered(review):
-    client = TestClient(review_app(review["audit"], review["data"]))
+    client = TestClient(review_app(review["audit"], review["data"]), base_url=LOCAL)
     suspects = client.get("/api/suspects").json()
     kinds = [s["kind"] for s in suspects]
     assert kinds[0] == "label_issue" and kinds == sorted(kinds, key=KINDS.index)
@@ -99,13 +99,15 @@ def test_the_findings_come_label_issues_first_and_each_decision_is_on_disk_when_
         assert answer.status_code == status and words in answer.json()["error"], (case, answer.text)
     assert review["reviewed"].read_bytes() == before
 
-    again = TestClient(review_app(review["audit"], review["data"]))  # reopened: the decisions taken are shown
+    again = TestClient(
+        review_app(review["audit"], review["data"]), base_url=LOCAL
+    )  # reopened: the decisions taken are shown
     assert {s["path"]: s["decision"] for s in again.get("/api/suspects").json() if s["decision"]} == decided
     assert again.get("/api/review").json()["left"] == len(suspects) - len(decided)
 
 
 def test_pictures_are_served_only_for_the_files_the_review_lists(review, tmp_path):
-    client = TestClient(review_app(review["audit"], review["data"]))
+    client = TestClient(review_app(review["audit"], review["data"]), base_url=LOCAL)
     path = next(iter(review["moved"]))
     for view, side in (("model", 16), ("file", 24)):  # as prepared, and the file itself
         answer = client.get("/api/image", params={"path": path, "view": view})
@@ -157,7 +159,7 @@ def test_label_conflicts_and_near_copies_are_shown_with_their_copies_and_fixed_b
         "cross_class_near_copies": [{**near, "split": "train"}],
     }
     (audit / "audit.json").write_text(json.dumps(findings))
-    client = TestClient(review_app(audit))  # --data: the folder audit.json names
+    client = TestClient(review_app(audit), base_url=LOCAL)  # --data: the folder audit.json names
     suspects = {s["path"]: s for s in client.get("/api/suspects").json()}
     assert [s["kind"] for s in suspects.values()] == ["label_conflict"] * 2 + ["near_copy"] * 2
     assert suspects["dog/twin.jpg"]["copies"] == [{"path": "cat/cat_001.jpg", "class": "cat"}]
@@ -186,7 +188,7 @@ def test_an_earlier_reviews_rows_are_kept_and_an_unreadable_one_is_never_overwri
     review["reviewed"].write_text(
         f"path,action\n{first},exclude\ncat/cat_003.jpg,relabel:dog\n{first},keep\n", encoding="utf-8"
     )
-    client = TestClient(review_app(review["audit"], review["data"]))
+    client = TestClient(review_app(review["audit"], review["data"]), base_url=LOCAL)
     # a file listed twice: its last row holds; a file this audit does not list: kept as it is
     assert {s["path"]: s["decision"] for s in client.get("/api/suspects").json() if s["decision"]} == {first: "keep"}
     assert client.get("/api/review").json()["kept_aside"] == 1
@@ -276,6 +278,14 @@ def test_decisions_posted_at_once_all_survive_a_sigkill_and_prepare_applies_them
         actions.update(changed)
         assert all(status == 200 for status, _ in answers), answers
         assert len(answers) >= 12 and len(actions) >= 8
+        # serve's protections: another site's page (403) or name (DNS rebinding, 400) changes nothing
+        url, body = f"http://127.0.0.1:{port}", json.dumps({"path": paths[0], "action": "relabel:fox"}).encode()
+        same = {"Host": f"127.0.0.1:{port}", "Content-Type": "application/json"}
+        for origin in ("http://evil.example", f"http://127.0.0.1:{port + 1}", "null"):
+            assert raw_request(url, "POST", "/api/decisions", {**same, "Origin": origin}, body) == 403, origin
+        assert raw_request(url, "POST", "/api/decisions", {**same, "Host": f"evil.example:{port}"}, body) == 400
+        assert raw_request(url, "GET", "/api/suspects", {"Host": f"evil.example:{port}"}) == 400
+        assert raw_request(url, "GET", "/api/suspects", {"Host": f"localhost:{port}"}) == 200
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
     finally:

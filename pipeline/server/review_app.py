@@ -38,6 +38,7 @@ from pipeline import __version__
 from pipeline.core import paths
 from pipeline.data.data_folder import load_split, read_manifest
 from pipeline.data.images import UnreadableImage, decode_image
+from pipeline.server.guard import guard
 from pipeline.server.review_findings import Decisions, ReviewError
 
 EXAMPLES_PER_CLASS = 4  # training pictures shown beside a finding, of its class and of the suggested one
@@ -126,9 +127,16 @@ def next_commands(audit_dir: Path, data_dir: Path, images_dir: str | None, revie
 
 
 def create_review_app(
-    audit_dir: Path, data_dir: Path, findings: dict, items: list[dict], decisions: Decisions, images_dir: str | None
+    audit_dir: Path,
+    data_dir: Path,
+    findings: dict,
+    items: list[dict],
+    decisions: Decisions,
+    images_dir: str | None,
+    host: str = "127.0.0.1",
 ) -> FastAPI:
-    """The app over one audit's findings (`items`) and the decisions kept in `decisions`."""
+    """The app over one audit's findings (`items`) and the decisions kept in `decisions`,
+    served on `host` (a foreign Host header gets 400, another site's page 403: server/guard.py)."""
     classes = findings["classes"]
     by_path = {found["path"]: found for found in items}
     finding_paths = set(by_path)
@@ -197,6 +205,7 @@ def create_review_app(
             raise ReviewError(404, f"no picture for {path!r}: the review shows only the files it lists")
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=600"})
 
+    guard(app, host)  # as serve's: no other site's page may read the findings or post a decision
     return app
 
 
