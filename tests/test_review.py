@@ -58,9 +58,10 @@ def test_the_findings_come_label_issues_first_and_each_decision_is_on_disk_when_
     for path, true_class in review["moved"].items():
         found = by_path[path]
         assert found["kind"] == "label_issue" and found["label"] == manifest[path] == path.split("/")[0]
-        assert found["suggestion"] == f"relabel:{true_class}" and found["suggested_class"] == true_class
+        assert found["suggested_action"] == f"relabel:{true_class}" and found["suggestion"] == true_class
         assert 0.5 <= found["probability"] <= 1 and found["decision"] is None
-    assert by_path["cat/black.png"]["suggestion"] == "exclude" and "dark" in by_path["cat/black.png"]["issues"]
+    black = by_path["cat/black.png"]
+    assert black["suggested_action"] == "exclude" and black["suggestion"] is None and "dark" in black["issues"]
     assert all(s["path"] in manifest for s in suspects)
     summary = client.get("/api/review").json()
     assert summary["classes"] == ["cat", "dog", "fox"] and summary["left"] == summary["total"] == len(suspects)
@@ -84,6 +85,14 @@ def test_the_findings_come_label_issues_first_and_each_decision_is_on_disk_when_
     assert client.post("/api/decisions", json={"path": "cat/blurred.png", "action": None}).json()["decision"] is None
     del decided["cat/blurred.png"]
     assert {p: r["action"] for p, r in reviewed_rows(review["reviewed"]).items()} == decided
+    # the suggestion as listed (a class) is read as relabel to it; JSON is read as JSON, sent
+    # as curl -d sends it (a form's content type) or with none
+    path, true_class = wanted[1][0], wanted[1][1][len("relabel:") :]
+    body = json.dumps({"path": path, "action": by_path[path]["suggestion"]})
+    for headers in ({"Content-Type": "application/x-www-form-urlencoded"}, {}):
+        answer = client.post("/api/decisions", content=body, headers=headers)
+        assert answer.status_code == 200 and answer.json()["decision"] == f"relabel:{true_class}", answer.text
+    assert {p: r["action"] for p, r in reviewed_rows(review["reviewed"]).items()} == decided
 
     refused = {
         "unknown path": ({"json": {"path": "cat/nothere.png", "action": "keep"}}, 404, "not among the audit's findings"),
@@ -91,7 +100,8 @@ def test_the_findings_come_label_issues_first_and_each_decision_is_on_disk_when_
         "unknown action": ({"json": {"path": wanted[0][0], "action": "delete"}}, 422, "cannot read the action 'delete'"),
         "no action": ({"json": {"path": wanted[0][0]}}, 422, '"action"'),
         "not JSON": ({"content": b"{path", "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
-        "a form": ({"data": {"path": wanted[0][0], "action": "keep"}}, 415, "application/json"),
+        "a form": ({"data": {"path": wanted[0][0], "action": "keep"}}, 400, "not valid JSON"),
+        "not an object": ({"json": ["keep"]}, 422, '"action"'),
     }  # fmt: skip
     before = review["reviewed"].read_bytes()
     for case, (request, status, words) in refused.items():
@@ -164,7 +174,7 @@ def test_label_conflicts_and_near_copies_are_shown_with_their_copies_and_fixed_b
     assert [s["kind"] for s in suspects.values()] == ["label_conflict"] * 2 + ["near_copy"] * 2
     assert suspects["dog/twin.jpg"]["copies"] == [{"path": "cat/cat_001.jpg", "class": "cat"}]
     assert suspects["fox/fox_002.png"]["copies"] == [{"path": "dog/dog_002.png", "class": "dog"}]
-    assert suspects["dog/twin.jpg"]["suggestion"] == "keep"
+    assert suspects["dog/twin.jpg"]["suggested_action"] == "keep" and suspects["dog/twin.jpg"]["suggestion"] is None
     # not in the arrays (prepare left it out): the picture comes from the images folder
     answer = client.get("/api/image", params={"path": "dog/twin.jpg", "view": "model"})
     assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
@@ -267,7 +277,7 @@ def test_decisions_posted_at_once_all_survive_a_sigkill_and_prepare_applies_them
         classes = ["cat", "dog", "fox"]
         # every finding decided: the suggestion, or keep, exclude, or another class in turn
         actions = {
-            p: [s["suggestion"], "keep", "exclude", f"relabel:{classes[i % 3]}"][i % 4]
+            p: [s["suggested_action"], "keep", "exclude", f"relabel:{classes[i % 3]}"][i % 4]
             for i, (p, s) in enumerate(zip(paths, suspects))
         }
         with ThreadPoolExecutor(8) as clients:

@@ -38,8 +38,9 @@ class ReviewError(Exception):
 
 def review_items(findings: dict, csv_rows: list[dict]) -> list[dict]:
     """One item per flagged file, in the page's order: path (as in the manifest), kind, issues,
-    label (the class prepare gave it), split, suggestion (audit.csv's action), the suggested
-    class and its probability where the models favour one, and for a duplicate its copies."""
+    label (the class prepare gave it), split, suggestion (the class the models suggest, null
+    for a picture's health or a duplicate) with its probability, suggested_action (audit.csv's
+    action: what taking the suggestion does), score, and for a duplicate its copies."""
     items: dict[str, dict] = {}
 
     def item(kind: str, path: str, label: str, split: str | None) -> dict:
@@ -51,7 +52,7 @@ def review_items(findings: dict, csv_rows: list[dict]) -> list[dict]:
                 "issues": [],
                 "label": label,
                 "split": split or "",
-                "suggested_class": None,
+                "suggestion": None,
                 "probability": None,
                 "score": None,
                 "copies": [],
@@ -65,7 +66,7 @@ def review_items(findings: dict, csv_rows: list[dict]) -> list[dict]:
         for suspect in findings.get(name, []):
             found = item(kind, suspect["path"], suspect["given"], suspect.get("split"))
             found.update(
-                suggested_class=suspect.get("suggested"),
+                suggestion=suspect.get("suggested"),
                 probability=suspect.get("suggested_probability"),
                 score=suspect.get("score"),
             )
@@ -84,7 +85,7 @@ def review_items(findings: dict, csv_rows: list[dict]) -> list[dict]:
     rows = {row["path"]: row for row in csv_rows}
     ordered = sorted(items.values(), key=lambda found: _rank(found["kind"]))  # stable: severity within a kind
     for found in ordered:
-        found["suggestion"] = rows.get(found["path"], {}).get("action") or "keep"
+        found["suggested_action"] = rows.get(found["path"], {}).get("action") or "keep"
     return ordered
 
 
@@ -157,13 +158,16 @@ class Decisions:
         return True
 
     def decide(self, path: object, action: object) -> str | None:
-        """Record `action` (keep, exclude, relabel:CLASS; None clears it) for `path` and rewrite
-        reviewed.csv before returning: a decision answered is a decision on disk."""
+        """Record `action` (keep, exclude, relabel:CLASS or a bare class name, read as relabel to
+        it; None clears it) for `path` and rewrite reviewed.csv before returning: a decision
+        answered is a decision on disk."""
         if not isinstance(path, str) or path not in self._items:
             raise ReviewError(404, f"{path!r} is not among the audit's findings")
         if action is not None:
             if not isinstance(action, str):
                 raise ReviewError(422, "action must be keep, exclude, relabel:CLASS or null (undecided)")
+            if action not in ("keep", "exclude") and action in self.classes:
+                action = f"relabel:{action}"  # the suggestion as /api/suspects gives it: a class
             try:
                 kind, to_class = parse_action(action.strip(), self.classes)
             except PipelineError as e:
@@ -211,7 +215,7 @@ class Decisions:
             "class": found["label"],
             "split": found["split"],
             "issues": "; ".join(found["issues"]),
-            "suggested": found["suggested_class"] or "",
+            "suggested": found["suggestion"] or "",
             "score": "" if found["score"] is None else found["score"],
         }
 
