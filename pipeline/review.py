@@ -13,6 +13,7 @@ nothing else. `server.review_app` is the app (the tests drive it through TestCli
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,11 +38,12 @@ def review_app(audit_dir: Path, data_dir: Path | None = None, host: str = Review
     data_dir = Path(data_dir) if data_dir is not None else _audited_data(findings)
     classes = load_classes(data_dir)
     if classes != findings["classes"]:
+        named = lambda names: ", ".join(repr(n) for n in names[:5]) + (", ..." if len(names) > 5 else "")  # noqa: E731
         raise PipelineError(
-            f"{data_dir} holds other classes than the audit in {audit_dir} ({len(classes)} against "
-            f"{len(findings['classes'])}): give --data the folder that was audited"
+            f"{data_dir} holds other classes ({named(classes)}) than the audit in {audit_dir} "
+            f"({named(findings['classes'])}): give --data the folder that was audited"
         )
-    rows = list(csv.DictReader(audit_csv(findings).splitlines()))
+    rows = list(csv.DictReader(io.StringIO(audit_csv(findings), newline="")))
     items = review_items(findings, rows)
     decisions = Decisions(audit_dir / paths.AUDIT_REVIEWED, items, rows, classes)
     images_dir = (read_json_optional(data_dir / paths.PREPARE_REPORT_FILE) or {}).get("images_dir")

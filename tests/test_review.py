@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +26,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from pipeline.review import review_app
+from pipeline.serve import listening_socket
 from pipeline.server.review_app import Pictures
 from pipeline.server.review_findings import CSV_COLUMNS, KINDS
 from tests.conftest import LOCAL, read_manifest, run_cli, snapshot, write_image_folder
@@ -189,6 +191,75 @@ def test_label_conflicts_and_near_copies_are_shown_with_their_copies_and_fixed_b
     assert fixed["label_conflicts"] == [] and "fox/fox_002.png" not in {
         r["path"] for r in read_manifest(tmp_path / "fixed")
     }
+
+
+EVIL = '<img src=x onerror="document.title=1">'
+FORMULA = '=HYPERLINK("evil.example","x").png'
+
+
+def test_hostile_names_reach_the_page_as_text_and_come_back_from_reviewed_csv(tmp_path):
+    """A class folder named like HTML and a file named like a spreadsheet formula: the page in
+    a real browser shows them as text, and prepare --fixes reads reviewed.csv's cells back."""
+    browser, driver_path = chromium(), chromedriver()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    images = write_image_folder(tmp_path / "images", per_class=8, classes=("cat", EVIL))
+    shutil.copy(images / "cat" / "cat_003.jpg", images / "cat" / FORMULA)
+    data, audit = tmp_path / "data", tmp_path / "audit"
+    run_cli("prepare", images, "--out", data, "--size", "16", "--quiet")
+    suspect = {"path": f"{EVIL}/{EVIL}_001.jpg", "split": "train", "given": EVIL, "suggested": "cat", "score": 0.1}
+    odd = {"path": f"cat/{FORMULA}", "split": "train", "given": "cat", "suggested": EVIL, "score": 0.2}
+    audit.mkdir()
+    (audit / "audit.json").write_text(
+        json.dumps(
+            {
+                "data_dir": str(data),
+                "classes": sorted(["cat", EVIL]),
+                "label_issues": [{**suspect, "suggested_probability": 0.9}],
+                "fits_no_class": [{**odd, "suggested_probability": 0.5}],
+                "health": {},
+                "exact_duplicates_across_classes": [],
+                "near_duplicates_across_classes": [],
+            }
+        )
+    )
+    app = review_app(audit)
+    client = TestClient(app, base_url=LOCAL)
+    assert client.post("/api/decisions", json={"path": odd["path"], "action": "exclude"}).status_code == 200
+    assert client.post("/api/decisions", json={"path": suspect["path"], "action": "relabel:cat"}).status_code == 200
+
+    import uvicorn
+
+    sock = listening_socket("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    try:
+        driver.get(f"http://127.0.0.1:{sock.getsockname()[1]}/")
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
+        shown = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".finding .path")]
+        assert shown == [suspect["path"], odd["path"]]
+        assert driver.execute_script('return document.querySelectorAll("img[src=x]").length') == 0
+        assert driver.title == "Review the audit"  # the onerror never ran
+        assert f"filed as {EVIL}" in driver.find_elements(By.CSS_SELECTOR, ".finding")[0].text
+    finally:
+        driver.quit()
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+    run_cli(
+        "prepare", images, "--out", tmp_path / "fixed", "--size", "16", "--fixes", audit / "reviewed.csv", "--quiet"
+    )
+    applied = {fix["path"]: fix for fix in json.loads((tmp_path / "fixed" / "report.json").read_text())["fixes"]}
+    assert applied[odd["path"]]["action"] == "exclude" and applied[suspect["path"]]["to"] == "cat"
 
 
 def test_an_earlier_reviews_rows_are_kept_and_an_unreadable_one_is_never_overwritten(review):
