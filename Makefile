@@ -11,7 +11,7 @@ SAMPLE := sample_data
 ART := artifacts
 
 .DEFAULT_GOAL := help
-.PHONY: help install all prepare train evaluate predict serve export test lint bench bench-serve bench-cache bench-export bench-audit bench-calibration bench-resilience clean
+.PHONY: help install all prepare train evaluate predict serve export test lint bench bench-serve bench-cache bench-export bench-audit bench-calibration bench-resilience bench-unknown clean
 
 help: ## Show every target with one line
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -58,7 +58,7 @@ lint: $(STAMP) ## Lint and check formatting with ruff
 
 bench: $(STAMP) ## Every benchmark: the reference scripts in ../shared/bench, then each bench-* below (hours; not CI)
 	$(BIN)/python bench/run_bench.py
-	$(MAKE) bench-audit bench-calibration bench-cache bench-export bench-resilience
+	$(MAKE) bench-audit bench-calibration bench-cache bench-export bench-resilience bench-unknown
 
 bench-audit: $(STAMP) ## The audit on the letters folder with 5% planted wrong labels: precision, recall, time, accuracy won back
 	$(BIN)/python bench/audit_bench.py --make-letters
@@ -76,6 +76,15 @@ bench-calibration: $(STAMP) ## Calibration, unsure and TTA on the letters, the c
 	test -d bench/work/letters || $(BIN)/python ../shared/bench/make_letters_folder.py bench/work/letters
 	test -d bench/work/cases || $(BIN)/python ../shared/bench/make_letters_folder.py bench/work/cases --letters CcKkOoPpSsUuVvWwXxZz
 	$(BIN)/python bench/calibration_bench.py bench/work/letters bench/work/cases $(SAMPLE) --work bench/work/calibration
+
+bench-unknown: $(STAMP) ## "unknown": novelty against max softmax, the letters against sample_data, stamps, Fashion-MNIST, emoji, silhouettes and back; cost per image
+	test -d bench/work/letters || $(BIN)/python ../shared/bench/make_letters_folder.py bench/work/letters
+	test -d bench/work/stamps || $(BIN)/python ../shared/bench/make_real_folder.py stamps bench/work/stamps
+	test -d bench/work/fashion || $(BIN)/python ../shared/bench/make_real_folder.py fashion bench/work/fashion --per-class 100
+	test -d bench/work/foreign/emoji || $(BIN)/python bench/make_foreign_folders.py emoji bench/work/foreign
+	test -d bench/work/foreign/silhouettes || $(BIN)/python bench/make_foreign_folders.py silhouettes bench/work/foreign
+	$(BIN)/python bench/unknown_bench.py bench/work/letters $(SAMPLE) bench/work/stamps bench/work/fashion \
+		--foreign bench/work/foreign/emoji bench/work/foreign/silhouettes --work bench/work/unknown --timing
 
 bench-resilience: $(STAMP) ## Kill-and-resume, the server under 64 clients, 20,000 fuzzed images (not part of CI)
 	$(BIN)/python bench/resume_bench.py --epochs 6 --kills 3

@@ -89,7 +89,7 @@ def float_litert(model: Path, data: Path) -> dict:
     from pipeline.inference.classifier import load_classifier
 
     X, y = np.load(data / "X_test.npy"), np.load(data / "y_test.npy")
-    found = compare(load_classifier(model, "litert").run(X), load_classifier(model, "keras").run(X), y)
+    found = compare(load_classifier(model, "litert").run(X)[0], load_classifier(model, "keras").run(X)[0], y)
     return {k: found[k] for k in ("accuracy", "agreement", "max_difference")}
 
 

@@ -7,9 +7,12 @@ before and after the model folder's temperature, the ECE's noise floor, reliabil
 risk-coverage curve, one sentence on the thresholds), predictions.csv (one row per test
 image, the calibrated confidence as predict gives it), confusion_matrix.png,
 misclassified.png, misclassified_gradcam.png (Grad-CAM of the same mistakes),
-reliability.png, risk_coverage.png and report.html (one self-contained page with the
-dataset summary, every stage's settings, the curves, metrics and figures). With `tta` the
-model is averaged over each image and its mirror image, where prepare allowed flips.
+reliability.png, risk_coverage.png, novelty.png (the novelty of the test pictures and, with
+`foreign`, of a folder of pictures of none of the classes: AUROC, the share accepted and
+refused at the threshold, against the max-softmax baseline, in metrics.json's `novelty`) and
+report.html (one self-contained page with the dataset summary, every stage's settings, the
+curves, metrics and figures). With `tta` the model is averaged over each image and its
+mirror image, where prepare allowed flips.
 Into the model folder, atomically: evaluation.json (the test figures the model card names)
 and MODEL_CARD.md, rewritten with them. `--engine` runs an export instead of model.keras.
 """
@@ -26,18 +29,29 @@ from pipeline.core import paths, progress
 from pipeline.core.artifacts import atomic_dir, check_out_dir, write_json
 from pipeline.core.errors import PipelineError
 from pipeline.data.data_folder import load_classes, load_prepare_report, load_split, read_split_paths
-from pipeline.data.images import channels
+from pipeline.data.image_folder import collect_images
+from pipeline.data.images import UnreadableImage, channels
 from pipeline.inference.calibration import evaluation_report
 from pipeline.inference.classifier import load_classifier
 from pipeline.inference.model_folder import check_model_fits, load_model_classes
+from pipeline.inference.novelty import novelty_report
 from pipeline.report import calibration_plots, plots
 from pipeline.report.html import write_report
 from pipeline.report.model_card import write_model_card
 
 
-def evaluate_model(data_dir: Path, model_dir: Path, out_dir: Path, engine: str = "keras", tta: bool = False) -> dict:
+def evaluate_model(
+    data_dir: Path,
+    model_dir: Path,
+    out_dir: Path,
+    engine: str = "keras",
+    tta: bool = False,
+    foreign: Path | None = None,
+) -> dict:
     data_dir, model_dir, out_dir = Path(data_dir), Path(model_dir), Path(out_dir)
     check_out_dir(out_dir, paths.METRICS_FILE, {"data folder": data_dir, "model folder": model_dir})
+    if foreign is not None and not Path(foreign).is_dir():
+        raise PipelineError(f"--foreign {foreign} is not a folder: give a folder of pictures of none of the classes")
     classes = load_model_classes(model_dir)
     data_classes = load_classes(data_dir)
     if data_classes != classes:
@@ -57,11 +71,13 @@ def evaluate_model(data_dir: Path, model_dir: Path, out_dir: Path, engine: str =
     )
     if tta and not classifier.flips:
         progress.say("note: prepare was run with --no-flip, so --tta has no mirror image to average over")
-    raw, probabilities = classifier.probabilities_before_and_after(X, progress_label="evaluating", tta=tta)
+    found = classifier.infer(X, progress_label="evaluating", tta=tta)
+    raw, probabilities = found.raw, found.probabilities
     metrics = compute_metrics(y, probabilities, classes)
     metrics["engine"] = classifier.engine
     metrics["tta"] = bool(tta and classifier.flips)
     metrics["calibration"] = evaluation_report(y, raw, probabilities, classifier.calibration)
+    metrics["novelty"] = _novelty(classifier, found, foreign, tta)
     test_paths = read_split_paths(data_dir, "test", len(X))
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / paths.METRICS_FILE, metrics)
@@ -71,20 +87,62 @@ def evaluate_model(data_dir: Path, model_dir: Path, out_dir: Path, engine: str =
         _save_misclassified_gradcam(classifier, model_dir, X, y, probabilities, classes, test_paths, tmp)
         calibration_plots.save_reliability(metrics["calibration"], tmp / paths.RELIABILITY_PNG)
         calibration_plots.save_risk_coverage(metrics["calibration"], tmp / paths.RISK_COVERAGE_PNG)
+        if metrics["novelty"]["available"]:
+            calibration_plots.save_novelty_histogram(metrics["novelty"], tmp / paths.NOVELTY_PNG)
         write_report(tmp / paths.REPORT_HTML, metrics, data_dir, model_dir, tmp)
     _complete_model_card(model_dir, data_dir, metrics)
     return metrics
 
 
+def _novelty(classifier, found, foreign: Path | None, tta: bool) -> dict:
+    """metrics.json's novelty block: the test pictures the threshold refuses and, with --foreign,
+    how well the novelty tells that folder's pictures from the test ones."""
+    if classifier.novelty is None or found.novelty is None:
+        if foreign is not None:
+            progress.say(f"note: --foreign is not measured: {classifier.novelty_note}")
+        return novelty_report(None, 0.0, None, found.probabilities.max(axis=1), note=classifier.novelty_note)
+    threshold = classifier.novelty_threshold()
+    scores = confidence = None
+    if foreign is not None:
+        files, notes = collect_images([Path(foreign)])
+        rows, skipped = [], 0
+        for file in progress.track(files, len(files), "reading the foreign pictures") if len(files) > 1 else files:
+            try:
+                rows.append(classifier.preprocess(file))
+            except UnreadableImage:
+                skipped += 1
+        if not rows:
+            raise PipelineError(f"--foreign {foreign} holds no readable image")
+        if skipped or notes:
+            progress.say(
+                f"note: {skipped} unreadable file(s) in {foreign} left out"
+                + (f"; {len(notes)} note(s)" if notes else "")
+            )
+        other = classifier.infer(rows, tta=tta)
+        scores, confidence = other.novelty, other.probabilities.max(axis=1)
+    return novelty_report(
+        classifier.novelty,
+        threshold,
+        found.novelty,
+        found.probabilities.max(axis=1),
+        scores,
+        confidence,
+        None if foreign is None else str(foreign),
+    )
+
+
 def _complete_model_card(model_dir: Path, data_dir: Path, metrics: dict) -> None:
     """evaluation.json beside the model (what its card names), then the card rewritten."""
-    kept = ("engine", "accuracy", "macro_f1", "loss", "n_test", "per_class", "most_confused")
+    kept = ("engine", "accuracy", "macro_f1", "loss", "n_test", "per_class", "most_confused", "novelty")
     try:
         prepare_report = load_prepare_report(data_dir)
     except PipelineError:  # a data folder without report.json: the card says less
         prepare_report = {}
     try:
-        write_json(model_dir / paths.EVALUATION_FILE, {k: metrics[k] for k in kept})
+        evaluation = {k: metrics[k] for k in kept}
+        if evaluation["novelty"].get("available"):  # the card names the figures, not the histogram
+            evaluation["novelty"] = {k: v for k, v in evaluation["novelty"].items() if k != "histogram"}
+        write_json(model_dir / paths.EVALUATION_FILE, evaluation)
         write_model_card(model_dir, prepare_report)
     except OSError as e:  # a read-only model folder: the reports are written, only the card is not
         progress.say(f"note: {model_dir / paths.MODEL_CARD_FILE} not updated: {e.strerror or e}")

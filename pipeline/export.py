@@ -27,18 +27,20 @@ import numpy as np
 from pipeline.core import paths, progress
 from pipeline.core.artifacts import atomic_dir, atomic_file, read_json_optional, write_json
 from pipeline.core.errors import PipelineError
-from pipeline.core.settings import ExportSettings
+from pipeline.core.settings import FLOAT_EXPORT_DIFFERENCE, ExportSettings
 from pipeline.data.data_folder import load_classes, load_prepare_report, load_split
 from pipeline.data.images import channels
 from pipeline.inference.classifier import Classifier
-from pipeline.inference.engines import export_path, flex_ops, runner_for
+from pipeline.inference.engines import export_path, flex_ops, keras_runner, runner_for
 from pipeline.inference.model_folder import (
     check_model_fits,
+    inference_model,
     keras_model_io,
     load_keras_model,
     load_model_classes,
     load_preprocess,
 )
+from pipeline.inference.novelty import load_novelty
 from pipeline.report.model_card import write_model_card
 
 FOLDER_FORMATS = ("openvino", "saved-model")  # written as a folder; the others as one file
@@ -68,19 +70,20 @@ def export_model(model_dir: Path, data_dir: Path, settings: ExportSettings) -> d
 
     # Raw probabilities on both sides, through the same batching: a calibration temperature, which
     # the Classifier of load_classifier may apply, would be the same on both and is no part of the check.
-    def keras_run(batch: np.ndarray) -> np.ndarray:
-        return np.asarray(model.predict_on_batch(batch), dtype=np.float64)
-
-    reference = Classifier(classes, info["size"], info["color"], "keras", keras_run).probabilities(X_test)
+    # The export is of the inference model: the features (and so the novelty) come from the same call.
+    novelty, _ = load_novelty(model_dir)
+    shape = (classes, info["size"], info["color"])
+    reference = Classifier(*shape, "keras", keras_runner(model), novelty=novelty).infer(X_test)
 
     progress.say(f"exporting {fmt} to {target} and checking it on {len(X_test)} test images...")
     with _staged(target, fmt in FOLDER_FORMATS) as where:
-        convert(fmt, model, where, calibration)
+        convert(fmt, inference_model(model) or model, where, calibration)
         if fmt == "litert-int8":
             _refuse_flex(where.read_bytes(), fmt)
         run = runner_for(fmt, where, input_shape, len(classes), os.cpu_count() or 1)
-        exported = Classifier(classes, info["size"], info["color"], fmt, run).probabilities(X_test)
-        record = compare(exported, reference, y_test)
+        exported = Classifier(*shape, fmt, run, novelty=novelty).infer(X_test)
+        record = compare(exported.raw, reference.raw, y_test)
+        record.update(compare_novelty(exported.novelty, reference.novelty, novelty))
         _refuse_disagreement(record, settings, fmt)
         record.update(_describe(fmt, target, where, settings, 0 if calibration is None else len(calibration)))
     _record(model_dir, fmt, record)
@@ -129,6 +132,18 @@ def compare(exported: np.ndarray, reference: np.ndarray, y: np.ndarray) -> dict:
     }
 
 
+def compare_novelty(exported: np.ndarray | None, reference: np.ndarray | None, novelty) -> dict:
+    """The export's novelty against Keras' on the same images: the largest difference, and the
+    share of images on the same side of the threshold (both None for a model without novelty)."""
+    if exported is None or reference is None or novelty is None:
+        return {"novelty_max_difference": None, "unknown_agreement": None}
+    same_side = (exported > novelty.threshold) == (reference > novelty.threshold)
+    return {
+        "novelty_max_difference": float(np.abs(exported - reference).max()) if len(reference) else 0.0,
+        "unknown_agreement": float(np.mean(same_side)) if len(reference) else 1.0,
+    }
+
+
 def _refuse_flex(tflite: bytes, fmt: str) -> None:
     found = flex_ops(tflite)
     if found:
@@ -147,6 +162,9 @@ def _refuse_disagreement(record: dict, settings: ExportSettings, fmt: str) -> No
         )
     if record["max_difference"] > bound:
         failed.append(f"a probability differs from Keras' by {record['max_difference']:.3g} (bound {bound:g})")
+    moved = record.get("novelty_max_difference")
+    if fmt != "litert-int8" and moved is not None and moved > FLOAT_EXPORT_DIFFERENCE:  # int8 moves it by design
+        failed.append(f"a novelty differs from Keras' by {moved:.3g} (bound {FLOAT_EXPORT_DIFFERENCE:g})")
     if failed:
         raise PipelineError(
             f"refused: on {record['n_test']} test images the {fmt} export disagrees with Keras: "

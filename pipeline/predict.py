@@ -1,7 +1,8 @@
-"""predict: new image files -> label and confidence, preprocessed exactly as training data was.
+"""predict: new image files -> label, confidence and novelty, preprocessed exactly as training data was.
 
 Reads the model folder through `inference.classifier.load_classifier`: preprocess.json,
-classes.json, calibration.json (the temperature and the --target-accuracy thresholds), and
+classes.json, calibration.json (the temperature and the --target-accuracy thresholds),
+novelty.json and novelty_features.npy (the label "unknown" above its threshold), and
 model.tflite (the LiteRT interpreter) or model.keras (Keras, safe mode) when LiteRT is not
 installed, or with --engine <format> an export (inference/engines.py). Writes nothing,
 except the --csv file the CLI asks `write_csv` for and, with --explain DIR, one Grad-CAM
@@ -48,7 +49,9 @@ def predict_files(
     settings.check()
     classifier = load_classifier(model_dir, settings.engine)
     threshold = classifier.threshold(settings.threshold, settings.target_accuracy)  # before any file is read
+    novelty_threshold = classifier.novelty_threshold(settings.novelty_threshold)
     note_tta(classifier, settings.tta)
+    note_novelty(classifier, settings.novelty_threshold)
     arrays, names, errors = [], [], []
     for file in progress.track(files, len(files), "reading images") if len(files) > 1 else files:
         try:
@@ -59,10 +62,13 @@ def predict_files(
     if not arrays:
         return [], errors
     several_batches = len(arrays) > INFERENCE_BATCH
-    probabilities = classifier.probabilities(
-        arrays, progress_label="predicting" if several_batches else None, tta=settings.tta
-    )
-    results = [classifier.label(name, p, settings.top_k, threshold) for name, p in zip(names, probabilities)]
+    found = classifier.infer(arrays, progress_label="predicting" if several_batches else None, tta=settings.tta)
+    probabilities = found.probabilities
+    novelty = found.novelty if found.novelty is not None else [None] * len(names)
+    results = [
+        classifier.label(name, p, settings.top_k, threshold, n, novelty_threshold)
+        for name, p, n in zip(names, probabilities, novelty)
+    ]
     if settings.explain:
         explain(
             classifier.keras_model(Path(model_dir)), Path(settings.explain), names, arrays, probabilities.argmax(axis=1)
@@ -75,6 +81,12 @@ def note_tta(classifier: Classifier, tta: bool) -> None:
         progress.say("note: prepare was run with --no-flip, so --tta has no mirror image to average over")
 
 
+def note_novelty(classifier: Classifier, asked: float | None) -> None:
+    """A model folder without a novelty score answers as before, never "unknown": said once."""
+    if classifier.novelty is None and asked is None:
+        progress.say(f"note: {classifier.novelty_note}")
+
+
 def explain(model, folder: Path, names: list[str], arrays: list, predicted) -> None:
     """--explain DIR: a Grad-CAM overlay of each image's predicted class (by the Keras `model`), one PNG each."""
     from pipeline.inference.gradcam import heatmaps, write_overlays
@@ -85,17 +97,26 @@ def explain(model, folder: Path, names: list[str], arrays: list, predicted) -> N
 
 
 def write_csv(path: Path, results: list[Prediction], errors: list[dict], top_k: int) -> None:
-    """One row per file: file,label,confidence, then label_i,probability_i for the top k, and error."""
+    """One row per file: file,label,confidence,novelty (empty without a novelty score), then
+    label_i,probability_i for the top k, and error."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     ranks = range(1, top_k + 1)
     writer.writerow(
-        ["file", "label", "confidence", *(f"{c}_{i}" for i in ranks for c in ("label", "probability")), "error"]
+        [
+            "file",
+            "label",
+            "confidence",
+            "novelty",
+            *(f"{c}_{i}" for i in ranks for c in ("label", "probability")),
+            "error",
+        ]
     )
     for r in results:
         cells = [value for t in r.top_k for value in (t["label"], f"{t['probability']:.6f}")]
         cells += [""] * (2 * top_k - len(cells))
-        writer.writerow([r.file, r.label, f"{r.confidence:.6f}", *cells, ""])
+        novelty = "" if r.novelty is None else f"{r.novelty:.6f}"
+        writer.writerow([r.file, r.label, f"{r.confidence:.6f}", novelty, *cells, ""])
     for e in errors:
-        writer.writerow([e["file"], "", "", *([""] * 2 * top_k), e["error"]])
+        writer.writerow([e["file"], "", "", "", *([""] * 2 * top_k), e["error"]])
     atomic_write_text(Path(path), buffer.getvalue())

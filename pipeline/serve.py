@@ -74,6 +74,8 @@ def serve_model(
         f"serving {model_dir} ({len(health['classes'])} classes, {health['engine']}, {health['workers']} worker(s)) "
         f"on {url}  (page: {url}/  API: {url}/docs  Ctrl-C stops)"
     )
+    if not health["novelty"] and settings.novelty_threshold is None:
+        say(f"note: {health['novelty_note']}")
     if reports_dir is not None and health["test_accuracy"] is None:
         say(f"note: {reports_dir} holds no metrics.json for this model: the page shows no test accuracy")
     if host not in ("127.0.0.1", "::1", "localhost"):

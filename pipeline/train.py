@@ -41,9 +41,15 @@ from pipeline.core.artifacts import check_out_dir
 from pipeline.core.errors import PipelineError, TrainingInterrupted
 from pipeline.core.native_stderr import import_keras
 from pipeline.core.settings import INFERENCE_BATCH, TrainSettings
-from pipeline.data.data_folder import TrainingData, load_training_data
+from pipeline.data.data_folder import TrainingData, load_training_data, read_manifest
 from pipeline.inference.calibration import calibrate_on_validation
-from pipeline.inference.model_folder import write_calibration, write_model_folder
+from pipeline.inference.model_folder import (
+    FEATURES_DESCRIPTION,
+    add_to_settings,
+    write_calibration,
+    write_model_folder,
+)
+from pipeline.inference.novelty import MAX_BANK, even_rows, fit_novelty, write_novelty
 from pipeline.report import plots
 from pipeline.report.model_card import write_model_card
 from pipeline.training import distribute
@@ -96,8 +102,10 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
         if plan.is_chief:
             with plots.TrainingCurvesBeside(tmp / paths.HISTORY_FILE, fit.best_epoch, tmp / paths.CURVES_PNG):
                 write_model_folder(tmp, model, data.classes, data_dir, data.prepare_report, settings, summary)
-                calibration, seconds = calibrate(tmp, model, data)
+                run = folder_runner(tmp, model)
+                calibration, seconds = calibrate(run, data)
                 summary["calibration"] = write_calibration(tmp, calibration, seconds)  # for the CLI's line
+                summary["novelty"] = fit_unknown(tmp, run, data, source_rows(data_dir, len(data.X_train)))
             # after calibration.json, which it reads; here, not in write_model_folder: report sits above inference
             write_model_card(tmp, data.prepare_report)
     plan.barrier("the chief wrote the model folder")  # no worker leaves before the model is in place
@@ -110,34 +118,86 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
     return summary
 
 
-def calibrate(folder: Path, model, data: TrainingData) -> tuple[dict | None, float | None]:
-    """The validation probabilities of the model just written to `folder` -> calibration.json's
-    content, and the seconds it took (None, None without a validation split, said on stderr).
-    The probabilities come from its model.tflite when LiteRT is installed: an interpreter
-    starts in milliseconds, where Keras would first trace a predict function for the float32
-    copy (1-2 s of a loaded machine's time)."""
+def folder_runner(folder: Path, model):
+    """The model just written to `folder`, run as predict will run it: its model.tflite when
+    LiteRT is installed (an interpreter starts in milliseconds, where Keras would first trace a
+    predict function for the float32 copy: 1-2 s of a loaded machine's time), else Keras."""
+    from pipeline.inference.classifier import load_classifier
+    from pipeline.inference.engines import keras_runner
+
+    try:
+        return load_classifier(folder, "litert").run
+    except PipelineError:  # no LiteRT here: the float32 Keras copy
+        return keras_runner(model)
+
+
+def run_rows(run, X, rows: np.ndarray | None = None, mirror: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """(probabilities, features) of the given rows of X (all without `rows`), a batch at a time."""
+    rows = np.arange(len(X)) if rows is None else rows
+    outputs = []
+    for start in range(0, len(rows), INFERENCE_BATCH):
+        batch = np.asarray(X[rows[start : start + INFERENCE_BATCH]])
+        outputs.append(run(np.ascontiguousarray(batch[:, :, ::-1] if mirror else batch)))
+    if not outputs:
+        return np.zeros((0, 0)), None
+    features = None if any(f is None for _, f in outputs) else np.concatenate([f for _, f in outputs])
+    return np.concatenate([p for p, _ in outputs]), features
+
+
+def calibrate(run, data: TrainingData) -> tuple[dict | None, float | None]:
+    """The validation probabilities of the model `run` runs -> calibration.json's content, and
+    the seconds it took (None, None without a validation split, said on stderr)."""
     if len(data.X_val) == 0:
         progress.say("note: no validation split, so no temperature: the probabilities are not calibrated")
         return None, None
-    from pipeline.inference.classifier import load_classifier
-
     started = time.perf_counter()
-    try:
-        run = load_classifier(folder, "litert").run
-    except PipelineError:  # no LiteRT here: the float32 Keras copy
-        run = model.predict_on_batch
-
-    def probabilities(mirror: bool) -> np.ndarray:
-        rows = (np.asarray(data.X_val[i : i + INFERENCE_BATCH]) for i in range(0, len(data.X_val), INFERENCE_BATCH))
-        return np.concatenate(
-            [np.asarray(run(np.ascontiguousarray(b[:, :, ::-1] if mirror else b)), dtype=np.float64) for b in rows]
-        )
-
     flips = bool(data.prepare_report.get("settings", {}).get("flip", False))  # --tta's mirror images
     calibration = calibrate_on_validation(
-        probabilities(False), np.asarray(data.y_val), probabilities(True) if flips else None
+        run_rows(run, data.X_val)[0],
+        np.asarray(data.y_val),
+        run_rows(run, data.X_val, mirror=True)[0] if flips else None,
     )
     return calibration, round(time.perf_counter() - started, 3)
+
+
+def source_rows(data_dir: Path, n: int) -> np.ndarray:
+    """The training split's rows that are source images, not augmented copies (all of them when
+    the manifest cannot say): what the novelty score measures against."""
+    try:
+        manifest = read_manifest(data_dir)
+    except PipelineError:
+        return np.arange(n)
+    rows = sorted(r["index"] for r in manifest if r["split"] == "train" and not r["augmented"] and r["index"] < n)
+    return np.asarray(rows, dtype=np.int64) if rows else np.arange(n)
+
+
+def fit_unknown(folder: Path, run, data: TrainingData, rows: np.ndarray) -> dict:
+    """novelty.json and its training features, into the model folder being written: the
+    features of the training source `rows` (up to novelty.MAX_BANK, evenly drawn), the
+    threshold keeping novelty.KEEP of the validation split. Returns settings.json's line."""
+    started = time.perf_counter()
+    bank_rows = rows[even_rows(len(rows), MAX_BANK)]
+    _, train_features = run_rows(run, data.X_train, bank_rows)
+    _, val_features = run_rows(run, data.X_val)
+    if train_features is None:  # a model without a layer named features: nothing to measure with
+        return add_to_settings(
+            folder, "novelty", {"threshold": None, "note": "no layer named 'features': no novelty score"}
+        )
+    if val_features is None:
+        val_features = np.zeros((0, train_features.shape[1]))
+    bank, info = fit_novelty(train_features, val_features, described=FEATURES_DESCRIPTION)
+    info["training_sources"] = int(len(rows))  # of which bank_images were kept
+    write_novelty(folder, bank, info)
+    if info["set_on"] != "validation":
+        progress.say("note: no validation split: the novelty threshold is set on the training images' own distances")
+    record = {
+        "threshold": info["threshold"],
+        "keep": info["keep"],
+        "set_on": info["set_on"],
+        "bank_images": info["bank_images"],
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    return add_to_settings(folder, "novelty", record)
 
 
 def _compiled_model(data: TrainingData, settings: TrainSettings, precision: str, pixel_stats):

@@ -208,7 +208,8 @@ def test_predict_serve_and_evaluate_give_the_same_calibrated_numbers(planted):
     for row, file, raw_p in zip(rows, files, raw):
         served = client.post("/predict", files=[("files", (file.name, file.read_bytes()))]).json()[0]
         predicted = by_cli[str(file)]
-        assert row["predicted"] == predicted["label"] == served["label"]
+        assert row["predicted"] == predicted["top_k"][0]["label"] == served["top_k"][0]["label"]
+        assert predicted["label"] == served["label"] and predicted["novelty"] == served["novelty"]
         assert abs(float(row["confidence"]) - predicted["confidence"]) < 2e-6
         assert abs(served["confidence"] - predicted["confidence"]) < 1e-9
         assert (raw_p.max() - predicted["confidence"]) > 1e-4 or raw_p.max() > 0.9999  # the temperature applied
@@ -229,14 +230,15 @@ def test_unsure_below_the_recorded_threshold_with_the_top_k(planted):
     assert calibration["thresholds"]["0.95"] is None
     recorded = cal.threshold_for(calibration, 0.8)["threshold"]
     files = sorted((planted["images"]).rglob("*.png"))[::4]
-    options = ("--model", planted["model"], "--json", "--top-k", "2", "--quiet")
+    options = ("--model", planted["model"], "--json", "--top-k", "2", "--quiet", "--novelty-threshold", "0")
     plain = json.loads(run_cli("predict", *files, *options).stdout)
     unsure = json.loads(run_cli("predict", *files, *options, "--target-accuracy", "0.8").stdout)
     for before, after in zip(plain, unsure):
         assert after["label"] == ("unsure" if before["confidence"] < recorded else before["label"])
         assert after["top_k"] == before["top_k"] and len(after["top_k"]) == 2
     assert {"unsure"} < {p["label"] for p in unsure}  # some unsure, some answered
-    client = TestClient(create_app(planted["model"], ServeSettings(workers=1, target_accuracy=0.8)), base_url=LOCAL)
+    settings = ServeSettings(workers=1, target_accuracy=0.8, novelty_threshold=0)  # "unsure" alone
+    client = TestClient(create_app(planted["model"], settings), base_url=LOCAL)
     assert client.get("/health").json()["threshold"] == recorded
     sent = [("files", (f.name, f.read_bytes())) for f in files[:8]]
     assert [p["label"] for p in client.post("/predict", files=sent).json()] == [p["label"] for p in unsure[:8]]
@@ -281,7 +283,9 @@ def test_tta_is_the_mean_of_the_image_and_its_mirror(trained, planted, tmp_path)
     X = rng.integers(0, 256, size=(12, 16, 16, 1)).repeat(3, axis=3).astype(np.uint8)
     mirrored = np.ascontiguousarray(X[:, :, ::-1])
     t_tta = classifier.calibration["tta_temperature"]  # fitted for the mean of the two views
-    expected = cal.apply_temperature(classifier.run(X), t_tta) + cal.apply_temperature(classifier.run(mirrored), t_tta)
+    expected = cal.apply_temperature(classifier.run(X)[0], t_tta) + cal.apply_temperature(
+        classifier.run(mirrored)[0], t_tta
+    )
     expected /= 2
     assert np.allclose(classifier.probabilities(X, tta=True), expected, atol=1e-12)
     assert not np.allclose(classifier.probabilities(X), expected, atol=1e-4)  # the mirror changes something

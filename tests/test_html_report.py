@@ -48,7 +48,7 @@ def report(trained, tmp_path_factory):
 def test_report_is_one_self_contained_file(report):
     html = report.read_text(encoding="utf-8")
     images = re.findall(r"<img [^>]*src=\"([^\"]*)\"", html)
-    assert len(images) == 6  # confusion matrix, reliability, risk-coverage, gallery, training curves, samples
+    assert len(images) == 7  # confusion matrix, reliability, risk-coverage, novelty, gallery, training curves, samples
     assert all(src.startswith("data:image/png;base64,") for src in images)
     assert not re.search(r"(src|href)=\"(https?:)?//", html)  # nothing fetched from anywhere
     for text in ("test accuracy", "cat", "dog", "fox", "Settings", "batch_size", "near_duplicate_distance"):
@@ -112,7 +112,7 @@ def test_report_renders_in_a_browser(report, tmp_path):
     decoded = re.search(r'data-decoded="([\d,]*)"', probed.stdout)
     assert decoded, probed.stdout[-2000:]
     widths = [int(w) for w in decoded.group(1).split(",")]
-    assert len(widths) == 6 and min(widths) > 200, widths
+    assert len(widths) == 7 and min(widths) > 200, widths
 
     dom = subprocess.run(
         [*common[:-1], f"--user-data-dir={tmp_path / 'profile2'}", "--dump-dom", url],
@@ -122,7 +122,7 @@ def test_report_renders_in_a_browser(report, tmp_path):
     )
     assert dom.returncode == 0, dom.stderr[-2000:]
     sources = re.findall(r"<img [^>]*src=\"([^\"]*)\"", dom.stdout)
-    assert len(sources) == 6 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert len(sources) == 7 and all(s.startswith("data:image/png;base64,") for s in sources)
     for src in sources:  # each embedded figure is a whole PNG
         with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as figure:
             figure.load()

@@ -99,13 +99,17 @@ def test_phash_matches_imagehash(images):
 
 
 def test_litert_agrees_with_keras_on_a_batch(trained):
+    """Probabilities and features from one call of each engine, and the same novelty."""
     X = np.load(trained["data"] / "X_test.npy")
     classes = len(json.loads((trained["model"] / "classes.json").read_text()))
-    litert = load_classifier(trained["model"], "litert").run(X)
-    keras_ = load_classifier(trained["model"], "keras").run(X)
+    on_litert, on_keras = load_classifier(trained["model"], "litert"), load_classifier(trained["model"], "keras")
+    (litert, litert_features), (keras_, keras_features) = on_litert.run(X), on_keras.run(X)
     assert litert.shape == keras_.shape == (len(X), classes)
     assert np.abs(litert - keras_).max() < 1e-4
     assert (litert.argmax(1) == keras_.argmax(1)).all()
+    assert litert_features.shape == keras_features.shape == (len(X), on_keras.novelty.dimensions)
+    assert np.abs(litert_features - keras_features).max() < 1e-4 * max(1.0, np.abs(keras_features).max())
+    assert np.abs(on_litert.infer(X).novelty - on_keras.infer(X).novelty).max() < 1e-4
 
 
 def test_precision_auto_follows_the_cpu_and_float32_is_kept_when_asked(trained, tmp_path):
@@ -126,7 +130,7 @@ def test_bfloat16_training_saves_float32_artifacts_that_agree(trained, tmp_path:
     assert saved["train"]["precision"] == saved["summary"]["precision"] == "bfloat16"
     assert {layer.dtype_policy.name for layer in load_keras_model(out).layers} == {"float32"}
     X = np.load(trained["data"] / "X_test.npy")
-    litert, keras_ = load_classifier(out, "litert").run(X), load_classifier(out, "keras").run(X)
+    litert, keras_ = load_classifier(out, "litert").run(X)[0], load_classifier(out, "keras").run(X)[0]
     assert np.abs(litert - keras_).max() < 1e-4
 
 

@@ -70,7 +70,7 @@ def test_predict_agrees_with_evaluate(trained, tmp_path):
         assert len(predictions) == len(files)
         for p in predictions:
             row = expected[str(Path(p["file"]).relative_to(trained["images"]))]
-            assert p["label"] == row["predicted"], engine
+            assert p["top_k"][0]["label"] == row["predicted"], engine  # "unknown" aside
             assert abs(p["confidence"] - float(row["confidence"])) < 1e-3, engine
 
 
@@ -81,7 +81,7 @@ def test_predict_top_k_and_a_bad_file(trained, tmp_path):
     result = run_cli("predict", good, bad, "--model", trained["model"], "--top-k", "3", "--json", expect=1)
     predictions = json.loads(result.stdout)
     assert [p["file"] for p in predictions] == [str(good)]
-    assert set(predictions[0]) == {"file", "label", "confidence", "top_k"}
+    assert set(predictions[0]) == {"file", "label", "confidence", "top_k", "novelty"}
     top = predictions[0]["top_k"]
     assert [set(t) for t in top] == [{"label", "probability"}] * 3
     assert top[0]["label"] == predictions[0]["label"]

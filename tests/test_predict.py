@@ -35,6 +35,7 @@ def test_predict_a_folder_recursively_with_csv(trained, tmp_path):
         "file",
         "label",
         "confidence",
+        "novelty",
         "label_1",
         "probability_1",
         "label_2",
@@ -45,29 +46,32 @@ def test_predict_a_folder_recursively_with_csv(trained, tmp_path):
     by_file = {r["file"]: r for r in rows}
     for p in predictions:
         row = by_file[p["file"]]
-        assert row["label"] == p["label"] == row["label_1"] and not row["error"]
+        assert row["label"] == p["label"] and row["label_1"] == p["top_k"][0]["label"] and not row["error"]
         assert abs(float(row["confidence"]) - p["confidence"]) < 1e-5
+        assert abs(float(row["novelty"]) - p["novelty"]) < 1e-5
         assert row["label_2"] == p["top_k"][1]["label"]
     assert by_file[str(folder / "deeper" / "dogs" / "broken.jpg")]["error"]
-    correct = sum(p["label"] == ("cat" if "/cats/" in p["file"] else "dog") for p in predictions)
+    correct = sum(p["top_k"][0]["label"] == ("cat" if "/cats/" in p["file"] else "dog") for p in predictions)
     assert correct >= 30
     assert not list(out_csv.parent.glob(".*"))  # written atomically: no temporary file left
 
 
 def test_threshold_labels_low_confidence_unsure(trained, tmp_path):
     # Grey noise belongs to none of the colour classes: the model is unsure of it, so a cut at
-    # the median confidence must turn some labels into `unsure` and keep others.
+    # the median confidence must turn some labels into `unsure` and keep others. (It is
+    # "unknown" too: the novelty is off here, to see "unsure" alone; test_unknown.py has both.)
     folder = tmp_path / "noise"
     folder.mkdir()
     rng = np.random.default_rng(0)
     for i in range(12):
         pixels = rng.integers(0, 256, size=(24, 24, 1)).repeat(3, axis=2).astype(np.uint8)
         Image.fromarray(pixels).save(folder / f"noise_{i:02d}.png")
-    base = json.loads(run_cli("predict", folder, "--model", trained["model"], "--json", "--quiet").stdout)
+    off = ("--novelty-threshold", "0")
+    base = json.loads(run_cli("predict", folder, "--model", trained["model"], "--json", "--quiet", *off).stdout)
     confidences = sorted(p["confidence"] for p in base)
     cut = confidences[len(confidences) // 2]
     assert confidences[0] < cut, confidences  # the cut splits them: the test below can fail
-    result = run_cli("predict", folder, "--model", trained["model"], "--json", "--threshold", cut, "--quiet")
+    result = run_cli("predict", folder, "--model", trained["model"], "--json", "--threshold", cut, "--quiet", *off)
     predictions = json.loads(result.stdout)
     assert [p["file"] for p in predictions] == [p["file"] for p in base]
     for p, before in zip(predictions, base):
@@ -75,7 +79,7 @@ def test_threshold_labels_low_confidence_unsure(trained, tmp_path):
         assert p["top_k"] == before["top_k"]  # what the model leaned towards is still there
     labels = {p["label"] for p in predictions}
     assert "unsure" in labels and labels - {"unsure"}
-    text = run_cli("predict", folder, "--model", trained["model"], "--threshold", "1", "--quiet").stdout
+    text = run_cli("predict", folder, "--model", trained["model"], "--threshold", "1", "--quiet", *off).stdout
     assert "unsure" in text
     bad = run_cli("predict", folder, "--model", trained["model"], "--threshold", "1.5", expect=1)
     assert "threshold" in bad.output

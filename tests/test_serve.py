@@ -68,6 +68,7 @@ def assert_same_predictions(answer: list[dict], expected: dict[str, dict], atol:
         assert [t["label"] for t in p["top_k"]] == [t["label"] for t in e["top_k"]]
         assert np.allclose([t["probability"] for t in p["top_k"]], [t["probability"] for t in e["top_k"]], atol=atol)
         assert abs(p["confidence"] - e["confidence"]) <= atol
+        assert p["novelty"] is not None and abs(p["novelty"] - e["novelty"]) <= max(atol, 1e-5)
 
 
 def upload(*paths: Path) -> list:

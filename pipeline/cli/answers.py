@@ -10,6 +10,7 @@ import typer
 
 from pipeline.cli.base import (
     ENGINE_HELP,
+    NOVELTY_OPTION,
     PREDICT,
     SERVE,
     TARGET_ACCURACY_OPTION,
@@ -35,10 +36,11 @@ def predict(
     top_k: Annotated[int, typer.Option(help="Show the k most likely labels.")] = PREDICT.top_k,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of predictions to stdout.")] = False,
     csv_file: Annotated[
-        Path | None, typer.Option("--csv", help="Also write file,label,confidence and the top k to this CSV.")
+        Path | None, typer.Option("--csv", help="Also write file,label,confidence,novelty and the top k to this CSV.")
     ] = None,
     threshold: Annotated[float, THRESHOLD_OPTION] = PREDICT.threshold,
     target_accuracy: Annotated[float | None, TARGET_ACCURACY_OPTION] = PREDICT.target_accuracy,
+    novelty_threshold: Annotated[float | None, NOVELTY_OPTION] = PREDICT.novelty_threshold,
     engine: Annotated[Engine, typer.Option(help=ENGINE_HELP)] = Engine[PREDICT.engine],
     tta: Annotated[bool, TTA_OPTION] = PREDICT.tta,
     explain: Annotated[
@@ -49,7 +51,7 @@ def predict(
     ] = PREDICT.explain,
     quiet: Quiet = False,
 ) -> None:
-    """Label and calibrated confidence for each file, preprocessed exactly as the training images were."""
+    """Label, calibrated confidence and novelty for each file, preprocessed exactly as the training images were."""
     progress.set_quiet(quiet)
     from pipeline.predict import predict_paths, write_csv
 
@@ -92,6 +94,7 @@ def serve(
     engine: Annotated[Engine, typer.Option(help=ENGINE_HELP)] = Engine[SERVE.engine],
     threshold: Annotated[float, THRESHOLD_OPTION] = SERVE.threshold,
     target_accuracy: Annotated[float | None, TARGET_ACCURACY_OPTION] = SERVE.target_accuracy,
+    novelty_threshold: Annotated[float | None, NOVELTY_OPTION] = SERVE.novelty_threshold,
     max_inflight: Annotated[
         int, typer.Option(help="Most uploads in flight; more get 503 with Retry-After (0: 4 a worker, at least 8).")
     ] = SERVE.max_inflight,

@@ -138,6 +138,10 @@ TARGET_ACCURACY_OPTION = typer.Option(
     "(train records 0.95 and 0.99).",
     show_default=False,
 )
+NOVELTY_OPTION = typer.Option(
+    help="Above this novelty the label is 'unknown', a picture unlike the training images "
+    "(default: the model's own, set on validation; 0: off)."
+)
 TTA_OPTION = typer.Option("--tta", help="Average over the image and its mirror image (where prepare allowed flips).")
 
 

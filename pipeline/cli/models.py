@@ -111,13 +111,19 @@ def evaluate(
         Engine, typer.Option(help="keras: model.keras itself; or litert, or an export by its format's name.")
     ] = Engine.keras,
     tta: Annotated[bool, TTA_OPTION] = False,
+    foreign: Annotated[
+        Path | None,
+        typer.Option(
+            "--foreign", metavar="DIR", help="A folder of pictures of none of the classes: how well 'unknown' works."
+        ),
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Measure the model on the test split: accuracy, per-class report, confusion matrix, calibration."""
+    """Measure the model on the test split: accuracy, per-class report, confusion matrix, calibration, novelty."""
     progress.set_quiet(quiet)
     from pipeline.evaluate import evaluate_model
 
-    metrics = evaluate_model(data_dir, model_dir, out_dir, engine.value, tta=tta)
+    metrics = evaluate_model(data_dir, model_dir, out_dir, engine.value, tta=tta, foreign=foreign)
     if as_json:
         typer.echo(json.dumps(metrics, indent=2))
     else:

@@ -27,6 +27,8 @@ HISTORY_FILE = "history.csv"
 TRAIN_SETTINGS_FILE = "settings.json"
 CURVES_PNG = "training_curves.png"
 CALIBRATION_FILE = "calibration.json"  # the temperature and thresholds fitted on the validation split
+NOVELTY_FILE = "novelty.json"  # the novelty score's method and its threshold, set on the validation split
+NOVELTY_FEATURES_FILE = "novelty_features.npy"  # the training features it measures against (float16)
 TENSORBOARD_DIR = "logs"
 LR_FIND_PNG = "lr_find.png"  # train --find-lr: beside the model folder, never in it
 MODEL_CARD_FILE = "MODEL_CARD.md"  # train writes it; evaluate and export complete it
@@ -50,6 +52,7 @@ PREDICTIONS_FILE = "predictions.csv"
 REPORT_HTML = "report.html"
 RELIABILITY_PNG = "reliability.png"
 RISK_COVERAGE_PNG = "risk_coverage.png"
+NOVELTY_PNG = "novelty.png"  # the novelty of test (and --foreign) pictures, and the threshold
 MISCLASSIFIED_GRADCAM_PNG = "misclassified_gradcam.png"
 
 # audit

@@ -110,6 +110,12 @@ def check_unsure(threshold: float, target_accuracy: float | None) -> None:
             raise PipelineError("give --threshold or --target-accuracy, not both")
 
 
+def check_novelty(novelty_threshold: float | None) -> None:
+    """--novelty-threshold (predict, serve): None is the model's own, 0 is off, else above 0."""
+    if novelty_threshold is not None and not novelty_threshold >= 0:
+        raise PipelineError(f"--novelty-threshold must be 0 (off) or more, got {novelty_threshold}")
+
+
 @dataclass
 class AuditSettings:
     # 4 folds of train's 6 epochs: on the letters with 5 % planted (bench/audit_bench.py, two
@@ -143,11 +149,13 @@ class PredictSettings:
     engine: str = "auto"  # auto: LiteRT when installed and model.tflite exists, else Keras
     tta: bool = False  # average over the image and its mirror image, where prepare allowed flips
     explain: str = ""  # a folder for one Grad-CAM overlay PNG per image; "" = none
+    novelty_threshold: float | None = None  # above this novelty the label is "unknown"; None: the model's, 0: off
 
     def check(self) -> None:
         if self.top_k < 1:
             raise PipelineError(f"--top-k must be at least 1, got {self.top_k}")
         check_unsure(self.threshold, self.target_accuracy)
+        check_novelty(self.novelty_threshold)
         if self.engine not in ENGINES:
             raise PipelineError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
 
@@ -171,12 +179,14 @@ class ServeSettings:
     engine: str = "auto"  # as predict: LiteRT when installed and model.tflite exists, else Keras
     threshold: float = 0.0  # as predict: the default of /predict's threshold
     target_accuracy: float | None = None  # as predict: its threshold is /predict's default
+    novelty_threshold: float | None = None  # as predict: /predict's default; None: the model's, 0: off
     max_inflight: int = 0  # POST requests in flight; more get 503 + Retry-After; 0: 4 a worker, at least 8
     max_inflight_mb: float = 0.0  # upload bytes those requests hold; 0: 5 uploads at --max-upload-mb, at least 64
     read_timeout: float = 30.0  # seconds for one request's body to arrive; a slower one gets 408
 
     def check(self) -> None:
         check_unsure(self.threshold, self.target_accuracy)
+        check_novelty(self.novelty_threshold)
         if self.max_inflight < 0 or self.max_inflight_mb < 0:
             raise PipelineError("--max-inflight and --max-inflight-mb must be 0 (the defaults) or more")
         if not self.read_timeout > 0:

@@ -1,13 +1,14 @@
-"""One runner per model file: a function from a uint8 batch to float64 probabilities.
+"""One runner per model file: a function from a uint8 batch to float64 probabilities and features.
 
 Reads, without writing anything, train's model.tflite and the exports `pipeline export`
 writes beside it (paths.EXPORT_PATHS): LiteRT, float or full-integer int8, through
 ai_edge_litert's Interpreter; model.onnx through onnxruntime; model_openvino/ through the
 OpenVINO runtime (float32 inference, as Keras computes); model_saved/ through TensorFlow.
-Every runner takes the pixels exactly as `images.preprocess` makes them and returns the
-model's own probabilities (a calibration temperature, where the folder has one, is the
-Classifier's business, on top of every engine alike). A runtime that is not installed is
-one line with the pip command, never a traceback.
+Every runner takes the pixels exactly as `images.preprocess` makes them and returns, from
+one call of the model, its own probabilities (a calibration temperature, where the folder
+has one, is the Classifier's business, on top of every engine alike) and its features (the
+model's second output, model_folder.inference_model; None for a file written before it had
+one). A runtime that is not installed is one line with the pip command, never a traceback.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.native_stderr import quiet_native_stderr
 from pipeline.inference.model_folder import check_model_fits
 
-Runner = Callable[[np.ndarray], np.ndarray]
+Outputs = tuple[np.ndarray, "np.ndarray | None"]  # float64 probabilities, float64 features or None
+Runner = Callable[[np.ndarray], Outputs]
 EXPORT_EXTRA = "pip install 'pipeline[export]'"
 # The runtime each engine needs: (module, pip package)
 RUNTIMES = {
@@ -98,13 +100,13 @@ def litert_runner(path: Path, input_shape, num_classes: int, threads: int) -> Ru
     except (ValueError, RuntimeError) as e:
         raise PipelineError(f"could not load {path}: {str(e).strip().splitlines()[0]}") from None
     source = interpreter.get_input_details()[0]
-    target = interpreter.get_output_details()[0]
-    _fits((tuple(int(n) for n in source["shape"][1:]), int(target["shape"][-1])), input_shape, num_classes, path)
+    targets = _litert_outputs(interpreter)
+    _fits((tuple(int(n) for n in source["shape"][1:]), int(targets[0]["shape"][-1])), input_shape, num_classes, path)
     to_input = _quantizer(source)
-    from_output = _dequantizer(target)
+    from_outputs = [(target["index"], _dequantizer(target)) for target in targets[:2]]
     allocated_for = []  # the batch shape the tensors were last allocated for
 
-    def run(batch: np.ndarray) -> np.ndarray:
+    def run(batch: np.ndarray) -> Outputs:
         if allocated_for != [batch.shape]:  # serve sends batches of one, again and again
             interpreter.resize_tensor_input(source["index"], batch.shape)
             with quiet_native_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
@@ -115,7 +117,42 @@ def litert_runner(path: Path, input_shape, num_classes: int, threads: int) -> Ru
             allocated_for[:] = [batch.shape]
         interpreter.set_tensor(source["index"], to_input(batch))
         interpreter.invoke()
-        return from_output(interpreter.get_tensor(target["index"]))
+        return _pair([convert(interpreter.get_tensor(index)) for index, convert in from_outputs])
+
+    return run
+
+
+def _litert_outputs(interpreter) -> list[dict]:
+    """The output details in the model's order (probabilities, then features): the interpreter
+    lists its outputs in its own order, the signature names them output_0, output_1, ..."""
+    details = interpreter.get_output_details()
+    try:
+        named = interpreter.get_signature_runner().get_output_details()
+    except (ValueError, RuntimeError):  # no signature: a file of another origin, in its own order
+        return details
+    by_index = {d["index"]: d for d in details}
+    ordered = [by_index.get(named[name]["index"]) for name in sorted(named)]  # output_0, output_1
+    return ordered if ordered and None not in ordered else details
+
+
+def _pair(outputs: list) -> Outputs:
+    """(probabilities, features or None) as float64, from a model's outputs in order."""
+    probabilities = np.asarray(outputs[0], dtype=np.float64)
+    if len(outputs) < 2:
+        return probabilities, None
+    features = np.asarray(outputs[1], dtype=np.float64)
+    return probabilities, features.reshape(len(features), -1)
+
+
+def keras_runner(model) -> Runner:
+    """A Keras model through Keras, as its inference model: its features from the same call."""
+    from pipeline.inference.model_folder import inference_model
+
+    network = inference_model(model) or model
+
+    def run(batch: np.ndarray) -> Outputs:
+        answer = network.predict_on_batch(batch)
+        return _pair(list(answer) if isinstance(answer, (list, tuple)) else [answer])
 
     return run
 
@@ -157,13 +194,13 @@ def onnx_runner(path: Path, input_shape, num_classes: int, threads: int) -> Runn
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own Fail / InvalidGraph / RuntimeException
         raise PipelineError(f"could not load {path}: {str(e).strip().splitlines()[0]}") from None
-    inputs, output = session.get_inputs(), session.get_outputs()[0]
+    inputs, output = session.get_inputs(), session.get_outputs()[0]  # outputs in the model's order
     if len(inputs) != 1:  # a graph that wants more than pixels cannot be fed by any caller
         raise PipelineError(f"{path} takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}), not only pixels")
     shape = tuple(int(n) if isinstance(n, int) else -1 for n in inputs[0].shape[1:])
     _fits((shape, output.shape[-1]), input_shape, num_classes, path)
     name = inputs[0].name
-    return lambda batch: np.asarray(session.run(None, {name: batch.astype(np.float32)})[0], dtype=np.float64)
+    return lambda batch: _pair(session.run(None, {name: batch.astype(np.float32)}))
 
 
 def openvino_runner(path: Path, input_shape, num_classes: int, threads: int) -> Runner:
@@ -181,12 +218,18 @@ def openvino_runner(path: Path, input_shape, num_classes: int, threads: int) -> 
         compiled = openvino.Core().compile_model(str(xml), "CPU", config)
     except RuntimeError as e:
         raise PipelineError(f"could not load {xml}: {str(e).strip().splitlines()[0]}") from None
-    source, target = compiled.inputs[0], compiled.outputs[0]
+    source, target = compiled.inputs[0], compiled.outputs[0]  # outputs in the model's order
     shape = tuple(d.get_length() if d.is_static else -1 for d in source.get_partial_shape())[1:]
     classes = target.get_partial_shape()[-1]
     _fits((shape, classes.get_length() if classes.is_static else -1), input_shape, num_classes, path)
     request = compiled.create_infer_request()  # one per runner: serve gives every worker its own copy
-    return lambda batch: np.asarray(request.infer({0: batch.astype(np.float32)})[target], dtype=np.float64)
+    outputs = compiled.outputs[:2]
+
+    def run(batch: np.ndarray) -> Outputs:
+        answer = request.infer({0: batch.astype(np.float32)})
+        return _pair([answer[output] for output in outputs])
+
+    return run
 
 
 def saved_model_runner(path: Path, input_shape, num_classes: int, threads: int) -> Runner:
@@ -201,7 +244,13 @@ def saved_model_runner(path: Path, input_shape, num_classes: int, threads: int) 
     except (OSError, ValueError, KeyError) as e:
         raise PipelineError(f"could not load {path}: {str(e).strip().splitlines()[0]}") from None
     spec = next(iter(signature.structured_input_signature[1].values()))
-    output = next(iter(signature.structured_outputs.values()))
+    outputs = signature.structured_outputs  # output_0 (probabilities), output_1 (features) or one
+    output = outputs["output_0"] if "output_0" in outputs else next(iter(outputs.values()))
     _fits((tuple(spec.shape[1:]), output.shape[-1]), input_shape, num_classes, path)
+
     # `loaded` itself is kept: its endpoint `serve` (Keras' export) only references the variables it owns
-    return lambda batch: np.asarray(loaded.serve(tf.constant(batch, dtype=tf.float32)), dtype=np.float64)
+    def run(batch: np.ndarray) -> Outputs:
+        answer = loaded.serve(tf.constant(batch, dtype=tf.float32))
+        return _pair(list(answer) if isinstance(answer, (list, tuple)) else [answer])
+
+    return run

@@ -1,11 +1,14 @@
 """The model folder that train writes and evaluate, predict and serve read: written and read here.
 
-model.keras (float32, best weights), model.tflite (the same network for LiteRT),
-classes.json, preprocess.json (the preprocessing contract: its version, size, colour mode
-and resize), calibration.json (the temperature and thresholds fitted on the validation
-split; absent without one), history.csv, settings.json and training_curves.png. The Keras model loads in
-safe mode; a folder whose preprocessing version is not this pipeline's is refused with one
-line, so an old model is never served with a different resize.
+model.keras (float32, best weights), model.tflite (the same network for LiteRT, as its
+inference model: probabilities and features from one call), classes.json, preprocess.json
+(the preprocessing contract: its version, size, colour mode and resize), calibration.json
+(the temperature and thresholds fitted on the validation split; absent without one),
+novelty.json and novelty_features.npy (inference/novelty.py), history.csv, settings.json
+(with model_folder_version) and training_curves.png. The Keras model loads in safe mode; a
+folder whose preprocessing version is not this pipeline's is refused with one line, so an
+old model is never served with a different resize. A folder of model_folder_version 1 (no
+version written) has no features and no novelty: it predicts as before, never "unknown".
 """
 
 from __future__ import annotations
@@ -20,6 +23,14 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.settings import COLOR_MODES
 from pipeline.data.data_folder import load_classes
 from pipeline.data.images import PREPROCESS_VERSION, RESIZE_METHOD
+
+FEATURES_LAYER = "features"  # the layer every classifier names for the novelty score (CNN and backbone)
+FEATURE_GRID = 3  # a feature map is averaged over this grid (3 x 3 cells) into the features vector
+FEATURES_DESCRIPTION = (  # novelty.json's words for them
+    f"the layer named '{FEATURES_LAYER}', a feature map averaged over a {FEATURE_GRID} x {FEATURE_GRID} grid, "
+    "L2-normalised"
+)
+MODEL_FOLDER_VERSION = 2  # settings.json's model_folder_version; 2: the engines give features, novelty.json
 
 # What preprocess.json said before it carried a version: its resize text names the version.
 _RESIZE_OF_VERSION = {
@@ -51,6 +62,7 @@ def write_model_folder(
     write_json(
         folder / paths.TRAIN_SETTINGS_FILE,
         {
+            "model_folder_version": MODEL_FOLDER_VERSION,
             "train": asdict(settings),
             "summary": summary,
             "data_dir": str(Path(data_dir).resolve()),
@@ -67,9 +79,13 @@ def write_calibration(folder: Path, calibration: dict | None, seconds: float | N
     folder = Path(folder)
     if calibration is not None:
         write_json(folder / paths.CALIBRATION_FILE, calibration)
-    settings = read_json(folder / paths.TRAIN_SETTINGS_FILE, paths.TRAIN_HINT)
-    record = calibration_record(calibration, seconds)
-    write_json(folder / paths.TRAIN_SETTINGS_FILE, {**settings, "calibration": record})
+    return add_to_settings(folder, "calibration", calibration_record(calibration, seconds))
+
+
+def add_to_settings(folder: Path, key: str, record: dict) -> dict:
+    """settings.json's `key` line, added to the model folder train is writing; returns it."""
+    settings = read_json(Path(folder) / paths.TRAIN_SETTINGS_FILE, paths.TRAIN_HINT)
+    write_json(Path(folder) / paths.TRAIN_SETTINGS_FILE, {**settings, key: record})
     return record
 
 
@@ -129,8 +145,32 @@ def read_history(path: Path) -> list[dict]:
 
 
 def export_tflite(model, path: Path) -> None:
-    """The same network for the LiteRT interpreter, which predicts without importing TensorFlow."""
-    model.export(str(path), format="litert", verbose=False)
+    """The same network for the LiteRT interpreter, which predicts without importing TensorFlow:
+    its inference model, probabilities and features from one call."""
+    (inference_model(model) or model).export(str(path), format="litert", verbose=False)
+
+
+def inference_model(model):
+    """The classifier with a second output, its features, computed in the same call: what
+    every engine runs (model.tflite and each export). None for a model without a layer named
+    FEATURES_LAYER (trained before novelty): it runs as it is, probabilities only.
+
+    A feature map (the CNN's last convolutional block) is averaged over a FEATURE_GRID x
+    FEATURE_GRID grid, so the vector keeps where things are at any input size; a vector (a
+    backbone's pooled features) is taken as it is."""
+    from pipeline.core.native_stderr import import_keras
+
+    keras = import_keras()
+    try:
+        features = model.get_layer(FEATURES_LAYER).output
+    except ValueError:
+        return None
+    if len(features.shape) == 4:
+        side = max(1, min(int(features.shape[1]), int(features.shape[2])) // FEATURE_GRID)
+        features = keras.layers.AveragePooling2D(side, name="features_grid")(features)
+    if len(features.shape) != 2:
+        features = keras.layers.Flatten(name="features_vector")(features)
+    return keras.Model(model.inputs[0], [model.outputs[0], features], name=f"{model.name}_inference")
 
 
 def load_preprocess(model_dir: Path) -> dict:

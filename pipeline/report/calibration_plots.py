@@ -1,7 +1,9 @@
-"""evaluate's calibration figures: the reliability diagram and the risk-coverage curve.
+"""evaluate's figures of how far to trust an answer: the reliability diagram, the
+risk-coverage curve and the novelty histogram.
 
-Reads the calibration block evaluate computes (inference.calibration.evaluation_report);
-writes reliability.png and risk_coverage.png into evaluate's (temporary) reports folder.
+Reads the calibration block evaluate computes (inference.calibration.evaluation_report) and
+its novelty block (inference.novelty.novelty_report); writes reliability.png,
+risk_coverage.png and novelty.png into evaluate's (temporary) reports folder.
 Beside plots.py, which is at its size: same matplotlib Agg backend, nothing shown.
 """
 
@@ -81,6 +83,38 @@ def save_risk_coverage(report: dict, path: Path) -> None:
     ax.set_ylim(max(0.0, low - 0.05), 1.01)
     ax.grid(alpha=0.3)
     ax.set_title("Risk-coverage: raise the threshold, answer fewer, be right more often", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_novelty_histogram(report: dict, path: Path) -> None:
+    """The novelty of the test pictures and of the foreign ones (where given) over the same
+    bins, each as a share of its own count, and the threshold above which a picture is "unknown"."""
+    plt = _pyplot()
+    histogram, foreign = report["histogram"], report.get("foreign")
+    edges = histogram["edges"]
+    centres = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+    width = (edges[1] - edges[0]) if len(edges) > 1 else 1.0
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for counts, colour, name in (
+        (histogram["known"], "tab:blue", "test pictures"),
+        (histogram["foreign"], "tab:red", "foreign pictures"),
+    ):
+        if counts is None or not sum(counts):
+            continue
+        ax.bar(centres, [c / sum(counts) for c in counts], width=width * 0.9, color=colour, alpha=0.55,
+               label=f"{name} ({sum(counts)})")  # fmt: skip
+    if report["threshold"] > 0:
+        ax.axvline(report["threshold"], color="black", linestyle="--", label=f"threshold {report['threshold']:.3f}")
+    title = f"Novelty: {report['test_refused']:.1%} of test pictures above the threshold"
+    if foreign:
+        title += f"\nforeign: AUROC {foreign['auroc']:.3f}, {foreign['foreign_accepted']:.1%} accepted"
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("novelty (distance to the nearest training image's features)")
+    ax.set_ylabel("share of pictures")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

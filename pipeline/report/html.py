@@ -62,6 +62,7 @@ def write_report(path: Path, metrics: dict, data_dir: Path, model_dir: Path, fig
             ),
         ),
         _calibration_section(metrics.get("calibration"), figures_dir),
+        _novelty_section(metrics.get("novelty"), figures_dir),
         _section(
             "Misclassified test images",
             _figure(
@@ -179,6 +180,53 @@ def _calibration_section(calibration: dict | None, figures_dir: Path) -> str:
         ),
     ]
     return _section("Calibration: how far to trust the confidence", "\n".join(parts))
+
+
+def _novelty_section(novelty: dict | None, figures_dir: Path) -> str:
+    """Unknown pictures: the threshold, the test pictures it refuses and, with --foreign, how well
+    the novelty tells the foreign folder apart, against the max-softmax baseline."""
+    if not novelty:
+        return ""
+    if not novelty.get("available"):
+        return _section("Unknown pictures", f"<p>{escape(novelty.get('note') or 'No novelty score.')}</p>")
+    told = (
+        f"Novelty: the {escape(novelty['method'])}. Above {novelty['threshold']:.4f} (set to keep "
+        f"{novelty['keep']:.0%} of the {escape(str(novelty['set_on']))} pictures) a picture is answered "
+        f"&ldquo;unknown&rdquo;: here {novelty['test_refused']:.1%} (&plusmn;{novelty['test_refused_se']:.1%}) of the "
+        "test pictures."
+    )
+    parts = [f"<p>{told}</p>"]
+    foreign = novelty.get("foreign")
+    if foreign:
+        baseline = foreign["baseline"]
+        parts += [
+            f"<p>Against {foreign['n_foreign']} pictures of none of the classes "
+            f"(<code>{escape(str(foreign['folder']))}</code>): {foreign['foreign_accepted']:.1%} "
+            f"(&plusmn;{foreign['foreign_accepted_se']:.1%}) accepted as one of the classes at the threshold.</p>",
+            _table(
+                ["score", "AUROC", "foreign kept at 95 % of test kept (FPR@95)"],
+                [
+                    [
+                        "novelty",
+                        f"{foreign['auroc']:.4f} ± {foreign['auroc_se']:.4f}",
+                        f"{foreign['fpr_at_95_tpr']:.1%} ± {foreign['fpr_at_95_tpr_se']:.1%}",
+                    ],
+                    [
+                        baseline["score"],
+                        f"{baseline['auroc']:.4f} ± {baseline['auroc_se']:.4f}",
+                        f"{baseline['fpr_at_95_tpr']:.1%} ± {baseline['fpr_at_95_tpr_se']:.1%}",
+                    ],
+                ],
+            ),  # fmt: skip
+        ]
+    else:
+        parts.append("<p>No foreign folder was given: <code>pipeline evaluate --foreign DIR</code> measures one.</p>")
+    parts.append(
+        _figure(
+            figures_dir / paths.NOVELTY_PNG, "Novelty of the test pictures (and the foreign ones) and the threshold."
+        )
+    )
+    return _section("Unknown pictures: novelty", "\n".join(parts))
 
 
 def _dataset_section(prepare: dict | None, samples: Path) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from pipeline.core import paths
 from pipeline.core.artifacts import atomic_write_text, read_json, read_json_optional
 from pipeline.core.settings import EXPORT_FORMATS
+from pipeline.inference.novelty import nearest
 
 
 def write_model_card(model_dir: Path, prepare_report: dict | None) -> Path:
@@ -43,6 +44,7 @@ def render_model_card(model_dir: Path, prepare_report: dict) -> str:
         *_training_section(saved),
         *_test_section(evaluation),
         *_calibration_section(calibration),
+        *_unknown_section(read_json_optional(model_dir / paths.NOVELTY_FILE), (evaluation or {}).get("novelty")),
         *_input_section(preprocess),
         *_limits_section(classes, preprocess, saved, prepare_report),
         *_exports_section(preprocess, exports, model_dir),
@@ -151,6 +153,40 @@ def _calibration_section(calibration: dict | None) -> list[str]:
     return [*lines, "", f"From {paths.CALIBRATION_FILE}, fitted on the validation split.", ""]
 
 
+def _unknown_section(novelty: dict | None, measured: dict | None) -> list[str]:
+    """How "unknown" was set (novelty.json) and what it was measured against (evaluate's figures)."""
+    lines = ["## Unknown pictures", ""]
+    if not novelty:
+        return [*lines, "No novelty score (trained before it existed): every picture gets one of the classes.", ""]
+    lines += [
+        f"Each picture's novelty is the distance from its features ({novelty.get('features', '?')}) to the "
+        f"{nearest(novelty.get('k', 1))} of {novelty.get('bank_images', '?')} training images' features "
+        f"(of {novelty.get('training_sources', '?')} training source images, augmented copies left out; "
+        f"{novelty.get('reference', '')}). Above **{novelty.get('threshold', 0):.4f}** the answer is `unknown`: the "
+        f"threshold keeps {novelty.get('keep', 0):.0%} of the {novelty.get('set_on_images', '?')} "
+        f"{novelty.get('set_on', '?')} pictures. `--novelty-threshold` moves it (0: off).",
+        "",
+    ]
+    if not measured or not measured.get("available"):
+        return [*lines, "Not measured on test pictures yet: run `pipeline evaluate` (with `--foreign DIR`).", ""]
+    lines.append(
+        f"On the test split it answered `unknown` for {measured['test_refused']:.1%} "
+        f"(± {measured['test_refused_se']:.1%}) of the pictures."
+    )
+    foreign = measured.get("foreign")
+    if foreign:
+        baseline = foreign["baseline"]
+        lines.append(
+            f"Measured against {foreign['n_foreign']} pictures of none of the classes (`{foreign['folder']}`): "
+            f"AUROC {foreign['auroc']:.4f} ± {foreign['auroc_se']:.4f} (max softmax: {baseline['auroc']:.4f}), "
+            f"{foreign['foreign_accepted']:.1%} ± {foreign['foreign_accepted_se']:.1%} of them accepted as a class "
+            "at the threshold."
+        )
+    else:
+        lines.append("Not measured against foreign pictures: `pipeline evaluate --foreign DIR` adds that here.")
+    return [*lines, ""]
+
+
 def _input_section(preprocess: dict) -> list[str]:
     size, channels = preprocess["size"], preprocess.get("channels", 3)
     return [
@@ -162,7 +198,8 @@ def _input_section(preprocess: dict) -> list[str]:
         f"- Resize: {preprocess.get('resize', 'unknown')}; EXIF orientation applied, transparency on white. "
         f"Preprocessing version {preprocess.get('version', '?')}: "
         "`pipeline.data.images.preprocess(path, size, color).pixels` does exactly this.",
-        "- Output: one probability per class, in the order of classes.json.",
+        "- Output: one probability per class, in the order of classes.json; every file but model.keras gives "
+        "the features the novelty is measured on as a second output, from the same call.",
         "",
     ]
 
@@ -172,8 +209,9 @@ def _limits_section(classes: list[str], preprocess: dict, saved: dict, report: d
     lines = [
         "## What it was not trained on",
         "",
-        f"- Anything outside these {len(classes)} classes: it still answers one of them for any picture "
-        "(`--threshold` turns a low confidence into `unknown`).",
+        f"- Anything outside these {len(classes)} classes: it answers `unknown` where a picture is unlike the "
+        "training images (see Unknown pictures), but a foreign picture close to them still gets a class "
+        "(`--threshold` turns a low confidence into `unsure`).",
         f"- Pictures unlike those in `{report.get('images_dir', 'the training folder')}`: other cameras, "
         "lighting, backgrounds or framing were not seen, and the test figures are of pictures from the same folder.",
         f"- Detail finer than {preprocess['size']}x{preprocess['size']} pixels, and aspect ratio: every picture "
@@ -187,13 +225,10 @@ def _limits_section(classes: list[str], preprocess: dict, saved: dict, report: d
 
 
 # How to run each file in a few lines of Python, from `pixels`, the uint8 batch of the card.
+# Every file but model.keras is the inference model: probabilities, then features, from one call.
 _INTERPRETER = """from ai_edge_litert.interpreter import Interpreter
-interpreter = Interpreter(model_path="{file}")
-source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-interpreter.resize_tensor_input(source["index"], pixels.shape)
-interpreter.allocate_tensors()
-interpreter.set_tensor(source["index"], {feed})
-interpreter.invoke()
+runner = Interpreter(model_path="{file}").get_signature_runner()  # outputs by name: output_0, output_1
+outputs = runner(pixels={feed})
 """
 _LOAD = {
     "keras": (
@@ -207,21 +242,21 @@ probabilities = model.predict(pixels)""",
         "model.tflite",
         "ai-edge-litert",
         _INTERPRETER.format(file="model.tflite", feed='pixels.astype("float32")')
-        + 'probabilities = interpreter.get_tensor(target["index"])',
+        + 'probabilities, features = outputs["output_0"], outputs["output_1"]',
     ),
     "litert-int8": (
         "model_int8.tflite",
         "ai-edge-litert",
         _INTERPRETER.format(file="model_int8.tflite", feed="pixels")  # uint8 in, as they are
-        + """scale, zero_point = target["quantization"]  # uint8 out, in steps of 1/256
-probabilities = (interpreter.get_tensor(target["index"]).astype("float32") - zero_point) * scale""",
+        + """scale, zero_point = runner.get_output_details()["output_0"]["quantization"]  # uint8 out, steps of 1/256
+probabilities = (outputs["output_0"].astype("float32") - zero_point) * scale""",
     ),
     "onnx": (
         "model.onnx",
         "onnxruntime",
         """import onnxruntime
 session = onnxruntime.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
-probabilities = session.run(None, {session.get_inputs()[0].name: pixels.astype("float32")})[0]""",
+probabilities, features = session.run(None, {session.get_inputs()[0].name: pixels.astype("float32")})""",
     ),
     "openvino": (
         "model_openvino/",
@@ -229,14 +264,15 @@ probabilities = session.run(None, {session.get_inputs()[0].name: pixels.astype("
         """import openvino
 config = {"INFERENCE_PRECISION_HINT": "f32"}  # as Keras computes (AMX CPUs would pick bf16)
 compiled = openvino.Core().compile_model("model_openvino/model.xml", "CPU", config)
-probabilities = compiled(pixels.astype("float32"))[compiled.outputs[0]]""",
+outputs = compiled(pixels.astype("float32"))
+probabilities, features = outputs[compiled.outputs[0]], outputs[compiled.outputs[1]]""",
     ),
     "saved-model": (
         "model_saved/",
         "tensorflow",
         """import tensorflow as tf
 loaded = tf.saved_model.load("model_saved")
-probabilities = loaded.serve(tf.constant(pixels, tf.float32)).numpy()""",
+probabilities, features = (t.numpy() for t in loaded.serve(tf.constant(pixels, tf.float32)))""",
     ),
 }
 

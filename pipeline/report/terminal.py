@@ -107,7 +107,29 @@ def print_metrics(metrics: dict, out_dir: Path) -> None:
             f"{after['nll']:.4f}, " + (f"temperature {temperature:.3f}" if temperature else "no temperature")
         )
         out.print(calibration["advice"], markup=False)
+    _print_novelty(metrics.get("novelty") or {})
     out.print(f"reports written to {out_dir}; open {out_dir / paths.REPORT_HTML} in a browser")
+
+
+def _print_novelty(novelty: dict) -> None:
+    if not novelty.get("available"):
+        if novelty.get("note"):
+            out.print(f"unknown: {novelty['note']}", markup=False)
+        return
+    out.print(
+        f"unknown: novelty above {novelty['threshold']:.4f} (keeps {novelty['keep']:.0%} of {novelty['set_on']}): "
+        f"{novelty['test_refused']:.1%} of test pictures",
+        markup=False,
+    )
+    foreign = novelty.get("foreign")
+    if foreign:
+        baseline = foreign["baseline"]
+        out.print(
+            f"foreign ({foreign['n_foreign']} in {foreign['folder']}): AUROC {foreign['auroc']:.4f} "
+            f"(max softmax {baseline['auroc']:.4f}), FPR@95 {foreign['fpr_at_95_tpr']:.1%} "
+            f"(max softmax {baseline['fpr_at_95_tpr']:.1%}); {foreign['foreign_accepted']:.1%} accepted at the threshold",
+            markup=False,
+        )
 
 
 def print_train_summary(summary: dict, out_dir: Path) -> None:
@@ -131,6 +153,12 @@ def print_train_summary(summary: dict, out_dir: Path) -> None:
                 f"ECE {calibration['val_ece_before']:.2%} -> {calibration['val_ece_after']:.2%}, "
                 f"NLL {calibration['val_nll_before']:.4f} -> {calibration['val_nll_after']:.4f}"
             )
+        novelty = summary.get("novelty") or {}
+        if novelty.get("threshold") is not None:
+            out.print(
+                f"unknown above novelty {novelty['threshold']:.4f}: keeps {novelty['keep']:.0%} of the "
+                f"{novelty['set_on']} pictures, measured against {novelty['bank_images']} training images"
+            )
         out.print(f"{trained}; model written to {out_dir}, curves in {out_dir / paths.CURVES_PNG}{in_sync}")
 
 
@@ -145,11 +173,13 @@ def print_learning_rate_found(found: dict) -> None:
 
 
 def print_predictions(results) -> None:
-    """One line per file: file, label, confidence, and the other guesses of the top k."""
+    """One line per file: file, label, confidence, novelty (where the model has a novelty score),
+    and the other guesses of the top k."""
     for r in results:
-        others = r.top_k[1:] if r.label == r.top_k[0]["label"] else r.top_k  # "unknown": show the guesses
+        others = r.top_k[1:] if r.label == r.top_k[0]["label"] else r.top_k  # "unsure", "unknown": the guesses
         extra = "  ".join(f"{t['label']} {t['probability']:.1%}" for t in others)
-        out.print(f"{r.file}\t{r.label}\t{r.confidence:.1%}" + (f"\t({extra})" if extra else ""), markup=False)
+        novelty = "" if r.novelty is None else f"\tnovelty {r.novelty:.3f}"
+        out.print(f"{r.file}\t{r.label}\t{r.confidence:.1%}{novelty}" + (f"\t({extra})" if extra else ""), markup=False)
 
 
 def print_export(record: dict, fmt: str, model_dir: Path) -> None:
@@ -157,8 +187,14 @@ def print_export(record: dict, fmt: str, model_dir: Path) -> None:
     out.print(
         f"exported {fmt} to {model_dir / record['path']} ({record['bytes'] / 1e6:.2f} MB); on {record['n_test']} "
         f"test images: top-1 agreement with Keras {record['agreement']:.2%}, largest probability difference "
-        f"{record['max_difference']:.3g}, accuracy {record['accuracy']:.2%} (Keras {record['keras_accuracy']:.2%}); "
-        f"recorded in {model_dir / paths.EXPORTS_FILE}",
+        f"{record['max_difference']:.3g}, accuracy {record['accuracy']:.2%} (Keras {record['keras_accuracy']:.2%})"
+        + (
+            f", largest novelty difference {record['novelty_max_difference']:.3g} (same unknown answer on "
+            f"{record['unknown_agreement']:.2%})"
+            if record.get("novelty_max_difference") is not None
+            else ""
+        )
+        + f"; recorded in {model_dir / paths.EXPORTS_FILE}",
         markup=False,
     )
 

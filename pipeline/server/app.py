@@ -59,11 +59,18 @@ class ModelWorkers:
         self._threads = ThreadPoolExecutor(size, thread_name_prefix="model", initializer=adopt)
 
     async def predict(
-        self, uploads: list[tuple[str, bytes]], top_k: int, threshold: float, tta: bool = False
+        self,
+        uploads: list[tuple[str, bytes]],
+        top_k: int,
+        threshold: float,
+        tta: bool = False,
+        novelty_threshold: float = 0.0,
     ) -> list[dict]:
         """predict --json's list for in-memory uploads, computed by the next free worker."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._threads, self._predict, uploads, top_k, threshold, tta)
+        return await loop.run_in_executor(
+            self._threads, self._predict, uploads, top_k, threshold, tta, novelty_threshold
+        )
 
     async def explain(self, model_dir: Path, upload: tuple[str, bytes]) -> bytes:
         """The Grad-CAM overlay (PNG) of one upload's predicted class, by the next free worker."""
@@ -96,10 +103,16 @@ class ModelWorkers:
             )
         return pixels
 
-    def _predict(self, uploads: list[tuple[str, bytes]], top_k: int, threshold: float, tta: bool) -> list[dict]:
+    def _predict(
+        self, uploads: list[tuple[str, bytes]], top_k: int, threshold: float, tta: bool, novelty_threshold: float
+    ) -> list[dict]:
         classifier: Classifier = self._mine.classifier
-        probabilities = classifier.probabilities(self._read(classifier, uploads), tta=tta)
-        return [classifier.label(name, p, top_k, threshold).as_dict() for (name, _), p in zip(uploads, probabilities)]
+        found = classifier.infer(self._read(classifier, uploads), tta=tta)
+        novelty = found.novelty if found.novelty is not None else [None] * len(uploads)
+        return [
+            classifier.label(name, p, top_k, threshold, n, novelty_threshold).as_dict()
+            for (name, _), p, n in zip(uploads, found.probabilities, novelty)
+        ]
 
 
 def find_metrics(model_dir: Path, reports_dir: Path | None, classes: list[str]) -> dict | None:
@@ -135,6 +148,9 @@ def create_app(model_dir: Path, settings: ServeSettings | None = None, reports_d
     app.state.health = _health(model_dir, model_workers, settings, find_metrics(model_dir, reports_dir, model.classes))
     app.state.health["threshold"] = model.threshold(settings.threshold, settings.target_accuracy)
     app.state.health["temperature"] = model.temperature
+    app.state.health["novelty_threshold"] = model.novelty_threshold(settings.novelty_threshold)
+    app.state.health["novelty"] = model.novelty is not None  # False: a folder trained before novelty scores
+    app.state.health["novelty_note"] = model.novelty_note  # why not, when not
     _answer_errors_in_json(app)
     _add_routes(app, model_workers, settings)
     _add_explain_route(app, Path(model_dir), model_workers, settings)
@@ -229,11 +245,18 @@ def _add_routes(app: FastAPI, model_workers: ModelWorkers, settings: ServeSettin
             None, gt=0, lt=1, description="'unsure' below the lowest confidence reaching this accuracy on validation."
         ),
         tta: bool = Query(False, description="Average over the image and its mirror image (where prepare flipped)."),
+        novelty_threshold: float | None = Query(
+            None, ge=0, description="Above this novelty the label is 'unknown' (default: serve's; 0: off)."
+        ),
     ) -> list[dict]:
-        """Label, calibrated confidence and top k for each image, exactly as `pipeline predict --json` gives them."""
+        """Label, calibrated confidence, novelty and top k for each image, exactly as `pipeline predict --json`
+        gives them."""
         cut = _threshold(model, health, threshold, target_accuracy)
+        unknown_above = health["novelty_threshold"] if novelty_threshold is None else novelty_threshold
+        if unknown_above > 0 and model.novelty is None:
+            raise RequestError(422, f"novelty_threshold needs a novelty score: {model.novelty_note}")
         uploads = await read_uploads(request, max_bytes, settings.max_files)
-        return await model_workers.predict(uploads, top_k, cut, tta)
+        return await model_workers.predict(uploads, top_k, cut, tta, unknown_above)
 
 
 def _threshold(model: Classifier, health: dict, threshold: float | None, target_accuracy: float | None) -> float:

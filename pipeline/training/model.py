@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.core.native_stderr import import_keras
+from pipeline.inference.model_folder import FEATURES_LAYER
 
 keras = import_keras()
 layers = keras.layers
@@ -48,6 +49,10 @@ def build_model(
     stored them. Centred inputs start learning in the first epoch where 0-1 inputs spent
     most of it near chance (a point of test accuracy in a 6-epoch budget on the letters,
     bench/RESULTS.md). The softmax stays float32 under mixed precision.
+
+    The last convolutional block's map is the layer named "features": how unlike the
+    training images a picture is reads far better there than in the Dense-512 layer, which
+    training pulls every input towards one class (docs/unknown.md).
     """
     first = (
         layers.Normalization(mean=pixel_stats.mean, variance=pixel_stats.variance, name="standardize")
@@ -64,7 +69,7 @@ def build_model(
             layers.Dropout(0.25),
             layers.Conv2D(64, 3, padding="same", activation="relu"),
             layers.Conv2D(64, 3, activation="relu"),
-            layers.MaxPooling2D(2),
+            layers.MaxPooling2D(2, name=FEATURES_LAYER),  # what the novelty score reads (inference/novelty.py)
             layers.Dropout(0.25),
             layers.Flatten(),
             layers.Dense(512, activation="relu"),
