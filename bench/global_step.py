@@ -2,12 +2,15 @@
 
 Synthetic inputs for N images: a 16-byte pixel digest and a 64-bit perceptual hash each,
 10 classes; 1% of the images are exact copies of another (same digest and hash, same
-class), 5% near copies (their hash with 1 to 4 random bits flipped). Times and peak memory
+class), 5% near copies (their hash with 1 to 4 random bits flipped, their thumbnail the
+original's). Times and peak memory
 (tracemalloc, which counts numpy's buffers and Python objects) of the three client steps
 prepare runs, each in a fresh process:
 
   exact:  dedup.find_exact_duplicates(digests, labels)
-  near:   dedup.group_near_duplicates(hashes, 4)
+  near:   dedup.near_copy_groups(hashes, thumbnails_of, 6): candidates by hash, confirmed on
+          synthetic 32x32 thumbnails (each picture's own pseudo-random pixels, a copy's the
+          same as its original's), as prepare reads them from the decode buffer
   split:  splits.split_by_group(labels, groups, 0.2, 0.1, seed, classes)
 
     python bench/global_step.py 1000000            # one size, every step
@@ -33,8 +36,8 @@ STEPS = ("exact", "near", "split")
 HEADER = "| step | images | wall s (CPU s) [range] | peak MB (tracemalloc) | found |\n|---|---:|---:|---:|---|"
 
 
-def synthetic(n: int, seed: int = 0) -> tuple[list[bytes], np.ndarray, np.ndarray]:
-    """(digests, perceptual hashes, labels) with planted exact and near duplicates."""
+def synthetic(n: int, seed: int = 0) -> tuple[list[bytes], np.ndarray, np.ndarray, np.ndarray]:
+    """(digests, perceptual hashes, labels, picture of each) with planted exact and near duplicates."""
     rng = np.random.default_rng(seed)
     hashes = rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64) * np.uint64(2) + rng.integers(0, 2, n).astype(
         np.uint64
@@ -50,14 +53,24 @@ def synthetic(n: int, seed: int = 0) -> tuple[list[bytes], np.ndarray, np.ndarra
         flips |= np.uint64(1) << rng.integers(0, 64, len(near)).astype(np.uint64)
     sources = rng.integers(0, n, len(near))
     hashes[near], labels[near] = hashes[sources] ^ flips, labels[sources]
+    picture = digest_ids.copy()
+    picture[near] = picture[sources]
     digests = [int(d).to_bytes(16, "little") for d in digest_ids]
-    return digests, hashes, labels.astype(np.int64)
+    return digests, hashes, labels.astype(np.int64), picture
+
+
+def thumbnails(picture: np.ndarray) -> np.ndarray:
+    """A 32x32 thumbnail per picture id: pseudo-random pixels, the same for the same id."""
+    mixed = picture[:, None].astype(np.uint64) * np.uint64(2654435761) + np.arange(1024, dtype=np.uint64) * np.uint64(
+        40503
+    )
+    return ((mixed ^ (mixed >> np.uint64(13))) % np.uint64(251)).astype(np.float32)
 
 
 def run_step(step: str, n: int, trace: bool) -> dict:
     from pipeline.data import dedup, splits
 
-    digests, hashes, labels = synthetic(n)
+    digests, hashes, labels, picture = synthetic(n)
     groups = np.arange(n) if step == "split" else None
     if step == "split":  # the split takes the near-duplicate groups: rebuild them cheaply (identical hashes)
         _, groups = np.unique(hashes, return_inverse=True)
@@ -68,7 +81,7 @@ def run_step(step: str, n: int, trace: bool) -> dict:
         found = dedup.find_exact_duplicates(digests, labels.tolist())
         detail = f"{len(found[1])} duplicate groups, {len(found[2])} label conflicts"
     elif step == "near":
-        groups = dedup.group_near_duplicates(hashes, 4)
+        groups = dedup.near_copy_groups(hashes, lambda rows: thumbnails(picture[rows]), 6)
         detail = f"{n - len(np.unique(groups))} images joined a near-duplicate group"
     else:
         split_of = splits.split_by_group(labels, groups, 0.2, 0.1, 42, [str(c) for c in range(10)])

@@ -31,7 +31,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--distance", type=int, default=4)
     a = p.parse_args()
-    _, hashes, _ = synthetic(a.n)
+    _, hashes, _, _ = synthetic(a.n)
     unique = np.unique(hashes)
     seconds: dict[int, list[float]] = {r: [] for r in a.r}
     print(

@@ -1,8 +1,10 @@
 """inspect: what prepare would find in IMAGES_DIR, without writing anything anywhere.
 
 Reads IMAGES_DIR with the same scan and the same decoder as prepare (every candidate is
-decoded for real), and returns classes, counts, file formats and pixel modes, the spread
-of image sizes, and which files would be skipped or ignored and why. Writes nothing.
+decoded for real, at prepare's default size), and returns classes, counts, file formats and
+pixel modes, the spread of image sizes, which files would be skipped or ignored and why,
+and how prepare would split each class at its defaults (the same duplicates, near-copy
+groups and split: `prepare.plan_split`). Writes nothing.
 """
 
 from __future__ import annotations
@@ -14,13 +16,15 @@ import numpy as np
 from PIL import Image
 
 from pipeline.core import progress
-from pipeline.core.settings import InspectSettings
-from pipeline.data.image_folder import class_imbalance, scan_folder
-from pipeline.data.images import UnreadableImage, decode_image
+from pipeline.core.errors import PipelineError
+from pipeline.core.settings import InspectSettings, PrepareSettings
+from pipeline.data import dedup
+from pipeline.data.decoding import decode_one
+from pipeline.data.image_folder import FolderScan, class_imbalance, scan_folder
 from pipeline.data.worker_pool import WorkerPool, available_cores
 
 POOL_FROM = 64  # files; below this a pool costs more than it saves
-DRAFT = 256  # JPEGs decode at a reduced scale: enough to prove the data is whole, much faster
+PREPARE = PrepareSettings()  # inspect says what prepare would do at its defaults
 ORIENTATION = 0x0112  # EXIF tag
 
 
@@ -32,13 +36,14 @@ def inspect_folder(images_dir: Path, settings: InspectSettings | None = None) ->
     scan = scan_folder(images_dir)
     paths = [str(scan.root / rel) for rel, _ in scan.files]
     looks = _look_at_all(paths, settings.workers)
+    shares, split_warnings = _split_at_the_defaults(scan, looks)
 
     classes = {
         name: {"files": 0, "usable": 0, "skipped": 0, "formats": Counter(), "modes": Counter()}
         for name in scan.class_names
     }
     skipped, widths, heights = [], [], []
-    for (rel, label), (fmt, mode, size, reason) in zip(scan.files, looks):
+    for (rel, label), (fmt, mode, size, reason, *_) in zip(scan.files, looks):
         c = classes[scan.class_names[label]]
         c["files"] += 1
         if fmt:
@@ -60,6 +65,7 @@ def inspect_folder(images_dir: Path, settings: InspectSettings | None = None) ->
     imbalance = class_imbalance({n: c["usable"] for n, c in classes.items()})
     if imbalance:
         warnings.append(imbalance)
+    warnings += split_warnings
     formats, modes = Counter(), Counter()
     for c in classes.values():
         formats.update(c["formats"])
@@ -80,8 +86,34 @@ def inspect_folder(images_dir: Path, settings: InspectSettings | None = None) ->
         "sizes": {"width": _spread(widths), "height": _spread(heights)},
         "skipped": skipped,
         "ignored": scan.ignored,
+        "split_shares": shares,
         "warnings": warnings,
     }
+
+
+def _split_at_the_defaults(scan: FolderScan, looks: list[tuple]) -> tuple[dict | None, list[str]]:
+    """What prepare at its defaults would make of each class's split, and its warnings about
+    it; (None, [why not]) where prepare would stop first."""
+    from pipeline.data.decoding import Decoded
+    from pipeline.prepare import choose_sources, plan_split
+
+    ok = np.array([look[3] is None for look in looks], dtype=bool)
+    reasons = {i: look[3] for i, look in enumerate(looks) if look[3] is not None}
+    decoded = Decoded(ok, reasons, [look[4] for look in looks], np.array([look[5] for look in looks], np.uint64), [])
+    thumbnails = [look[6] for look in looks]
+    try:
+        sources = choose_sources(scan, decoded, PREPARE)
+        rows = sources.rows
+        plan = plan_split(
+            scan,
+            sources,
+            decoded.phashes[rows],
+            lambda chosen: np.stack([thumbnails[r] for r in rows[chosen]]).astype(np.float32),
+            PREPARE,
+        )
+    except PipelineError as e:
+        return None, [f"prepare would stop: {e}"]
+    return plan.shares, plan.warnings
 
 
 def _spread(values: list[int]) -> dict | None:
@@ -90,8 +122,10 @@ def _spread(values: list[int]) -> dict | None:
     return {"min": int(min(values)), "median": float(np.median(values)), "max": int(max(values))}
 
 
-def _look(path: str) -> tuple[str | None, str | None, tuple[int, int] | None, str | None]:
-    """(format, mode, (width, height) upright, reason it would be skipped or None)."""
+def _look(path: str) -> tuple:
+    """(format, mode, (width, height) upright, reason it would be skipped or None, and as
+    prepare would see the file at its defaults: pixel digest, perceptual hash and the grey
+    thumbnail near copies are confirmed on, as uint8)."""
     fmt = mode = size = None
     try:
         with Image.open(path) as image:
@@ -99,14 +133,12 @@ def _look(path: str) -> tuple[str | None, str | None, tuple[int, int] | None, st
             if image.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8):  # stored sideways: prepare turns it upright
                 size = size[::-1]
     except Exception:
-        pass  # decode_image below says why, in the words prepare uses
-    try:
-        decode_image(Path(path), "rgb", draft_size=DRAFT)  # for real: a truncated file fails here, not at open
-    except UnreadableImage as e:
-        return fmt, mode, None, str(e)
-    except Exception as e:
-        return fmt, mode, None, f"could not decode ({type(e).__name__}: {e})"
-    return fmt, mode, size, None
+        pass  # decode_one below says why, in the words prepare uses
+    row, reason, digest, phash = decode_one(path, PREPARE.size, PREPARE.color)  # for real, as prepare does
+    if reason is not None:
+        return fmt, mode, None, reason, None, 0, None
+    thumbnail = dedup.copy_thumbnails(row[None])[0].astype(np.uint8)  # whole grey levels: exact as uint8
+    return fmt, mode, size, None, digest, phash, thumbnail
 
 
 def _look_at_all(paths: list[str], workers: int):

@@ -56,7 +56,7 @@ from pipeline.data.decoding import Decoded, decode_all
 from pipeline.data.fixes import apply_fixes, read_fixes
 from pipeline.data.image_folder import FolderScan, class_imbalance, scan_folder
 from pipeline.data.images import channels
-from pipeline.data.splits import near_duplicate_groups, split_by_group
+from pipeline.data.splits import across_classes, near_duplicate_groups, split_by_group, split_shares
 from pipeline.data.worker_pool import available_cores, open_pool
 
 COPY_BYTES = 16 * 2**20  # pixels moved per step from the decode buffer to the outputs
@@ -87,13 +87,19 @@ def prepare_dataset(images_dir: Path, out_dir: Path, settings: PrepareSettings) 
             buffer_path = tmp / "_decoded.npy"
             decoded = decode_all(scan, settings, buffer_path, pool, run)
             sources = choose_sources(scan, decoded, settings)
-            groups = dedup.group_near_duplicates(decoded.phashes[sources.rows], settings.near_duplicate_distance)
-            split_of = split_by_group(
-                sources.labels, groups, settings.test_size, settings.val_size, settings.seed, sources.class_names
+            plan = plan_split(
+                scan,
+                sources,
+                decoded.phashes[sources.rows],
+                lambda rows: dedup.copy_thumbnails(read_rows(buffer_path, sources.rows[rows])),
+                settings,
             )
-            counts = write_splits(scan, sources, split_of, settings, buffer_path, tmp, pool, decoded, run)
-            write_health(tmp / paths.HEALTH_FILE, scan, sources, split_of, decoded.health)
-            report = build_report(scan, decoded, sources, groups, split_of, counts, settings)
+            sources.warnings.extend(plan.warnings)
+            if settings.strict:
+                _strict(plan.warnings)
+            counts = write_splits(scan, sources, plan.split_of, settings, buffer_path, tmp, pool, decoded, run)
+            write_health(tmp / paths.HEALTH_FILE, scan, sources, plan.split_of, decoded.health)
+            report = build_report(scan, decoded, sources, plan, counts, settings)
             if fixes_applied is not None:
                 report["fixes"] = fixes_applied
             write_json(tmp / paths.PREPARE_REPORT_FILE, report)
@@ -171,9 +177,8 @@ def choose_sources(scan: FolderScan, decoded: Decoded, s: PrepareSettings) -> So
     )
     if imbalance:
         warnings.append(imbalance)
-    if s.strict and (skipped or warnings):
-        problems = [f"{x['path']}: {x['reason']}" for x in skipped] + warnings
-        raise PipelineError(f"--strict: {len(problems)} problem(s), nothing written; first: {problems[0]}")
+    if s.strict:
+        _strict([f"{x['path']}: {x['reason']}" for x in skipped] + warnings)
 
     new_label = {scan.class_names.index(name): i for i, name in enumerate(class_names)}
     return Sources(
@@ -187,6 +192,43 @@ def choose_sources(scan: FolderScan, decoded: Decoded, s: PrepareSettings) -> So
         skipped=skipped,
         warnings=warnings,
     )
+
+
+def _strict(problems: list[str]) -> None:
+    if problems:
+        raise PipelineError(f"--strict: {len(problems)} problem(s), nothing written; first: {problems[0]}")
+
+
+@dataclass
+class SplitPlan:
+    """Where each source image goes, and what report.json, the terminal and inspect say of it."""
+
+    split_of: np.ndarray  # "train" | "val" | "test" per source image
+    shares: dict  # report.json's split_shares: per class, asked and made
+    near: list[dict]  # report.json's near_duplicate_groups
+    warnings: list[str]  # classes a group pushed off their shares; near copies across classes
+
+
+def plan_split(scan: FolderScan, sources: Sources, phashes: np.ndarray, thumbnails_of, s: PrepareSettings) -> SplitPlan:
+    """Group the near copies among the sources (`dedup.near_copy_groups`: hashes, then the
+    pixels of the candidates, `thumbnails_of(rows)`), split them per class with every group
+    whole (`split_by_group`), and say per class what was asked and made (`split_shares`): a
+    warning for a class a group pushed more than SPLIT_OFF_POINTS off, and one for near
+    copies that sit in different classes. inspect runs the same plan at the defaults."""
+    groups = dedup.near_copy_groups(phashes, thumbnails_of, s.near_duplicate_distance)
+    split_of = split_by_group(sources.labels, groups, s.test_size, s.val_size, s.seed, sources.class_names)
+    path_of = lambda i: scan.files[sources.rows[i]][0]  # noqa: E731  (source image -> relative path)
+    shares, warnings = split_shares(
+        sources.labels, groups, split_of, sources.class_names, s.test_size, s.val_size, path_of
+    )
+    names = [sources.class_names[label] for label in sources.labels.tolist()]
+    near = near_duplicate_groups(groups, [scan.files[r][0] for r in sources.rows], names, split_of)
+    if across := across_classes(near):
+        warnings.append(
+            f"{len(across)} group(s) of near copies sit in different classes: kept, each in one split; "
+            "report.json's cross_class_near_copies lists them (audit shows them too)"
+        )
+    return SplitPlan(split_of, shares, near, warnings)
 
 
 # --- writing the splits: arrays, augmented copies, manifest, classes --------------------
@@ -306,8 +348,7 @@ def build_report(
     scan: FolderScan,
     decoded: Decoded,
     sources: Sources,
-    groups: np.ndarray,
-    split_of: np.ndarray,
+    plan: SplitPlan,
     counts: dict[str, dict[str, int]],
     s: PrepareSettings,
 ) -> dict:
@@ -334,8 +375,8 @@ def build_report(
             "ignored": len(scan.ignored),
             "duplicates_removed": sum(len(g) - 1 for g in sources.duplicate_groups),
             "label_conflicts_removed": sum(len(g) for g in sources.conflict_groups),
-            **{split: int((split_of == split).sum()) for split in paths.SPLITS},
-            "train_rows": int((split_of == "train").sum()) * (1 + s.augment),
+            **{split: int((plan.split_of == split).sum()) for split in paths.SPLITS},
+            "train_rows": int((plan.split_of == "train").sum()) * (1 + s.augment),
         },
         "skipped": sources.skipped,
         "ignored": {"counts": dict(Counter(item["reason"] for item in scan.ignored)), "items": scan.ignored},
@@ -350,7 +391,9 @@ def build_report(
             }
             for g in sources.conflict_groups
         ],
-        "near_duplicate_groups": near_duplicate_groups(groups, [files[r][0] for r in sources.rows], split_of),
+        "split_shares": plan.shares,
+        "near_duplicate_groups": plan.near,
+        "cross_class_near_copies": across_classes(plan.near),
         "warnings": sources.warnings,
         "settings": recorded_settings(s),
         **cache.report_section(decoded.cache),

@@ -149,7 +149,7 @@ def test_same_seed_same_folder_gives_identical_bytes_with_duplicates(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
-def test_grouping_finds_planted_pairs_among_100000_hashes():
+def test_near_copies_found_among_100000_hashes_and_confirmed_by_their_pixels():
     rng = np.random.default_rng(0)
     n = 100_000
     hashes = rng.integers(0, 2**64, n, dtype=np.uint64)
@@ -167,32 +167,85 @@ def test_grouping_finds_planted_pairs_among_100000_hashes():
             continue
         hashes[b] = flip(hashes[a], 1 + k % 4)
         near.append((a, b))
-    for _ in range(100):  # 6 to 10 bits apart: too far to be the same picture
+    for _ in range(100):  # 8 to 12 bits apart: too far to be candidates at the default 6
         a, b = rng.choice(n, size=2, replace=False)
         if any(a in p or b in p for p in near + far):
             continue
-        hashes[b] = flip(hashes[a], int(rng.integers(6, 11)))
+        hashes[b] = flip(hashes[a], int(rng.integers(8, 13)))
         far.append((a, b))
     hashes[-1] = hashes[-2]  # identical hashes
 
-    group = dedup.group_near_duplicates(hashes)
+    # Thumbnails: every row its own random picture, a planted copy its original's (slightly
+    # noisy), and half the planted pairs made look-alikes instead (an unrelated picture).
+    picture = rng.integers(0, 256, (n, 64)).astype(np.float32)
+    copies, lookalikes = near[::2], near[1::2]
+    for a, b in copies:
+        picture[b] = picture[a] + rng.normal(0, 3, 64)
+    picture[-1] = picture[-2]
+    asked = []
+
+    def thumbnails_of(rows):
+        asked.append(len(rows))
+        return picture[rows]
+
+    group = dedup.near_copy_groups(hashes, thumbnails_of)
     assert group.shape == (n,)
-    assert all(group[a] == group[b] for a, b in near)
-    assert all(group[a] != group[b] for a, b in far)
+    assert all(group[a] == group[b] for a, b in copies)
+    assert all(group[a] != group[b] for a, b in lookalikes + far)
     assert group[-1] == group[-2]
-    assert len(np.unique(group)) == n - len(near) - 1  # nothing else was merged
+    assert len(np.unique(group)) == n - len(copies) - 1  # nothing else was merged
+    assert sum(asked) <= 2 * (len(near) + 1)  # only the candidates' pixels were looked at
 
 
-def test_grouping_is_transitive_and_exact_at_the_distance():
+def test_candidates_are_exact_at_the_distance_and_groups_are_stars_not_chains():
     base = np.uint64(0x0123_4567_89AB_CDEF)
     four = np.uint64(int(base) ^ 0b1111)  # 4 bits from base
     eight = np.uint64(int(four) ^ (0b1111 << 40))  # 4 bits from `four`, 8 from base
-    five = np.uint64(int(base) ^ (0b11111 << 20))  # 5 bits from base, 9 from `four`
-    group = dedup.group_near_duplicates(np.array([base, four, eight, five], dtype=np.uint64))
-    assert group[0] == group[1] == group[2]  # a chain of close copies is one group
-    assert group[3] != group[0]
-    off = dedup.group_near_duplicates(np.array([base, four, base], dtype=np.uint64), max_distance=-1)
-    assert off[0] == off[2] != off[1]
+    twelve = np.uint64(int(eight) ^ (0b1111 << 20))  # 4 bits from `eight`, 8 from `four`
+    five = np.uint64(int(base) ^ (0b11111 << 50))  # 5 bits from base, 9 from `four`
+    hashes = np.array([base, four, eight, twelve, five], dtype=np.uint64)
+    a, b = dedup.candidate_pairs(hashes, 4)
+    assert list(zip(a.tolist(), b.tolist())) == [(0, 1), (1, 2), (2, 3)]
+    same = lambda rows: np.tile(np.arange(16, dtype=np.float32), (len(rows), 1))  # noqa: E731  (all alike)
+    # A chain of four copies: `four` (the first of the rows with two copies) leads base and
+    # eight; twelve, a copy of eight but not of `four`, is not chained on.
+    assert dedup.near_copy_groups(hashes, same, 4).tolist() == [0, 0, 0, 1, 2]
+    assert dedup.near_copy_groups(hashes, same, -1).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_stars_match_the_plainest_star_linkage_numbered_by_first_row():
+    """The numpy grouping against the plainest one: every pair compared; the row with the
+    most copies (then the first) leads a group of its copies not yet taken, and so on; groups
+    numbered in the order of their first row (report.json and the split depend on it)."""
+    rng = np.random.default_rng(3)
+    n = 150
+    base = rng.integers(0, 2**63, 40, dtype=np.int64).astype(np.uint64)
+    hashes = base[rng.integers(0, 40, n)]
+    for _ in range(3):
+        hashes ^= (np.uint64(1) << rng.integers(0, 64, n).astype(np.uint64)) * (rng.random(n) < 0.5)
+    picture = rng.integers(0, 3, (n, 1)) * 10.0 + rng.normal(0, 1, (n, 32))  # three kinds of picture
+    picture[:, :8] += np.arange(8) * 50.0
+    z = (picture - picture.mean(1, keepdims=True)) / picture.std(1, keepdims=True)
+    for distance in (-1, 0, 2, 4, 8):
+        a, b = dedup.candidate_pairs(hashes, distance)
+        confirmed = dedup._trimmed_correlation(z[a], z[b]) >= 0.98
+        copy = {(i, j) for i, j, c in zip(a.tolist(), b.tolist(), confirmed) if c}
+        leader = list(range(n))
+        taken = [False] * n
+        degree = [sum((i, j) in copy or (j, i) in copy for j in range(n)) for i in range(n)]
+        for i in sorted(range(n), key=lambda i: (-degree[i], i)):
+            if taken[i] or not degree[i]:
+                continue
+            for j in range(n):
+                if not taken[j] and ((i, j) in copy or (j, i) in copy):
+                    leader[j], taken[j], taken[i] = i, True, True
+        first = {}
+        for i in range(n):
+            first.setdefault(leader[i], i)
+        _, expected = np.unique([first[leader[i]] for i in range(n)], return_inverse=True)
+        found = dedup.near_copy_groups(hashes, lambda rows: picture[rows].astype(np.float32), distance)
+        assert found.tolist() == expected.tolist(), distance
+        assert distance < 4 or len(copy) > 10
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -213,31 +266,6 @@ def test_split_by_group_never_splits_a_group_and_stays_stratified(seed):
         share = np.mean(split[labels == label] == "test")
         assert 0.1 <= share <= 0.3
         assert np.any(split[labels == label] == "train") and np.any(split[labels == label] == "val")
-
-
-def test_grouping_equals_all_pairs_union_find_numbered_by_first_row():
-    """The numpy grouping against the plainest one: every pair compared, groups numbered in
-    the order of their first row (report.json and the split depend on the numbering)."""
-    rng = np.random.default_rng(3)
-    base = rng.integers(0, 2**63, 40, dtype=np.int64).astype(np.uint64)
-    hashes = base[rng.integers(0, 40, 150)]
-    for _ in range(3):
-        hashes ^= (np.uint64(1) << rng.integers(0, 64, 150).astype(np.uint64)) * (rng.random(150) < 0.5)
-    for distance in (-1, 0, 2, 4, 8):
-        parent = list(range(len(hashes)))
-
-        def find(i, parent=parent):
-            while parent[i] != i:
-                i = parent[i]
-            return i
-
-        for a in range(len(hashes)):
-            for b in range(a):
-                close = hashes[a] == hashes[b] or bin(int(hashes[a] ^ hashes[b])).count("1") <= distance
-                if close and find(a) != find(b):
-                    parent[max(find(a), find(b))] = min(find(a), find(b))
-        _, expected = np.unique([find(i) for i in range(len(hashes))], return_inverse=True)
-        assert dedup.group_near_duplicates(hashes, distance).tolist() == expected.tolist(), distance
 
 
 @pytest.mark.parametrize("matching", [1, 2, 3])

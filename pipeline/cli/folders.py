@@ -46,6 +46,13 @@ def prepare(
     seed: Annotated[int, typer.Option(help="Seed for the split and augmentation.")] = PREPARE.seed,
     workers: Annotated[int, typer.Option(help="Decoding processes (0: all cores).")] = PREPARE.workers,
     strict: Annotated[bool, typer.Option("--strict", help="Fail on any skipped file or warning.")] = PREPARE.strict,
+    near_duplicate_distance: Annotated[
+        int,
+        typer.Option(
+            help="Perceptual-hash bits within which two pictures may be copies (confirmed on their pixels); "
+            "copies stay in one split. -1: off.",
+        ),
+    ] = PREPARE.near_duplicate_distance,
     scheduler: Annotated[
         str,
         typer.Option(

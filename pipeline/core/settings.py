@@ -11,7 +11,14 @@ from dataclasses import dataclass
 from pipeline.core.errors import PipelineError
 
 COLOR_MODES = ("rgb", "grayscale")
-NEAR_DUPLICATE_DISTANCE = 4  # bits of 64: resized or re-encoded copies land well inside
+NEAR_DUPLICATE_DISTANCE = 6  # bits of 64: candidates; their pixels then say which are copies
+# Candidates within the distance are copies when their grey 32x32 thumbnails correlate this
+# much (the 1 % of pixels that differ most set aside): 97-98 % of ordinary copies (resized,
+# JPEG 30-95, EXIF-rotated, +-15 % brightness), every patched one, and 5 of the 7,219 look-alike
+# candidates of the case letters and the letters (docs/prepare.md, bench/near_copies.py).
+COPY_CORRELATION = 0.98
+MAX_NEAR_DUPLICATE_DISTANCE = 16  # of 64 bits: beyond, two unrelated pictures' hashes meet often
+SPLIT_OFF_POINTS = 5  # a class's split share this many points from the asked one is a warning
 IMBALANCE_RATIO = 3.0  # largest/smallest class above this is a warning (prepare, inspect)
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")  # float16: mixed, for GPUs
 EXPORT_FORMATS = ("litert-int8", "onnx", "openvino", "saved-model")  # `pipeline export --format`
@@ -56,6 +63,11 @@ class PrepareSettings:
             raise PipelineError(f"--augment must be 0 or more, got {self.augment}")
         if self.workers < 0:
             raise PipelineError(f"--workers must be 0 (all cores) or more, got {self.workers}")
+        if not -1 <= self.near_duplicate_distance <= MAX_NEAR_DUPLICATE_DISTANCE:
+            raise PipelineError(
+                f"--near-duplicate-distance must be -1 (off) to {MAX_NEAR_DUPLICATE_DISTANCE} bits, "
+                f"got {self.near_duplicate_distance}"
+            )
 
 
 @dataclass

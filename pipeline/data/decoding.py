@@ -71,6 +71,15 @@ def _decode_file(path: str | bytes, size: int, color: str):
     return image.pixels, None, digest, phash, health.as_fields(values)
 
 
+def decode_one(path: str, size: int, color: str) -> tuple[np.ndarray | None, str | None, bytes | None, int]:
+    """One file as prepare decodes it: (row, skip reason, pixel digest, perceptual hash), the
+    hash as prepare's batch computes it (inspect's way to see what prepare would)."""
+    row, reason, digest, phash, _ = _decode_file(path, size, color)
+    if row is not None and size >= dedup.PHASH_SIDE:
+        phash = int(dedup.perceptual_hashes(row[None])[0])
+    return row, reason, digest, phash
+
+
 def _decode_chunk(args: tuple) -> tuple[list[tuple], CacheCounts, list[list | None], list[tuple]]:
     """Decode consecutive files into their rows of the buffer file; return their
     (reason, digest, phash, health values) results, what the cache served, each file's stat record and

@@ -1,7 +1,7 @@
 """The train/val/test split of source images: stratified per class, seeded, and grouped.
 
-Near-duplicate groups (from dedup) go to one split as a whole, so no image is tested on
-after a near copy of it was trained on.
+Near-copy groups (from dedup) go to one split as a whole, so no image is tested on after a
+copy of it was trained on; `split_shares` says, per class, what was asked and what was made.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.settings import SPLIT_OFF_POINTS
 
 
 def split_by_group(
@@ -68,15 +69,86 @@ def split_by_group(
     return group_split[groups]
 
 
-def near_duplicate_groups(groups: np.ndarray, group_paths: list[str], split_of: np.ndarray) -> list[dict]:
-    """The groups of two or more images, as report.json lists them: their paths and their split."""
+def near_duplicate_groups(
+    groups: np.ndarray, group_paths: list[str], group_classes: list[str], split_of: np.ndarray
+) -> list[dict]:
+    """The groups of two or more images, as report.json lists them: their paths, the class
+    of each and their split."""
     order = np.argsort(groups, kind="stable")
     bounds = np.flatnonzero(np.diff(groups[order])) + 1
     found = []
     for members in np.split(order, bounds):
         if len(members) > 1:
-            found.append({"paths": [group_paths[m] for m in members], "split": str(split_of[members[0]])})
+            found.append(
+                {
+                    "paths": [group_paths[m] for m in members],
+                    "class_of": [group_classes[m] for m in members],
+                    "split": str(split_of[members[0]]),
+                }
+            )
     return found
+
+
+def across_classes(near_groups: list[dict]) -> list[dict]:
+    """The near-copy groups whose pictures sit in different class folders: label conflicts
+    for a person to look at (report.json's cross_class_near_copies; audit shows them). They
+    are kept, in one split, where byte-identical conflicts are left out."""
+    return [
+        {**group, "classes": sorted(set(group["class_of"]))} for group in near_groups if len(set(group["class_of"])) > 1
+    ]
+
+
+def split_shares(
+    labels: np.ndarray,
+    groups: np.ndarray,
+    split_of: np.ndarray,
+    class_names: list[str],
+    test_size: float,
+    val_size: float,
+    path_of,
+) -> tuple[dict, list[str]]:
+    """Per class, the split asked for and the split made (report.json's split_shares, the
+    terminal and inspect show it), and a warning for each class more than SPLIT_OFF_POINTS
+    points off that naming the near-copy group that forced it.
+
+    A class too small for the fractions (3 images: one of each) is as close as it can be,
+    not forced: it is warned about only where its images fell otherwise than one at a time.
+    `path_of(i)` names source image i.
+    """
+    asked = {"train": round(1 - test_size - val_size, 6), "val": val_size, "test": test_size}
+    group_size = np.bincount(groups)
+    table: dict[str, dict] = {}
+    warnings = []
+    for label, name in enumerate(class_names):
+        members = np.flatnonzero(labels == label)
+        total = len(members)
+        images = {s: int(np.sum(split_of[members] == s)) for s in asked}
+        made = {s: round(images[s] / total, 4) if total else 0.0 for s in asked}
+        off = {s: abs(made[s] - asked[s]) * 100 for s in asked}
+        table[name] = {"images": images, "made": made, "off_by": round(max(off.values()), 2)}
+        one_at_a_time = {
+            "test": max(1, round(total * test_size)),
+            "val": max(1, round(total * val_size)) if val_size else 0,
+        }
+        if max(off.values()) <= SPLIT_OFF_POINTS or all(images[s] == one_at_a_time[s] for s in one_at_a_time):
+            continue
+        worst = max(asked, key=lambda s: made[s] - asked[s])  # the split that got too many
+        in_worst = members[split_of[members] == worst]
+        biggest = in_worst[np.argmax(group_size[groups[in_worst]])] if len(in_worst) else None
+        shares = ", ".join(f"{s} {made[s]:.0%} (asked {asked[s]:.0%})" for s in asked)
+        cause = (
+            f": its near-copy group of {int(group_size[groups[biggest]])} images (first: {path_of(_first_of(groups, groups[biggest]))}) "
+            f"went whole to {worst}"
+            if biggest is not None and group_size[groups[biggest]] > 1
+            else ""
+        )
+        warnings.append(f"class '{name}' split {shares}{cause}")
+    largest = int(group_size.max()) if len(group_size) else 0
+    return {"asked": asked, "classes": table, "largest_group": largest}, warnings
+
+
+def _first_of(groups: np.ndarray, group: int) -> int:
+    return int(np.flatnonzero(groups == group)[0])
 
 
 def audit_folds(labels: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> np.ndarray:

@@ -84,14 +84,24 @@ def _data_section(classes: list[str], report: dict) -> list[str]:
         f"- Exact duplicates (the same pixels once resized): {totals.get('duplicates_removed', 0)} removed, "
         "one copy of each kept, before the split.",
         f"- The same picture under two classes: {totals.get('label_conflicts_removed', 0)} removed (no label is trusted).",
-        f"- Near-duplicates (perceptual hashes within {distance} of 64 bits): "
+        f"- Near copies (perceptual hashes within {distance} of 64 bits, confirmed on their pixels): "
         f"{len(report.get('near_duplicate_groups', []))} groups, each kept whole in one split, so no near copy "
-        "of a test image was trained on."
+        "of a test image was trained on"
+        + (
+            f"; {len(report['cross_class_near_copies'])} of them across classes (kept; labels to look at)."
+            if report.get("cross_class_near_copies")
+            else "."
+        )
         if distance >= 0
         else "- Near-duplicates: not looked for (near_duplicate_distance -1).",
         f"- Split: stratified per class, seed {settings.get('seed', '?')}, test {settings.get('test_size', '?')}, "
         f"validation {settings.get('val_size', '?')}; augmented copies ({settings.get('augment', 0)} per image) "
-        "only in the training split.",
+        "only in the training split."
+        + (
+            f" Every class within {max(c['off_by'] for c in shares['classes'].values()):.1f} points of the shares asked."
+            if (shares := report.get("split_shares")) and shares.get("classes")
+            else ""
+        ),
         "",
     ]
     return lines

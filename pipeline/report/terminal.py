@@ -29,10 +29,32 @@ def print_prepare_summary(report: dict, out_dir: Path) -> None:
         f"{totals['found']} image files, {totals['skipped']} skipped, {totals['ignored']} ignored, "
         f"{totals['duplicates_removed']} duplicates removed, {len(report['near_duplicate_groups'])} near-duplicate groups kept together"
     )
+    if "split_shares" in report:
+        print_split_shares(report["split_shares"])
     _print_skipped(report["skipped"], "skipped", f"see {out_dir / paths.PREPARE_REPORT_FILE}")
     for warning in report["warnings"]:  # imbalance included: the one list --strict reads too
         out.print(f"warning: {warning}", markup=False)
     out.print(f"sample grid: {out_dir / paths.SAMPLES_PNG}")
+
+
+def print_split_shares(shares: dict, near: float = 2.0, shown: int = 5) -> None:
+    """One line when every class got the split asked for (within `near` points), else the
+    classes that did not, with what each got."""
+    asked = shares["asked"]
+    pattern = "/".join(f"{asked[s] * 100:g}" for s in paths.SPLITS)
+    classes = shares["classes"]
+    worst = max((c["off_by"] for c in classes.values()), default=0.0)
+    group = f"largest near-copy group: {shares['largest_group']} images"
+    if worst <= near:
+        out.print(f"split as asked ({pattern} %) within {worst:.1f} points for every class; {group}")
+        return
+    off = [(name, c) for name, c in classes.items() if c["off_by"] > near]
+    out.print(f"split: {len(off)} of {len(classes)} classes more than {near:g} points from {pattern} %; {group}")
+    for name, c in sorted(off, key=lambda item: -item[1]["off_by"])[:shown]:
+        made = "/".join(f"{c['made'][s] * 100:.0f}" for s in paths.SPLITS)
+        out.print(Text(f"  {name}: {made} %"))
+    if len(off) > shown:
+        out.print(f"  ... and {len(off) - shown} more (report.json's split_shares)")
 
 
 def _print_skipped(items: list[dict], verb: str, more_hint: str, shown: int = 20) -> None:
@@ -66,6 +88,8 @@ def print_inspection(found: dict) -> None:
             f"width  min {w['min']}  median {w['median']:g}  max {w['max']}\n"
             f"height min {h['min']}  median {h['median']:g}  max {h['max']}"
         )
+    if found.get("split_shares"):
+        print_split_shares(found["split_shares"])
     _print_skipped(found["skipped"], "would skip", "see --json")
     reasons: dict[str, list[str]] = {}
     for item in found["ignored"]:
