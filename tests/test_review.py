@@ -265,17 +265,21 @@ def test_hostile_names_reach_the_page_as_text_and_come_back_from_reviewed_csv(tm
 def test_an_earlier_reviews_rows_are_kept_and_an_unreadable_one_is_never_overwritten(review):
     """Decisions on files a new audit no longer lists (excluded or relabelled by the last
     prepare --fixes) stay in reviewed.csv, so the next prepare --fixes still applies them."""
-    first = next(iter(review["moved"]))
+    first, second = list(review["moved"])[:2]
     review["reviewed"].write_text(
-        f"path,action\n{first},exclude\ncat/cat_003.jpg,relabel:dog\n{first},keep\n", encoding="utf-8"
+        f"path,action\n{first},exclude\ncat/cat_003.jpg,relabel:dog\n{first},keep\n{second},relabel:wolf\n",
+        encoding="utf-8",
     )
     client = TestClient(review_app(review["audit"], review["data"]), base_url=LOCAL)
-    # a file listed twice: its last row holds; a file this audit does not list: kept as it is
+    # a file listed twice: its last row holds; a file this audit does not list, or a class that
+    # is gone: kept as it is, until a decision on that file replaces it
     assert {s["path"]: s["decision"] for s in client.get("/api/suspects").json() if s["decision"]} == {first: "keep"}
-    assert client.get("/api/review").json()["kept_aside"] == 1
+    assert client.get("/api/review").json()["kept_aside"] == 2
     client.post("/api/decisions", json={"path": first, "action": "exclude"})
-    rows = list(csv.DictReader(review["reviewed"].open(newline="")))
-    assert [(r["path"], r["action"]) for r in rows] == [(first, "exclude"), ("cat/cat_003.jpg", "relabel:dog")]
+    client.post("/api/decisions", json={"path": second, "action": "keep"})
+    rows = [(r["path"], r["action"]) for r in csv.DictReader(review["reviewed"].open(newline=""))]
+    assert sorted(rows[:2]) == sorted([(first, "exclude"), (second, "keep")])
+    assert rows[2:] == [("cat/cat_003.jpg", "relabel:dog")]
     review["reviewed"].write_bytes(b"\xff\xfe not a CSV \x00")
     result = run_cli("review", "--audit", review["audit"], "--data", review["data"], expect=1)
     assert result.output.startswith("error: ") and "move it aside" in result.output

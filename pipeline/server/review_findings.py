@@ -175,6 +175,7 @@ class Decisions:
             action = kind if to_class is None else f"relabel:{to_class}"
         with self._lock:  # one rewrite at a time, each with every decision taken before it
             before = self.taken.get(path)
+            self.kept_aside = [row for row in self.kept_aside if row["path"] != path]  # replaced, never doubled
             if action is None:
                 self.taken.pop(path, None)
             else:
