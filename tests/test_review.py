@@ -148,16 +148,20 @@ def test_pictures_are_served_only_for_the_files_the_review_lists(review, tmp_pat
 
 
 def test_label_conflicts_and_near_copies_are_shown_with_their_copies_and_fixed_by_prepare(tmp_path):
-    """The same file in cat/ and dog/ (prepare leaves both out) and a near copy listed under
-    either key audit wrote: each file once, with its copies; relabelling the dog twin makes
-    them agree, and prepare --fixes reviewed.csv keeps the picture."""
+    """The same file in cat/ and dog/ (prepare leaves both out) and a resized, re-encoded copy
+    of a fox in dog/ (a near copy across classes, as prepare's report.json lists it; audit.json
+    has it under either key): each file once, with its copies; relabelling the dog twin makes
+    the twins agree, and prepare --fixes reviewed.csv keeps the picture."""
     images = write_image_folder(tmp_path / "images", per_class=8)
     shutil.copy(images / "cat" / "cat_001.jpg", images / "dog" / "twin.jpg")
+    with Image.open(images / "fox" / "fox_002.png") as picture:
+        picture.resize((30, 30)).save(images / "dog" / "copy_of_fox.jpg", quality=95)
     data = tmp_path / "data"
     run_cli("prepare", images, "--out", data, "--size", "16", "--quiet")
     report = json.loads((data / "report.json").read_text())
     assert report["label_conflicts"][0]["paths"] == ["cat/cat_001.jpg", "dog/twin.jpg"]
-    near = {"paths": ["fox/fox_002.png", "dog/dog_002.png"], "classes": ["dog", "fox"], "class_of": ["fox", "dog"]}
+    near = report["cross_class_near_copies"]
+    assert [sorted(group["paths"]) for group in near] == [["dog/copy_of_fox.jpg", "fox/fox_002.png"]]
     audit = tmp_path / "audit"
     audit.mkdir()
     findings = {
@@ -167,15 +171,15 @@ def test_label_conflicts_and_near_copies_are_shown_with_their_copies_and_fixed_b
         "fits_no_class": [],
         "health": {},
         "exact_duplicates_across_classes": report["label_conflicts"],
-        "near_duplicates_across_classes": [],
-        "cross_class_near_copies": [{**near, "split": "train"}],
+        "near_duplicates_across_classes": near,
+        "cross_class_near_copies": near,
     }
     (audit / "audit.json").write_text(json.dumps(findings))
     client = TestClient(review_app(audit), base_url=LOCAL)  # --data: the folder audit.json names
     suspects = {s["path"]: s for s in client.get("/api/suspects").json()}
     assert [s["kind"] for s in suspects.values()] == ["label_conflict"] * 2 + ["near_copy"] * 2
     assert suspects["dog/twin.jpg"]["copies"] == [{"path": "cat/cat_001.jpg", "class": "cat"}]
-    assert suspects["fox/fox_002.png"]["copies"] == [{"path": "dog/dog_002.png", "class": "dog"}]
+    assert suspects["fox/fox_002.png"]["copies"] == [{"path": "dog/copy_of_fox.jpg", "class": "dog"}]
     assert suspects["dog/twin.jpg"]["suggested_action"] == "keep" and suspects["dog/twin.jpg"]["suggestion"] is None
     # not in the arrays (prepare left it out): the picture comes from the images folder
     answer = client.get("/api/image", params={"path": "dog/twin.jpg", "view": "model"})
