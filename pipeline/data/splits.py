@@ -35,10 +35,7 @@ def split_by_group(
     for label, name in enumerate(class_names):
         class_groups = rng.permutation(group_ids[group_label == label])
         total = int(group_size[class_groups].sum())
-        wanted = {
-            "test": max(1, round(total * test_size)),
-            "val": max(1, round(total * val_size)) if val_size > 0 else 0,
-        }
+        wanted = _wanted(total, test_size, val_size)
         if total - wanted["test"] - wanted["val"] < 1:
             needed = 3 if val_size > 0 else 2
             raise PipelineError(
@@ -67,6 +64,11 @@ def split_by_group(
                 f"class '{name}': its near-duplicate groups leave no image for training; add distinct images"
             )
     return group_split[groups]
+
+
+def _wanted(total: int, test_size: float, val_size: float) -> dict[str, int]:
+    """The test and validation images a class of `total` asks for, one at least of each."""
+    return {"test": max(1, round(total * test_size)), "val": max(1, round(total * val_size)) if val_size > 0 else 0}
 
 
 def near_duplicate_groups(
@@ -109,7 +111,7 @@ def split_shares(
 ) -> tuple[dict, list[str]]:
     """Per class, the split asked for and the split made (report.json's split_shares, the
     terminal and inspect show it), and a warning for each class more than SPLIT_OFF_POINTS
-    points off that naming the near-copy group that forced it.
+    points off, naming the near-copy group that forced it.
 
     A class too small for the fractions (3 images: one of each) is as close as it can be,
     not forced: it is warned about only where its images fell otherwise than one at a time.
@@ -119,17 +121,16 @@ def split_shares(
     group_size = np.bincount(groups)
     table: dict[str, dict] = {}
     warnings = []
+    by_class = np.argsort(labels, kind="stable")  # each class's images, without a pass per class
+    bounds = np.searchsorted(labels[by_class], np.arange(len(class_names) + 1))
     for label, name in enumerate(class_names):
-        members = np.flatnonzero(labels == label)
+        members = by_class[bounds[label] : bounds[label + 1]]
         total = len(members)
         images = {s: int(np.sum(split_of[members] == s)) for s in asked}
         made = {s: round(images[s] / total, 4) if total else 0.0 for s in asked}
         off = {s: abs(made[s] - asked[s]) * 100 for s in asked}
         table[name] = {"images": images, "made": made, "off_by": round(max(off.values()), 2)}
-        one_at_a_time = {
-            "test": max(1, round(total * test_size)),
-            "val": max(1, round(total * val_size)) if val_size else 0,
-        }
+        one_at_a_time = _wanted(total, test_size, val_size)
         if max(off.values()) <= SPLIT_OFF_POINTS or all(images[s] == one_at_a_time[s] for s in one_at_a_time):
             continue
         worst = max(asked, key=lambda s: made[s] - asked[s])  # the split that got too many
