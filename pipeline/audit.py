@@ -31,7 +31,7 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.core import paths
-from pipeline.core.artifacts import atomic_dir, atomic_write_text, check_out_dir, write_json
+from pipeline.core.artifacts import atomic_dir, atomic_write_text, check_out_dir, csv_cell, write_json
 from pipeline.core.errors import PipelineError
 from pipeline.core.settings import AuditSettings
 from pipeline.data import health
@@ -52,7 +52,7 @@ def audit_dataset(data_dir: Path, out_dir: Path, settings: AuditSettings) -> dic
     """Run the whole audit; returns what is also written as audit.json."""
     settings.check()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    check_out_dir(out_dir, paths.AUDIT_JSON, {"data folder": data_dir})
+    check_out_dir(out_dir, {"data folder": data_dir}, carried=(paths.AUDIT_REVIEWED,))
     classes = load_classes(data_dir)
     report = load_prepare_report(data_dir)
     sources, fold_rows = _fold_rows(data_dir, classes)
@@ -83,7 +83,7 @@ def audit_dataset(data_dir: Path, out_dir: Path, settings: AuditSettings) -> dic
         "images": _verdicts(sources, labels, probabilities, trained.in_sample, fold_of, classes),
     }
     findings["counts"] = _counts(findings, len(labels))
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, carried=(paths.AUDIT_REVIEWED,)) as tmp:
         if (out_dir / paths.AUDIT_REVIEWED).is_file():  # `pipeline review`'s decisions are the user's: kept
             shutil.copy2(out_dir / paths.AUDIT_REVIEWED, tmp / paths.AUDIT_REVIEWED)
         write_json(tmp / paths.AUDIT_JSON, findings)
@@ -284,5 +284,6 @@ def audit_csv(findings: dict) -> str:
     writer = csv.DictWriter(out, CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for r in rows.values():
-        writer.writerow({**r, "issues": "; ".join(r["issues"]), "action": r.get("action", "keep")})
+        row = {**r, "issues": "; ".join(r["issues"]), "action": r.get("action", "keep")}
+        writer.writerow({key: csv_cell(value) for key, value in row.items()})
     return out.getvalue()

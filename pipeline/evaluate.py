@@ -26,7 +26,7 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from pipeline.core import paths, progress
-from pipeline.core.artifacts import atomic_dir, check_out_dir, write_json
+from pipeline.core.artifacts import atomic_dir, check_out_dir, csv_row, write_json
 from pipeline.core.errors import PipelineError
 from pipeline.data.data_folder import load_classes, load_prepare_report, load_split, read_split_paths
 from pipeline.data.image_folder import collect_images
@@ -49,7 +49,7 @@ def evaluate_model(
     foreign: Path | None = None,
 ) -> dict:
     data_dir, model_dir, out_dir = Path(data_dir), Path(model_dir), Path(out_dir)
-    check_out_dir(out_dir, paths.METRICS_FILE, {"data folder": data_dir, "model folder": model_dir})
+    check_out_dir(out_dir, {"data folder": data_dir, "model folder": model_dir})
     if foreign is not None and not Path(foreign).is_dir():
         raise PipelineError(f"--foreign {foreign} is not a folder: give a folder of pictures of none of the classes")
     classes = load_model_classes(model_dir)
@@ -206,4 +206,4 @@ def _write_predictions(
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["index", "path", "true", "predicted", "confidence"])
         for i, (p, t) in enumerate(zip(probabilities, y)):
-            writer.writerow([i, test_paths[i], classes[t], classes[int(p.argmax())], f"{p.max():.6f}"])
+            writer.writerow(csv_row([i, test_paths[i], classes[t], classes[int(p.argmax())], f"{p.max():.6f}"]))

@@ -53,6 +53,13 @@ TOOLS = {
 }
 
 
+# --engine saved-model loads with tf.saved_model.load, which Keras' safe mode does not cover:
+# a SavedModel is a TensorFlow graph, and whoever wrote it chose every op it runs.
+SAVED_MODEL_TRUST = (
+    "tf.saved_model.load is not covered by Keras' safe mode: run --engine saved-model only on a model folder you made"
+)
+
+
 def export_model(model_dir: Path, data_dir: Path, settings: ExportSettings) -> dict:
     """`pipeline export`: write and check one export; returns its record in exports.json."""
     settings.check()
@@ -87,6 +94,8 @@ def export_model(model_dir: Path, data_dir: Path, settings: ExportSettings) -> d
         _refuse_disagreement(record, settings, fmt)
         record.update(_describe(fmt, target, where, settings, 0 if calibration is None else len(calibration)))
     _record(model_dir, fmt, record)
+    if "note" in record:
+        progress.say(f"note: {record['note']}")
     try:
         prepare_report = load_prepare_report(data_dir)
     except PipelineError:  # a data folder without report.json: the card says less
@@ -183,6 +192,8 @@ def _describe(fmt: str, target: Path, where: Path, settings: ExportSettings, cal
         "converter": f"{converter} {_version(converter)}",
         "runtime": f"{runtime} {_version(runtime)}",
     }
+    if fmt == "saved-model":
+        described["note"] = SAVED_MODEL_TRUST
     if fmt == "litert-int8":
         from ai_edge_litert.interpreter import Interpreter
 

@@ -13,7 +13,6 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from pipeline.core import progress
 from pipeline.core.errors import PipelineError
@@ -21,6 +20,7 @@ from pipeline.core.settings import InspectSettings, PrepareSettings
 from pipeline.data import dedup
 from pipeline.data.decoding import decode_one
 from pipeline.data.image_folder import FolderScan, class_imbalance, scan_folder
+from pipeline.data.images import UnreadableImage, open_image, read_image_file
 from pipeline.data.worker_pool import WorkerPool, available_cores
 
 POOL_FROM = 64  # files; below this a pool costs more than it saves
@@ -87,6 +87,7 @@ def inspect_folder(images_dir: Path, settings: InspectSettings | None = None) ->
         "skipped": skipped,
         "ignored": scan.ignored,
         "split_shares": shares,
+        "links_out": scan.links_out,
         "warnings": warnings,
     }
 
@@ -128,13 +129,17 @@ def _look(path: str) -> tuple:
     thumbnail near copies are confirmed on, as uint8)."""
     fmt = mode = size = None
     try:
-        with Image.open(path) as image:
+        data = read_image_file(path)[1]  # once: a FIFO or a device is refused here, never opened
+    except UnreadableImage as e:
+        return fmt, mode, None, str(e), None, 0, None
+    try:
+        with open_image(data) as image:
             fmt, mode, size = image.format, image.mode, image.size
             if image.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8):  # stored sideways: prepare turns it upright
                 size = size[::-1]
     except Exception:
         pass  # decode_one below says why, in the words prepare uses
-    row, reason, digest, phash = decode_one(path, PREPARE.size, PREPARE.color)  # for real, as prepare does
+    row, reason, digest, phash = decode_one(data, PREPARE.size, PREPARE.color)  # for real, as prepare does
     if reason is not None:
         return fmt, mode, None, reason, None, 0, None
     thumbnail = dedup.copy_thumbnails(row[None])[0].astype(np.uint8)  # whole grey levels: exact as uint8

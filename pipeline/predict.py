@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core import progress
-from pipeline.core.artifacts import atomic_write_text
+from pipeline.core.artifacts import atomic_write_text, csv_row
 from pipeline.core.errors import PipelineError
 from pipeline.core.settings import INFERENCE_BATCH, PredictSettings
-from pipeline.data.image_folder import collect_images
+from pipeline.data.image_folder import collect_images, shown
 from pipeline.data.images import UnreadableImage
 from pipeline.inference.classifier import Classifier, Prediction, load_classifier
 
@@ -56,9 +56,9 @@ def predict_files(
     for file in progress.track(files, len(files), "reading images") if len(files) > 1 else files:
         try:
             arrays.append(classifier.preprocess(Path(file)))
-            names.append(str(file))
+            names.append(shown(str(file)))  # a name that is not UTF-8, as text every output takes
         except UnreadableImage as e:
-            errors.append({"file": str(file), "error": str(e)})
+            errors.append({"file": shown(str(file)), "error": str(e)})
     if not arrays:
         return [], errors
     several_batches = len(arrays) > INFERENCE_BATCH
@@ -116,7 +116,7 @@ def write_csv(path: Path, results: list[Prediction], errors: list[dict], top_k: 
         cells = [value for t in r.top_k for value in (t["label"], f"{t['probability']:.6f}")]
         cells += [""] * (2 * top_k - len(cells))
         novelty = "" if r.novelty is None else f"{r.novelty:.6f}"
-        writer.writerow([r.file, r.label, f"{r.confidence:.6f}", novelty, *cells, ""])
+        writer.writerow(csv_row([r.file, r.label, f"{r.confidence:.6f}", novelty, *cells, ""]))
     for e in errors:
-        writer.writerow([e["file"], "", "", "", *([""] * 2 * top_k), e["error"]])
+        writer.writerow(csv_row([e["file"], "", "", "", *([""] * 2 * top_k), e["error"]]))
     atomic_write_text(Path(path), buffer.getvalue())

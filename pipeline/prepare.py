@@ -70,7 +70,7 @@ def prepare_dataset(images_dir: Path, out_dir: Path, settings: PrepareSettings) 
     fixes_applied = None
     if settings.fixes:
         scan, fixes_applied = apply_fixes(scan, read_fixes(Path(settings.fixes), scan))
-    check_out_dir(out_dir, paths.PREPARE_REPORT_FILE, {"images folder": images_dir})
+    check_out_dir(out_dir, {"images folder": images_dir})
     if len(scan.class_names) < 2:
         raise PipelineError(
             f"{images_dir} has {len(scan.class_names)} class folder(s); a classifier needs at least 2 "
@@ -380,6 +380,7 @@ def build_report(
         },
         "skipped": sources.skipped,
         "ignored": {"counts": dict(Counter(item["reason"] for item in scan.ignored)), "items": scan.ignored},
+        "links_out": scan.links_out,  # read through symbolic links that leave the images folder
         "duplicates": [
             {"kept": path_of(g[0]), "removed": [path_of(r) for r in g[1:]]} for g in sources.duplicate_groups
         ],

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.core import paths
-from pipeline.core.artifacts import read_json, read_json_optional
+from pipeline.core.artifacts import csv_read_row, read_json, read_json_optional
 from pipeline.core.errors import PipelineError
 from pipeline.core.settings import ReviewSettings
 from pipeline.data.data_folder import load_classes
@@ -43,7 +43,7 @@ def review_app(audit_dir: Path, data_dir: Path | None = None, host: str = Review
             f"{data_dir} holds other classes ({named(classes)}) than the audit in {audit_dir} "
             f"({named(findings['classes'])}): give --data the folder that was audited"
         )
-    rows = list(csv.DictReader(io.StringIO(audit_csv(findings), newline="")))
+    rows = [csv_read_row(row) for row in csv.DictReader(io.StringIO(audit_csv(findings), newline=""))]
     items = review_items(findings, rows)
     decisions = Decisions(audit_dir / paths.AUDIT_REVIEWED, items, rows, classes)
     images_dir = (read_json_optional(data_dir / paths.PREPARE_REPORT_FILE) or {}).get("images_dir")

@@ -64,7 +64,7 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
     settings.check()
     settings = dataclasses.replace(settings, learning_rate=settings.peak_learning_rate())  # recorded as used
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    check_out_dir(out_dir, paths.TRAIN_SETTINGS_FILE, {"data folder": data_dir})
+    check_out_dir(out_dir, {"data folder": data_dir})
     data = load_training_data(data_dir)
     cluster = distribute.read_cluster()  # TF_CONFIG, checked before TensorFlow loads
     checkpoints = open_checkpoints(  # a foreign checkpoint is refused before TensorFlow loads, too

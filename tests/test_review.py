@@ -25,6 +25,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from pipeline.core.artifacts import MARKER
 from pipeline.review import review_app
 from pipeline.serve import listening_socket
 from pipeline.server.review_app import Pictures
@@ -383,7 +384,8 @@ def test_decisions_posted_at_once_all_survive_a_sigkill_and_prepare_applies_them
             process.wait()
     rows = reviewed_rows(review["reviewed"])
     assert {p: r["action"] for p, r in rows.items()} == actions
-    assert not [f for f in os.listdir(review["audit"]) if f.startswith(".")]  # no temporary file left behind
+    left = [f for f in os.listdir(review["audit"]) if f.startswith(".") and f != MARKER]
+    assert not left  # no temporary file left behind (the folder's marker is no temporary file)
 
     fixed = tmp_path / "fixed"
     run_cli("prepare", review["images"], "--out", fixed, "--size", "16", "--fixes", review["reviewed"], "--quiet")

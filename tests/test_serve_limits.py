@@ -106,7 +106,9 @@ def test_a_flood_gets_200_or_503_with_retry_after_and_memory_stays_bounded(serve
 def test_a_body_slower_than_the_read_timeout_gets_408(server):
     _, port = server
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n")
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
+        )
         sock.sendall(b"\x89PNG")  # then nothing, for longer than --read-timeout 2
         started = time.monotonic()
         first = sock.recv(4096)  # the headers can come in a segment of their own: read to the close
@@ -119,7 +121,7 @@ def test_a_body_slower_than_the_read_timeout_gets_408(server):
 def test_a_connection_whose_headers_never_end_is_closed(server):
     _, port = server
     with socket.create_connection(("127.0.0.1", port), timeout=HEADER_TIMEOUT + 20) as sock:
-        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the blank line
         started = time.monotonic()
         with contextlib.suppress(ConnectionResetError):
             assert sock.recv(4096) == b""  # closed by the server

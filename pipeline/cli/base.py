@@ -18,7 +18,7 @@ import typer
 from typer.core import TyperGroup
 
 from pipeline.core import progress
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, full_disk
 from pipeline.core.settings import (
     CLASS_WEIGHTS,
     COLOR_MODES,
@@ -106,12 +106,16 @@ def user_errors(command):
             raise typer.Exit(code=getattr(e, "exit_code", 1)) from None
         except KeyboardInterrupt:
             raise _interrupted_exit() from None
-        except Exception:
+        except Exception as e:
             # A signal that lands inside C code (numpy reading a file, say) can come out as
             # that code's own error instead of KeyboardInterrupt: still an interruption.
             if _signalled:
                 raise _interrupted_exit() from None
-            raise
+            full = full_disk(e)
+            if full is None:
+                raise
+            progress.console.print(f"error: {full}", markup=False)
+            raise typer.Exit(code=1) from None
 
     return run
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core import paths
-from pipeline.core.artifacts import load_array, read_json, write_json
+from pipeline.core.artifacts import csv_read_row, csv_row, load_array, read_json, write_json
 from pipeline.core.errors import PipelineError
 
 MANIFEST_COLUMNS = ["split", "index", "path", "label", "augmented"]
@@ -56,7 +56,7 @@ def write_manifest(path: Path, rows: list[tuple[str, int, str, str, int]]) -> No
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(MANIFEST_COLUMNS)
-        writer.writerows(rows)
+        writer.writerows(csv_row(row) for row in rows)
 
 
 def read_manifest(data_dir: Path) -> list[dict]:
@@ -65,7 +65,10 @@ def read_manifest(data_dir: Path) -> list[dict]:
     if not manifest.is_file():
         raise PipelineError(f"{manifest} is missing: {paths.PREPARE_HINT}")
     with open(manifest, newline="", encoding="utf-8") as f:
-        return [{**row, "index": int(row["index"]), "augmented": row["augmented"] == "1"} for row in csv.DictReader(f)]
+        return [
+            {**row, "index": int(row["index"]), "augmented": row["augmented"] == "1"}
+            for row in map(csv_read_row, csv.DictReader(f))
+        ]
 
 
 def write_health(path: Path, scan, sources, split_of: np.ndarray, values: list[list[str] | None]) -> None:
@@ -79,7 +82,7 @@ def write_health(path: Path, scan, sources, split_of: np.ndarray, values: list[l
         for row, label in zip(sources.rows[members].tolist(), sources.labels[members].tolist()):
             rows.append([split, scan.files[row][0], sources.class_names[label], *values[row]])
     with open(path, "w", newline="", encoding="utf-8") as f:
-        csv.writer(f, lineterminator="\n").writerows(rows)
+        csv.writer(f, lineterminator="\n").writerows(csv_row(row) for row in rows)
 
 
 def read_health(data_dir: Path) -> dict[str, np.ndarray]:
@@ -90,7 +93,9 @@ def read_health(data_dir: Path) -> dict[str, np.ndarray]:
     if not file.is_file():
         return {}
     with open(file, newline="", encoding="utf-8") as f:
-        return {row["path"]: np.array([float(row[c]) for c in RAW_COLUMNS]) for row in csv.DictReader(f)}
+        return {
+            row["path"]: np.array([float(row[c]) for c in RAW_COLUMNS]) for row in map(csv_read_row, csv.DictReader(f))
+        }
 
 
 def read_split_paths(data_dir: Path, split: str, n: int) -> list[str]:
@@ -99,7 +104,7 @@ def read_split_paths(data_dir: Path, split: str, n: int) -> list[str]:
     found = [""] * n
     if manifest.is_file():
         with open(manifest, newline="", encoding="utf-8") as f:
-            for row in csv.DictReader(f):
+            for row in map(csv_read_row, csv.DictReader(f)):
                 if row["split"] == split and int(row["index"]) < n:
                     found[int(row["index"])] = row["path"]
     return found

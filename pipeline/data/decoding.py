@@ -31,7 +31,7 @@ from pipeline.data.cache import CacheCounts, EntryStore
 from pipeline.data.cache_index import CacheRun
 from pipeline.data.data_folder import create_rows_file, write_rows
 from pipeline.data.image_folder import FolderScan
-from pipeline.data.images import UnreadableImage, channels, preprocess
+from pipeline.data.images import UnreadableImage, channels, preprocess, read_image_file
 from pipeline.data.worker_pool import WorkerPool
 
 DECODE_CHUNK = 32  # files per task a worker takes: few messages, and the last tasks still balance
@@ -71,7 +71,7 @@ def _decode_file(path: str | bytes, size: int, color: str):
     return image.pixels, None, digest, phash, health.as_fields(values)
 
 
-def decode_one(path: str, size: int, color: str) -> tuple[np.ndarray | None, str | None, bytes | None, int]:
+def decode_one(path: str | bytes, size: int, color: str) -> tuple[np.ndarray | None, str | None, bytes | None, int]:
     """One file as prepare decodes it: (row, skip reason, pixel digest, perceptual hash), the
     hash as prepare's batch computes it (inspect's way to see what prepare would)."""
     row, reason, digest, phash, _ = _decode_file(path, size, color)
@@ -141,9 +141,8 @@ def _to_decode(files, recorded, shape, color, store, counts, rows, results, seen
 def _read(path: str) -> bytes | str:
     """The file's bytes, or its path where it cannot be read (the decoder then says why)."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError:
+        return read_image_file(path)[1]
+    except UnreadableImage:
         return path
 
 
@@ -168,9 +167,8 @@ def _look_up(path: str, recorded: list | None, shape, color: str, store: EntrySt
             return (found[0], _from_json(found[1])), recorded, None, None  # unchanged: its record stands
     read_ns = time.time_ns()
     try:
-        with open(path, "rb") as f:
-            st, data = os.fstat(f.fileno()), f.read()
-    except OSError:  # missing, a folder, no permission: the decoder says which; nothing to cache
+        st, data = read_image_file(path)
+    except UnreadableImage:  # missing, a folder, a FIFO, no permission: the decoder says which; nothing to cache
         return None, None, path, None
     content = cache.content_hash(data)
     seen = [*stat_index.signature(st), content] if stat_index.recordable(st, read_ns) else None

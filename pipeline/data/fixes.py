@@ -14,6 +14,7 @@ import csv
 import dataclasses
 from pathlib import Path
 
+from pipeline.core.artifacts import csv_read_row
 from pipeline.core.errors import PipelineError
 from pipeline.data.image_folder import FolderScan
 
@@ -41,7 +42,7 @@ def read_fixes(csv_path: Path, scan: FolderScan) -> list[Fix]:
             missing = {"path", "action"} - set(reader.fieldnames or [])
             if missing:
                 raise PipelineError(f"--fixes {csv_path}: no {' or '.join(sorted(missing))} column in its header line")
-            for row in reader:
+            for row in map(csv_read_row, reader):
                 where = f"--fixes {csv_path} line {reader.line_num}"
                 fix = _parse_row(row, where, known, scan.class_names)
                 if fix.path in seen:

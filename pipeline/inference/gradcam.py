@@ -33,6 +33,7 @@ import numpy as np
 from pipeline.core.artifacts import atomic_write_bytes
 from pipeline.core.errors import PipelineError
 from pipeline.core.native_stderr import import_keras, import_tensorflow
+from pipeline.data.image_folder import shown
 
 BATCH = 64
 OVERLAY_SIDE = 160  # overlays are upscaled to at least this many pixels a side
@@ -117,13 +118,22 @@ def overlay_png(image: np.ndarray, heat: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+MAX_STEM_BYTES = 120  # of a heatmap's name, well under the 255 bytes a file name may have
+
+
 def overlay_names(files: list[str]) -> list[str]:
-    """One PNG name per file: its stem plus .gradcam.png, numbered where two stems meet."""
-    names, seen = [], {}
+    """One PNG name per file, none twice (a/x.png and b/x.png are x and x-2; letter case
+    aside, for the file systems that ignore it): its stem, cut to MAX_STEM_BYTES of UTF-8
+    (bytes that were not UTF-8 written as \\xNN), plus .gradcam.png."""
+    names, taken = [], set()
     for file in files:
-        stem = Path(file).stem or "image"
-        seen[stem] = seen.get(stem, 0) + 1
-        names.append(f"{stem}.gradcam.png" if seen[stem] == 1 else f"{stem}-{seen[stem]}.gradcam.png")
+        stem = shown(Path(file).stem).encode("utf-8")[:MAX_STEM_BYTES].decode("utf-8", "ignore") or "image"
+        name, n = f"{stem}.gradcam.png", 1
+        while name.casefold() in taken:
+            n += 1
+            name = f"{stem}-{n}.gradcam.png"
+        taken.add(name.casefold())
+        names.append(name)
     return names
 
 

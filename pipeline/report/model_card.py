@@ -5,15 +5,19 @@ evaluation.json from evaluate, calibration.json from calibration, exports.json f
 export) and the data folder's report.json, handed in as `prepare_report`. Writes
 MODEL_CARD.md atomically. train writes it first (no test figures yet); evaluate and export
 rewrite it whole with what they added, so the card always says what the folder holds.
-Every figure is read from those files, none is typed in.
+Every figure is read from those files, none is typed in. Every name in it (classes, folders,
+the warnings that quote them) goes through `_md`: a class named `<img onerror=...>` or one
+holding a newline and a heading stays one line of text wherever the card is rendered.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pipeline.core import paths
 from pipeline.core.artifacts import atomic_write_text, read_json, read_json_optional
+from pipeline.core.progress import plain
 from pipeline.core.settings import EXPORT_FORMATS
 from pipeline.inference.novelty import nearest
 
@@ -34,9 +38,9 @@ def render_model_card(model_dir: Path, prepare_report: dict) -> str:
     exports = read_json_optional(model_dir / paths.EXPORTS_FILE) or {}
     size, color = preprocess["size"], preprocess["color"]
     lines = [
-        f"# Model card: {model_dir.name}",
+        f"# Model card: {_md(model_dir.name)}",
         "",
-        f"An image classifier for {len(classes)} classes ({', '.join(classes)}): the CIFAR-style CNN of "
+        f"An image classifier for {len(classes)} classes ({', '.join(map(_md, classes))}): the CIFAR-style CNN of "
         f"`pipeline`, taking {size}x{size} {color} images. Written by `pipeline train`, completed by "
         "`pipeline evaluate` and `pipeline export`; every figure below is read from the files beside it.",
         "",
@@ -52,8 +56,16 @@ def render_model_card(model_dir: Path, prepare_report: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+_MARKDOWN = str.maketrans({c: "\\" + c for c in "\\`*_[]#|~!"} | {"&": "&amp;", "<": "&lt;", ">": "&gt;"})
+
+
+def _md(text) -> str:
+    """User text as Markdown and HTML read it literally, on one line."""
+    return " ".join(plain(str(text)).splitlines()).translate(_MARKDOWN)
+
+
 def _cells(*values) -> str:
-    return "| " + " | ".join(str(v).replace("|", "\\|") for v in values) + " |"
+    return "| " + " | ".join(re.sub(r"(?<!\\)\|", r"\\|", str(v)) for v in values) + " |"  # _md's are escaped
 
 
 def _data_section(classes: list[str], report: dict) -> list[str]:
@@ -69,12 +81,12 @@ def _data_section(classes: list[str], report: dict) -> list[str]:
         c = counts.get(name, {})
         lines.append(
             _cells(
-                name,
+                _md(name),
                 *(c.get(k, "") for k in ("found", "skipped", "duplicates", "train", "val", "test", "train_augmented")),
             )
         )
     totals = report.get("totals", {})
-    lines += ["", f"From `{report.get('images_dir', 'unknown')}`: {totals.get('found', '?')} image files."]
+    lines += ["", f"From {_md(report.get('images_dir', 'unknown'))}: {totals.get('found', '?')} image files."]
     settings = report.get("settings", {})
     distance = settings.get("near_duplicate_distance", -1)
     lines += [
@@ -142,12 +154,12 @@ def _test_section(evaluation: dict | None) -> list[str]:
         _cells(*["---"] * 5),
     ]
     for name, m in evaluation.get("per_class", {}).items():
-        lines.append(_cells(name, f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}", m["support"]))
+        lines.append(_cells(_md(name), f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}", m["support"]))
     pairs = evaluation.get("most_confused", [])
     lines.append("")
     if pairs:
         lines.append("Most confused (true -> predicted, test images):")
-        lines += [f"- {p['true']} -> {p['predicted']}: {p['count']}" for p in pairs]
+        lines += [f"- {_md(p['true'])} -> {_md(p['predicted'])}: {p['count']}" for p in pairs]
     else:
         lines.append("No test image was confused with another class.")
     return [*lines, ""]
@@ -222,7 +234,7 @@ def _limits_section(classes: list[str], preprocess: dict, saved: dict, report: d
         f"- Anything outside these {len(classes)} classes: it answers `unknown` where a picture is unlike the "
         "training images (see Unknown pictures), but a foreign picture close to them still gets a class "
         "(`--threshold` turns a low confidence into `unsure`).",
-        f"- Pictures unlike those in `{report.get('images_dir', 'the training folder')}`: other cameras, "
+        f"- Pictures unlike those in {_md(report.get('images_dir', 'the training folder'))}: other cameras, "
         "lighting, backgrounds or framing were not seen, and the test figures are of pictures from the same folder.",
         f"- Detail finer than {preprocess['size']}x{preprocess['size']} pixels, and aspect ratio: every picture "
         "is squashed to a square.",
@@ -230,7 +242,7 @@ def _limits_section(classes: list[str], preprocess: dict, saved: dict, report: d
         if flip
         else "- Mirrored pictures: no mirrored copy was trained on (--no-flip).",
     ]
-    lines += [f"- {warning}" for warning in report.get("warnings", [])]
+    lines += [f"- {_md(warning)}" for warning in report.get("warnings", [])]
     return [*lines, ""]
 
 
@@ -333,6 +345,7 @@ def _export_status(name: str, exports: dict, model_dir: Path) -> list[str]:
         f"test accuracy {record['accuracy']:.4f} (Keras {record['keras_accuracy']:.4f}), "
         f"{record['bytes'] / 1e6:.2f} MB.",
         *_quantization_note(record),
+        *([f"Note: {record['note']}."] if record.get("note") else []),
         "",
     ]
 

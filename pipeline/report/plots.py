@@ -10,12 +10,16 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.artifacts import atomic_write_bytes
+from pipeline.core.progress import plain
 
 
 def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
+    # Every text drawn is plain: a class or file name holding "$" is not TeX (a "$\\foo$"
+    # would end the whole figure with a parse error), whichever figure draws it.
+    matplotlib.rcParams.update({"text.parse_math": False, "text.usetex": False})
     import matplotlib.pyplot as plt
 
     return plt
@@ -31,8 +35,9 @@ def save_confusion_matrix(matrix: np.ndarray, classes: list[str], path: Path) ->
     fig, ax = plt.subplots(figsize=(side + 1.5, side))
     image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    ax.set_xticks(range(n), classes, rotation=45 if n > 6 else 0, ha="right" if n > 6 else "center")
-    ax.set_yticks(range(n), classes)
+    labels = [_short_name(name, 40) for name in classes]
+    ax.set_xticks(range(n), labels, rotation=45 if n > 6 else 0, ha="right" if n > 6 else "center")
+    ax.set_yticks(range(n), labels)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("Confusion matrix (test split)")
@@ -233,6 +238,7 @@ def _show(ax, image: np.ndarray) -> None:
 
 
 def _short_name(name: str, limit: int = 22) -> str:
+    name = " ".join(plain(name).splitlines())  # no control character reaches the font (or a warning's text)
     return name if len(name) <= limit else name[: limit - 1] + "…"
 
 

@@ -1,20 +1,20 @@
 """What each command prints on stdout: rich tables and one-line results.
 
 Results go to stdout (`out`); progress, notes and errors go to stderr (core.progress).
-User-controlled text (paths, class names) is printed with markup off.
+User-controlled text (paths, class names) is printed as plain text: `out` is a
+progress.PlainConsole (no markup, control characters escaped), table cells included.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
 from pipeline.core import paths
+from pipeline.core.progress import PlainConsole
 
-out = Console(highlight=False, soft_wrap=True)  # results go to stdout; progress and notes go to stderr
+out = PlainConsole(soft_wrap=True)  # results go to stdout; progress and notes go to stderr
 
 
 def print_prepare_summary(report: dict, out_dir: Path) -> None:
@@ -32,6 +32,7 @@ def print_prepare_summary(report: dict, out_dir: Path) -> None:
     if "split_shares" in report:
         print_split_shares(report["split_shares"])
     _print_skipped(report["skipped"], "skipped", f"see {out_dir / paths.PREPARE_REPORT_FILE}")
+    _print_links_out(report.get("links_out", []), f"see {out_dir / paths.PREPARE_REPORT_FILE}")
     for warning in report["warnings"]:  # imbalance included: the one list --strict reads too
         out.print(f"warning: {warning}", markup=False)
     out.print(f"sample grid: {out_dir / paths.SAMPLES_PNG}")
@@ -52,7 +53,7 @@ def print_split_shares(shares: dict, near: float = 2.0, shown: int = 5) -> None:
     out.print(f"split: {len(off)} of {len(classes)} classes more than {near:g} points from {pattern} %; {group}")
     for name, c in sorted(off, key=lambda item: -item[1]["off_by"])[:shown]:
         made = "/".join(f"{c['made'][s] * 100:.0f}" for s in paths.SPLITS)
-        out.print(Text(f"  {name}: {made} %"))
+        out.print(f"  {name}: {made} %")  # plain text: `out` reads no markup
     if len(off) > shown:
         out.print(f"  ... and {len(off) - shown} more (report.json's split_shares)")
 
@@ -62,6 +63,14 @@ def _print_skipped(items: list[dict], verb: str, more_hint: str, shown: int = 20
         out.print(f"{verb} {item['path']}: {item['reason']}", markup=False)
     if len(items) > shown:
         out.print(f"... and {len(items) - shown} more: {more_hint}")
+
+
+def _print_links_out(links: list[dict], more_hint: str, shown: int = 5) -> None:
+    """Files and folders read through links that lead out of the images folder: the user should know."""
+    if links:
+        listed = ", ".join(f"{link['path']} -> {link['target']}" for link in links[:shown])
+        more = f" and {len(links) - shown} more ({more_hint})" if len(links) > shown else ""
+        out.print(f"read through links leaving the images folder: {listed}{more}")
 
 
 def print_inspection(found: dict) -> None:
@@ -91,6 +100,7 @@ def print_inspection(found: dict) -> None:
     if found.get("split_shares"):
         print_split_shares(found["split_shares"])
     _print_skipped(found["skipped"], "would skip", "see --json")
+    _print_links_out(found.get("links_out", []), "see --json")
     reasons: dict[str, list[str]] = {}
     for item in found["ignored"]:
         reasons.setdefault(item["reason"], []).append(item["path"])
@@ -246,8 +256,8 @@ def print_audit_summary(findings: dict, out_dir: Path, shown: int = 10) -> None:
         table = Table(title="Most likely wrong labels", title_justify="left")
         for column in ("file", "given", "suggested", "score"):
             table.add_column(column, justify="right" if column == "score" else "left")
-        for item in findings["label_issues"][:shown]:  # Text: a bracket in a file name is not markup
-            table.add_row(Text(item["path"]), Text(item["given"]), Text(item["suggested"]), f"{item['score']:.3f}")
+        for item in findings["label_issues"][:shown]:  # plain text: `out` reads no markup in a cell
+            table.add_row(item["path"], item["given"], item["suggested"], f"{item['score']:.3f}")
         out.print(table)
     for noise in findings["label_noise"][:shown]:
         out.print(noise["text"], markup=False)

@@ -16,7 +16,7 @@ import io
 import threading
 from pathlib import Path
 
-from pipeline.core.artifacts import atomic_write_text
+from pipeline.core.artifacts import atomic_write_text, csv_cell, csv_read_row
 from pipeline.core.errors import PipelineError
 from pipeline.data.fixes import parse_action
 from pipeline.data.health import ISSUE_KINDS
@@ -136,7 +136,7 @@ class Decisions:
                 reader = csv.DictReader(f)
                 if not {"path", "action"} <= set(reader.fieldnames or []):
                     raise PipelineError(f"{self.path} has no path and action columns")
-                rows = list(reader)
+                rows = [csv_read_row(row) for row in reader]  # the cells csv_cell escaped, as they were
         except (OSError, UnicodeDecodeError, csv.Error) as e:
             raise PipelineError(f"{self.path} cannot be read ({e}): move it aside to start the review afresh") from None
         aside: dict[str, dict] = {}
@@ -203,8 +203,8 @@ class Decisions:
         writer.writeheader()
         for path in self._order:
             if path in self.taken:
-                writer.writerow({**self._row(path), "action": self.taken[path]})
-        writer.writerows(self.kept_aside)
+                writer.writerow(_escaped({**self._row(path), "action": self.taken[path]}))
+        writer.writerows(map(_escaped, self.kept_aside))
         return out.getvalue()
 
     def _row(self, path: str) -> dict:
@@ -222,3 +222,8 @@ class Decisions:
 
     def left(self) -> int:
         return sum(path not in self.taken for path in self._order)
+
+
+def _escaped(row: dict) -> dict:
+    """A reviewed.csv row as written: every cell through csv_cell (no live formula in a spreadsheet)."""
+    return {column: csv_cell(value) for column, value in row.items()}
