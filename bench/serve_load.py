@@ -9,6 +9,9 @@ connection per client thread, on the same CPU as the server):
   --max-upload-mb, too many files): requests/s, images/s, p50/p99, errors on good input
   (must be 0) and the statuses the bad ones got (must all be 4xx);
 - batches: 16 clients, 8 photos a request; then the load once more;
+- clients: 16, then 64 clients at once (`--client-counts`), one photo a request, all good:
+  throughput, p50/p99 latency and every status (a request waits for a model worker in
+  serve's queue; any answer but 200 is a failure of the bound queue);
 - the server's resident memory (VmRSS) after loading, after the warm-up and after each
   phase (flat between the two loads: nothing grows with the requests served), and its CPU
   seconds per request under load (less disturbed than wall time by other jobs on the CPU);
@@ -16,6 +19,7 @@ connection per client thread, on the same CPU as the server):
 
     python bench/serve_load.py                  # builds 200 photos and a 1-epoch model in bench/work
     python bench/serve_load.py --model DIR --photos DIR --requests 2000 --clients 16
+    python bench/serve_load.py --client-counts 16,64      # the scaling table alone is in every run
 
 Benchmarks are not tests: CI does not run this. run_bench.py calls `bench_serve` too.
 """
@@ -176,7 +180,35 @@ def cold_predict(model: Path, photo: Path, runs: int) -> list[float]:
     return walls
 
 
-def bench_serve(model: Path, photos_dir: Path, requests: int = 2000, clients: int = 16, cold_runs: int = 5) -> dict:
+def bench_clients(port: int, one: list[tuple], requests: int, counts: tuple[int, ...]) -> dict:
+    """For each number of clients at once: requests/s, p50/p99 latency and the statuses of
+    `requests` good one-photo requests."""
+    found = {}
+    for clients in counts:
+        jobs = list(itertools.islice(itertools.cycle(one), max(requests, clients)))
+        results, wall = run_clients(port, jobs, clients)
+        latencies = [r[2] * 1000 for r in results if r[1] == 200]
+        statuses: dict[str, int] = {}
+        for _, status, _, _ in results:
+            statuses[str(status)] = statuses.get(str(status), 0) + 1
+        found[str(clients)] = {
+            "requests": len(results),
+            "per_s": len(results) / wall,
+            "p50_ms": percentile(latencies, 50) if latencies else None,
+            "p99_ms": percentile(latencies, 99) if latencies else None,
+            "statuses": statuses,
+        }
+    return found
+
+
+def bench_serve(
+    model: Path,
+    photos_dir: Path,
+    requests: int = 2000,
+    clients: int = 16,
+    cold_runs: int = 5,
+    client_counts: tuple[int, ...] = (16, 64),
+) -> dict:
     """Every figure of the module docstring, as a dict (`report` turns it into lines)."""
     files = sorted(photos_dir.rglob("*.jpg"))
     photos = [(f.name, f.read_bytes()) for f in files]
@@ -222,6 +254,8 @@ def bench_serve(model: Path, photos_dir: Path, requests: int = 2000, clients: in
             "bad": statuses,
         }
         figures["server_rss_mb_after_load"] = rss_mb(process.pid)
+        figures["clients"] = bench_clients(port, one, requests, client_counts)
+        figures["server_rss_mb_after_clients"] = rss_mb(process.pid)
 
         batch = 8
         batches = [
@@ -339,7 +373,19 @@ def report(f: dict) -> list[str]:
         f"the batches, {f['server_rss_mb_end']:.0f} MB after the load again; exit code {f['server_exit_code']} on SIGTERM. "
         f"Server CPU under load: {load['server_cpu_ms_per_request']:.1f} ms a request. "
         f"Bad uploads, status received: {bad}.",
+        "",
+        "| clients at once | requests | requests/s | p50 ms | p99 ms | statuses |",
+        "|---:|---:|---:|---:|---:|---|",
+        *(
+            f"| {n} | {c['requests']} | {c['per_s']:.0f} | {_ms(c['p50_ms'])} | {_ms(c['p99_ms'])} "
+            f"| {', '.join(f'{k} x {v}' for k, v in sorted(c['statuses'].items()))} |"
+            for n, c in f["clients"].items()
+        ),
     ]
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def build_model(n: int) -> tuple[Path, Path]:
@@ -361,6 +407,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--cold-runs", type=int, default=5)
+    p.add_argument("--client-counts", default="16,64", help="clients at once for the scaling table, comma-separated")
     p.add_argument("--json", type=Path, help="also write every figure to this file")
     p.add_argument("--flood", action="store_true", help="only the flood: 64 clients, every other upload 15 MB")
     p.add_argument("--flood-args", default="", help="serve options for the flood, e.g. '--max-inflight 8'")
@@ -370,7 +417,8 @@ def main() -> None:
         print(json.dumps(bench_flood(model, a.clients, a.requests, args=tuple(a.flood_args.split())), indent=2))
         return
     model, photos = (a.model, a.photos) if a.model and a.photos else build_model(200)
-    figures = bench_serve(model, photos, a.requests, a.clients, a.cold_runs)
+    counts = tuple(int(n) for n in a.client_counts.split(","))
+    figures = bench_serve(model, photos, a.requests, a.clients, a.cold_runs, counts)
     if a.json:
         a.json.write_text(json.dumps(figures, indent=2))
     print("\n".join(report(figures)))

@@ -96,7 +96,8 @@ def serve(
     target_accuracy: Annotated[float | None, TARGET_ACCURACY_OPTION] = SERVE.target_accuracy,
     novelty_threshold: Annotated[float | None, NOVELTY_OPTION] = SERVE.novelty_threshold,
     max_inflight: Annotated[
-        int, typer.Option(help="Most uploads in flight; more get 503 with Retry-After (0: 4 a worker, at least 8).")
+        int,
+        typer.Option(help="Most requests held, queued ones included; more get 503 with Retry-After (0: 256)."),
     ] = SERVE.max_inflight,
     max_inflight_mb: Annotated[
         float,
@@ -105,6 +106,12 @@ def serve(
     read_timeout: Annotated[
         float, typer.Option(help="Seconds for an upload's body to arrive; a slower client gets 408.")
     ] = SERVE.read_timeout,
+    queue_timeout: Annotated[
+        float, typer.Option(help="Seconds a request waits for a model worker; a longer wait gets 503.")
+    ] = SERVE.queue_timeout,
+    max_megapixels: Annotated[
+        float, typer.Option(help="Most pixels (millions) the pictures of one request decode to; more get 413.")
+    ] = SERVE.max_megapixels,
     quiet: Quiet = False,
 ) -> None:
     """Serve the model over HTTP: POST /predict (the JSON of predict --json), a page at /, the API at /docs."""

@@ -192,9 +192,11 @@ class ServeSettings:
     threshold: float = 0.0  # as predict: the default of /predict's threshold
     target_accuracy: float | None = None  # as predict: its threshold is /predict's default
     novelty_threshold: float | None = None  # as predict: /predict's default; None: the model's, 0: off
-    max_inflight: int = 0  # POST requests in flight; more get 503 + Retry-After; 0: 4 a worker, at least 8
+    max_inflight: int = 0  # POST requests held (reading, queued, computed); more get 503; 0: 256 (the connections)
     max_inflight_mb: float = 0.0  # upload bytes those requests hold; 0: 5 uploads at --max-upload-mb, at least 64
     read_timeout: float = 30.0  # seconds for one request's body to arrive; a slower one gets 408
+    queue_timeout: float = 30.0  # seconds a request waits for a model worker; a longer wait gets 503
+    max_megapixels: float = 24.0  # pixels one request decodes (a JPEG at its reduced draft size); more get 413
 
     def check(self) -> None:
         check_unsure(self.threshold, self.target_accuracy)
@@ -203,6 +205,10 @@ class ServeSettings:
             raise PipelineError("--max-inflight and --max-inflight-mb must be 0 (the defaults) or more")
         if not self.read_timeout > 0:
             raise PipelineError(f"--read-timeout must be above 0 seconds, got {self.read_timeout}")
+        if not self.queue_timeout > 0:
+            raise PipelineError(f"--queue-timeout must be above 0 seconds, got {self.queue_timeout}")
+        if not self.max_megapixels > 0:
+            raise PipelineError(f"--max-megapixels must be above 0, got {self.max_megapixels}")
         if not 0 <= self.port <= 65535:
             raise PipelineError(f"--port must be between 0 and 65535, got {self.port}")
         if not self.max_upload_mb > 0:

@@ -2,7 +2,8 @@
 
 `create_app` loads the model folder (`settings.workers` single-threaded copies, each
 owned by one thread) and answers POST /predict, POST /explain (one image's Grad-CAM overlay
-as a PNG; model.keras is loaded on the first such request), GET /health, /classes, the page
+as a PNG; model.keras is read with the rest at the start and built on the first such
+request, so a retrain meanwhile changes nothing), GET /health, /classes, the page
 at / and the API's documentation at /docs (and /redoc), whose scripts and styles the app
 serves itself from the fastapi-offline package, so the pages work without internet. The
 tests drive it through TestClient.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -29,28 +31,34 @@ from pipeline.core import paths
 from pipeline.core.artifacts import read_json_optional
 from pipeline.core.errors import PipelineError
 from pipeline.core.settings import ServeSettings
-from pipeline.data.images import PREPROCESS_VERSION, UnreadableImage
+from pipeline.data.images import PREPROCESS_VERSION, UnreadableImage, decoded_pixels
 from pipeline.inference.classifier import Classifier, load_classifier
 from pipeline.server.guard import guard
-from pipeline.server.limits import Admission, inflight_limits, return_freed_memory
+from pipeline.server.limits import RETRY_AFTER, Admission, inflight_limits, return_freed_memory
 from pipeline.server.uploads import RequestError, read_uploads
 
 
 class ModelWorkers:
-    """`size` threads, each with its own single-threaded copy of the model.
+    """`size` threads, each with its own single-threaded copy of the model, and the queue before them.
 
     A LiteRT interpreter keeps its tensors between calls, so two threads must never run the
-    same one: each worker thread adopts one copy for good. Requests wait for the next free
-    worker, which also bounds how many uploads are decoded at once (a photo just under
-    Pillow's bomb limit decodes to 270 MB) and how many threads the server has."""
+    same one: each worker thread adopts one copy for good. A request waits for the next
+    free worker at most `queue_timeout` seconds (then 503); only the workers decode, so at
+    most `size` pictures are decoded at once, each within the request's pixel budget.
+    /explain's Keras model is the one of the folder as it was at the start: model.keras is
+    read into memory with the rest, and built from those bytes on the first /explain."""
 
-    def __init__(self, model_dir: Path, engine: str, size: int):
+    def __init__(self, model_dir: Path, engine: str, size: int, queue_timeout: float = 30.0):
         self.copies = [load_classifier(model_dir, engine, threads=1) for _ in range(size)]
         self.model = self.copies[0]  # for what the copies share: classes, size, colour, engine
+        self.queue_timeout = queue_timeout
         unclaimed: queue.SimpleQueue[Classifier] = queue.SimpleQueue()
         for classifier in self.copies:
             unclaimed.put(classifier)
         self._mine = threading.local()
+        self._free = asyncio.Semaphore(size)  # a worker is taken here, in the event loop, before its thread
+        keras_file = Path(model_dir) / paths.MODEL_FILE
+        self._keras_bytes = keras_file.read_bytes() if keras_file.is_file() else None  # 2-3 MB for the CNN
         self._keras, self._keras_lock = None, threading.Lock()
 
         def adopt() -> None:  # runs once in each worker thread, as it starts
@@ -67,24 +75,38 @@ class ModelWorkers:
         novelty_threshold: float = 0.0,
     ) -> list[dict]:
         """predict --json's list for in-memory uploads, computed by the next free worker."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._threads, self._predict, uploads, top_k, threshold, tta, novelty_threshold
-        )
+        return await self._run(self._predict, uploads, top_k, threshold, tta, novelty_threshold)
 
-    async def explain(self, model_dir: Path, upload: tuple[str, bytes]) -> bytes:
+    async def explain(self, upload: tuple[str, bytes]) -> bytes:
         """The Grad-CAM overlay (PNG) of one upload's predicted class, by the next free worker."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._threads, self._explain, model_dir, upload)
+        if self._keras is None and self._keras_bytes is None:
+            raise RequestError(404, f"the model folder has no {paths.MODEL_FILE}: /explain needs the Keras model")
+        return await self._run(self._explain, upload)
 
-    def _explain(self, model_dir: Path, upload: tuple[str, bytes]) -> bytes:
+    async def _run(self, work, *args):
+        """`work(*args)` in the next free worker thread, after waiting at most queue_timeout for one."""
+        try:
+            await asyncio.wait_for(self._free.acquire(), self.queue_timeout)
+        except TimeoutError:
+            raise RequestError(
+                503,
+                f"the server is busy: no model worker was free within {self.queue_timeout:g} s (--queue-timeout); "
+                f"retry after {RETRY_AFTER} s",
+                headers={"retry-after": str(RETRY_AFTER)},
+            ) from None
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._threads, work, *args)
+        finally:
+            self._free.release()
+
+    def _explain(self, upload: tuple[str, bytes]) -> bytes:
         from pipeline.inference.gradcam import heatmaps, overlay_png
-        from pipeline.inference.model_folder import load_keras_model
 
         pixels = self._read(self._mine.classifier, [upload])[0][None]
-        with self._keras_lock:  # one Keras model, loaded on the first request, for every worker
+        with self._keras_lock:  # one Keras model, built on the first request, for every worker
             if self._keras is None:
-                self._keras = load_keras_model(model_dir)
+                self._keras = _keras_from(self._keras_bytes)
+                self._keras_bytes = None
             predicted = self._mine.classifier.probabilities(pixels).argmax(axis=1)
             return overlay_png(pixels[0], heatmaps(self._keras, pixels, predicted)[0])
 
@@ -115,6 +137,15 @@ class ModelWorkers:
         ]
 
 
+def _keras_from(data: bytes):
+    """The Keras model from model.keras' bytes as read at the start (safe mode, as always)."""
+    from pipeline.inference.model_folder import load_keras_model
+
+    with tempfile.TemporaryDirectory(prefix="pipeline-serve-") as folder:
+        (Path(folder) / paths.MODEL_FILE).write_bytes(data)
+        return load_keras_model(Path(folder))
+
+
 def find_metrics(model_dir: Path, reports_dir: Path | None, classes: list[str]) -> dict | None:
     """evaluate's metrics.json for this model: `reports_dir`, or the reports folder beside the
     model folder (artifacts/reports for artifacts/model). None when absent, or when it lists
@@ -136,7 +167,7 @@ def create_app(model_dir: Path, settings: ServeSettings | None = None, reports_d
     settings = settings or ServeSettings()
     settings.check()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    model_workers = ModelWorkers(Path(model_dir), settings.engine, settings.workers or cores)
+    model_workers = ModelWorkers(Path(model_dir), settings.engine, settings.workers or cores, settings.queue_timeout)
     model = model_workers.model
     # /docs and /redoc with Swagger UI's and ReDoc's files from an installed package, served by
     # the app itself: FastAPI's own pages load them from a CDN, blank on a machine offline.
@@ -153,7 +184,7 @@ def create_app(model_dir: Path, settings: ServeSettings | None = None, reports_d
     app.state.health["novelty_note"] = model.novelty_note  # why not, when not
     _answer_errors_in_json(app)
     _add_routes(app, model_workers, settings)
-    _add_explain_route(app, Path(model_dir), model_workers, settings)
+    _add_explain_route(app, model_workers, settings)
     _bound_what_requests_hold(app, settings, len(model_workers.copies))
     guard(app, settings.host)  # outermost: a foreign Host or a cross-site page is refused before anything is held
     return app
@@ -172,7 +203,11 @@ def _bound_what_requests_hold(app: FastAPI, settings: ServeSettings, workers: in
         read_timeout=settings.read_timeout,
     )
     app.state.health.update(
-        max_inflight=max_requests, max_inflight_mb=max_bytes / 2**20, read_timeout=settings.read_timeout
+        max_inflight=max_requests,
+        max_inflight_mb=max_bytes / 2**20,
+        read_timeout=settings.read_timeout,
+        queue_timeout=settings.queue_timeout,
+        max_megapixels=settings.max_megapixels,
     )
     return_freed_memory()
 
@@ -203,7 +238,7 @@ def _answer_errors_in_json(app: FastAPI) -> None:
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, e: RequestError) -> JSONResponse:
-        return JSONResponse({"error": str(e), **e.extra}, status_code=e.status)
+        return JSONResponse({"error": str(e), **e.extra}, status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_parameter(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -256,7 +291,20 @@ def _add_routes(app: FastAPI, model_workers: ModelWorkers, settings: ServeSettin
         if unknown_above > 0 and model.novelty is None:
             raise RequestError(422, f"novelty_threshold needs a novelty score: {model.novelty_note}")
         uploads = await read_uploads(request, max_bytes, settings.max_files)
+        check_pixels(uploads, settings.max_megapixels, model.size)
         return await model_workers.predict(uploads, top_k, cut, tta, unknown_above)
+
+
+def check_pixels(uploads: list[tuple[str, bytes]], max_megapixels: float, size: int) -> None:
+    """413 before any decoding when the request's pictures add up to more than its pixel
+    budget (--max-megapixels): a 30 KB PNG can hold 16 million 16-bit pixels."""
+    pixels = sum(decoded_pixels(data, size) for _, data in uploads)
+    if pixels > max_megapixels * 1e6:
+        raise RequestError(
+            413,
+            f"too many pixels: the pictures hold {pixels / 1e6:.3g} megapixels, "
+            f"at most {max_megapixels:g} in one request (--max-megapixels)",
+        )
 
 
 def _threshold(model: Classifier, health: dict, threshold: float | None, target_accuracy: float | None) -> float:
@@ -271,14 +319,15 @@ def _threshold(model: Classifier, health: dict, threshold: float | None, target_
         raise RequestError(422, str(e).replace("--", "")) from None
 
 
-def _add_explain_route(app: FastAPI, model_dir: Path, model_workers: ModelWorkers, settings: ServeSettings) -> None:
+def _add_explain_route(app: FastAPI, model_workers: ModelWorkers, settings: ServeSettings) -> None:
     max_bytes = int(settings.max_upload_mb * 2**20)
 
     @app.post("/explain", openapi_extra=_PREDICT_BODY, response_class=Response)
     async def post_explain(request: Request) -> Response:
         """One image's Grad-CAM heatmap over it (PNG): where the model found the class it gave."""
         uploads = await read_uploads(request, max_bytes, 1)
-        return Response(await model_workers.explain(model_dir, uploads[0]), media_type="image/png")
+        check_pixels(uploads, settings.max_megapixels, model_workers.model.size)
+        return Response(await model_workers.explain(uploads[0]), media_type="image/png")
 
 
 # /docs offers a file picker for this body, which the endpoint reads itself (see read_uploads).

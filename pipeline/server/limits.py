@@ -3,13 +3,16 @@
 Reads nothing and writes nothing; three hooks:
 
 - `Admission`, an ASGI middleware in front of the app (`create_app` adds it): at most
-  `max_inflight` POST requests in flight (reading, waiting for a model worker, running) and
-  at most `max_inflight_mb` of upload bytes held by them. Each request reserves its
-  Content-Length (the whole --max-upload-mb when it says none) before a byte is read; one
-  that does not fit is answered 503 with Retry-After, its body read past and dropped so the
-  client, still sending, reads the answer. A request alone always fits. GET routes (/health,
-  the page) are never refused. Each request's body must arrive within `read_timeout` seconds
-  (a slow client gets 408 and its connection closes), whatever route reads it.
+  `max_inflight` POST requests held (reading, queued for a model worker, computed: a bounded
+  queue, 256 by default, as many as the connections uvicorn takes) and at most
+  `max_inflight_mb` of upload bytes held by them. Each request reserves its Content-Length
+  (the whole --max-upload-mb when it says none) before a byte is read; one that does not
+  fit is answered 503 with Retry-After, its body read past and dropped so the client, still
+  sending, reads the answer. A request alone always fits. GET routes (/health, the page)
+  are never refused. Each request's body must arrive within `read_timeout` seconds (a slow
+  client gets 408 and its connection closes), whatever route reads it. What a request's
+  pictures decode to is bounded apart: --max-megapixels a request (413 beyond, counted
+  before decoding), and only the model workers decode, one picture each at a time.
 - `uvicorn_options`: uvicorn's own bounds: connections beyond `MAX_CONNECTIONS` get 503,
   an idle keep-alive connection closes after 5 s, and a connection whose request headers
   have not ended `HEADER_TIMEOUT` s after it opened (or after its last answer) is closed.
@@ -33,9 +36,10 @@ MMAP_THRESHOLD = 2**20
 
 
 def inflight_limits(max_inflight: int, max_inflight_mb: float, workers: int, max_upload_mb: float):
-    """(requests, bytes) in flight: the settings, or with 0 the defaults: 4 requests a model
-    worker (at least 8), and the bytes of 5 uploads at the size limit (at least 64 MB)."""
-    requests = max_inflight or max(8, 4 * workers)
+    """(requests, bytes) held: the settings, or with 0 the defaults: as many requests as
+    connections (MAX_CONNECTIONS; those waiting for a worker hold their upload, nothing more),
+    and the bytes of 5 uploads at the size limit (at least 64 MB)."""
+    requests = max_inflight or MAX_CONNECTIONS
     megabytes = max_inflight_mb or max(64.0, 5 * max_upload_mb)
     return requests, int(megabytes * 2**20)
 
@@ -81,9 +85,7 @@ class Admission:
 
     def _busy(self, reserved: int) -> str:
         if self.requests >= self.max_requests:
-            return (
-                f"the server is busy: {self.requests} requests in flight (at most {self.max_requests}, --max-inflight)"
-            )
+            return f"the server is busy: {self.requests} requests held (at most {self.max_requests}, --max-inflight)"
         if self.requests and self.bytes + reserved > self.max_bytes:
             held, most = self.bytes / 2**20, self.max_bytes / 2**20
             return f"the server is busy: the uploads in flight hold {held:.3g} MB (at most {most:.3g} MB, --max-inflight-mb)"

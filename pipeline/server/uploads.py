@@ -20,9 +20,9 @@ HOW_TO_SEND = "send image files as multipart/form-data, or one image as the body
 class RequestError(Exception):
     """A request the server will not answer with predictions: `status` and a message naming why."""
 
-    def __init__(self, status: int, message: str, **extra):
+    def __init__(self, status: int, message: str, headers: dict | None = None, **extra):
         super().__init__(message)
-        self.status, self.extra = status, extra
+        self.status, self.extra, self.headers = status, extra, headers
 
 
 class FileParts:
