@@ -64,7 +64,7 @@ def test_the_findings_come_label_issues_first_and_each_decision_is_on_disk_when_
         assert found["suggested_action"] == f"relabel:{true_class}" and found["suggestion"] == true_class
         assert 0.5 <= found["probability"] <= 1 and found["decision"] is None
     black = by_path["cat/black.png"]
-    assert black["suggested_action"] == "exclude" and black["suggestion"] is None and "dark" in black["issues"]
+    assert black["suggested_action"] == "exclude" and "dark" in black["issues"]  # flat: left out, whatever its label
     assert all(s["path"] in manifest for s in suspects)
     summary = client.get("/api/review").json()
     assert summary["classes"] == ["cat", "dog", "fox"] and summary["left"] == summary["total"] == len(suspects)
@@ -174,11 +174,30 @@ def test_label_conflicts_and_near_copies_are_shown_with_their_copies_and_fixed_b
         "exact_duplicates_across_classes": report["label_conflicts"],
         "near_duplicates_across_classes": near,
         "cross_class_near_copies": near,
+        # doubted, but learned: shown last; one of them blurry too, shown with the health issues
+        "learned_anyway": [
+            {
+                "path": path,
+                "split": "train",
+                "given": "cat",
+                "suggested": "fox",
+                "score": 0.3,
+                "learned_probability": 0.9,
+            }
+            for path in ("cat/cat_004.png", "cat/cat_006.png")
+        ],
+    }
+    findings["health"] = {
+        "blurry": [{"path": "cat/cat_004.png", "split": "train", "class": "cat", "score": 0.2, "flat": False}]
     }
     (audit / "audit.json").write_text(json.dumps(findings))
     client = TestClient(review_app(audit), base_url=LOCAL)  # --data: the folder audit.json names
     suspects = {s["path"]: s for s in client.get("/api/suspects").json()}
-    assert [s["kind"] for s in suspects.values()] == ["label_conflict"] * 2 + ["near_copy"] * 2
+    kinds = ["label_conflict"] * 2 + ["near_copy"] * 2 + ["blurry", "learned_anyway"]
+    assert [s["kind"] for s in suspects.values()] == kinds
+    assert suspects["cat/cat_004.png"]["issues"] == ["learned_anyway", "blurry"]
+    learned = suspects["cat/cat_006.png"]
+    assert (learned["suggestion"], learned["learned_probability"], learned["suggested_action"]) == ("fox", 0.9, "keep")
     assert suspects["dog/twin.jpg"]["copies"] == [{"path": "cat/cat_001.jpg", "class": "cat"}]
     assert suspects["fox/fox_002.png"]["copies"] == [{"path": "dog/copy_of_fox.jpg", "class": "dog"}]
     assert suspects["dog/twin.jpg"]["suggested_action"] == "keep" and suspects["dog/twin.jpg"]["suggestion"] is None

@@ -23,9 +23,10 @@ from pipeline.data.health import ISSUE_KINDS
 
 CSV_COLUMNS = ["path", "class", "split", "issues", "suggested", "score", "action"]  # audit.csv's
 # The order of the page: wrong labels first, then what fits no class, the same picture
-# under several classes, then the pictures' health. A file in several lists is shown once,
-# under the first; `issues` names them all.
-KINDS = ("label_issue", "fits_no_class", "label_conflict", "near_copy", *ISSUE_KINDS)
+# under several classes, the pictures' health, and last the doubted labels the models
+# learned anyway (audit.csv suggests nothing for them). A file in several lists is shown
+# once, under the first; `issues` names them all.
+KINDS = ("label_issue", "fits_no_class", "label_conflict", "near_copy", *ISSUE_KINDS, "learned_anyway")
 
 
 class ReviewError(Exception):
@@ -55,21 +56,31 @@ def review_items(findings: dict, csv_rows: list[dict]) -> list[dict]:
                 "suggestion": None,
                 "probability": None,
                 "score": None,
+                "learned_probability": None,
                 "copies": [],
             },
         )
         if kind not in found["issues"]:
             found["issues"].append(kind)
+        if _rank(kind) < _rank(found["kind"]):  # shown under the list that comes first
+            found["kind"] = kind
         return found
 
-    for kind, name in (("label_issue", "label_issues"), ("fits_no_class", "fits_no_class")):
+    doubted = (
+        ("label_issue", "label_issues"),
+        ("fits_no_class", "fits_no_class"),
+        ("learned_anyway", "learned_anyway"),
+    )
+    for kind, name in doubted:
         for suspect in findings.get(name, []):
             found = item(kind, suspect["path"], suspect["given"], suspect.get("split"))
-            found.update(
-                suggestion=suspect.get("suggested"),
-                probability=suspect.get("suggested_probability"),
-                score=suspect.get("score"),
-            )
+            if found["suggestion"] is None:  # the first list a file is in says it
+                found.update(
+                    suggestion=suspect.get("suggested"),
+                    probability=suspect.get("suggested_probability"),
+                    score=suspect.get("score"),
+                    learned_probability=suspect.get("learned_probability"),
+                )
     for kind, groups in (("label_conflict", _label_conflicts(findings)), ("near_copy", _near_copies(findings))):
         for group in groups:
             class_of = group.get("class_of") or [p.split("/")[0] for p in group["paths"]]
