@@ -10,9 +10,10 @@ FPR@95%TPR of each, and at the default threshold the share of foreign pictures a
 test pictures refused (binomial standard errors).
 
 Cost per image (--timing): on the first folder's model, medians of --repeats runs at batch 1
-and 64, through LiteRT: the inference model (probabilities and features from one call) against
-the same network with one output (written for the comparison), and the novelty score itself
-(numpy, the bank train wrote). Run the timing on a quiet machine.
+and 64, through LiteRT on one thread (as each of serve's workers runs it, numpy's BLAS on one
+thread too): the inference model (probabilities and features from one call) against the same
+network with one output (written for the comparison), and the novelty score itself (numpy,
+the bank train wrote). Run the timing on a quiet machine.
 
     make bench-unknown     # the folders under bench/work/, then this
     python bench/unknown_bench.py LETTERS sample_data STAMPS FASHION --foreign EMOJI --work W
@@ -88,10 +89,13 @@ def median_seconds(call, repeats: int) -> float:
 
 def cost_per_image(data: Path, model: Path, repeats: int) -> dict:
     """Seconds per image: the two-output LiteRT call, the one-output one, and the novelty score."""
+    from threadpoolctl import threadpool_limits
+
     from pipeline.inference.classifier import load_classifier
     from pipeline.inference.engines import litert_runner
     from pipeline.inference.model_folder import load_keras_model
 
+    threadpool_limits(1, user_api="blas")  # as serve runs it: one thread a worker, numpy's BLAS too
     classifier = load_classifier(model, "litert", threads=1)
     X = np.load(data / "X_test.npy")
     with tempfile.TemporaryDirectory() as tmp:

@@ -180,3 +180,24 @@ def test_a_pickled_bank_is_refused(trained, tmp_path):
     np.save(model / paths.NOVELTY_FEATURES_FILE, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     result = run_cli("predict", trained["images"] / "cat", "--model", model, expect=1)
     assert "without pickle" in result.output and "Traceback" not in result.output
+
+
+def test_the_inference_model_takes_a_pooled_vector_as_it_is_and_a_shared_layer_s_own_call():
+    """The contract with `--backbone`: its pooled features (a vector) are the features, even when
+    the layer named "features" was first called by another view of the network."""
+    from pipeline.core.native_stderr import import_keras
+    from pipeline.inference.model_folder import inference_model
+    from pipeline.training.model import build_model
+
+    keras = import_keras()
+    layers = keras.layers
+    pool = layers.GlobalAveragePooling2D(name="features")
+    view_input = keras.Input((6, 6, 4))
+    keras.Model(view_input, pool(view_input))  # another view calls the shared layer first
+    pixels = keras.Input((8, 8, 3))
+    model = keras.Model(pixels, layers.Dense(3, activation="softmax")(pool(layers.Conv2D(4, 3)(pixels))))
+    assert [tuple(t.shape) for t in inference_model(model).outputs] == [(None, 3), (None, 4)]
+    # the CNN's map, 6 x 6 x 64 at 32 px, averaged over a 3 x 3 grid
+    assert [tuple(t.shape) for t in inference_model(build_model((32, 32, 3), 5)).outputs] == [(None, 5), (None, 576)]
+    untitled = keras.Sequential([keras.Input((8, 8, 3)), layers.Flatten(), layers.Dense(2, activation="softmax")])
+    assert inference_model(untitled) is None  # trained before novelty: probabilities only

@@ -162,15 +162,23 @@ def inference_model(model):
 
     keras = import_keras()
     try:
-        features = model.get_layer(FEATURES_LAYER).output
+        layer = model.get_layer(FEATURES_LAYER)
     except ValueError:
         return None
-    if len(features.shape) == 4:
-        side = max(1, min(int(features.shape[1]), int(features.shape[2])) // FEATURE_GRID)
-        features = keras.layers.AveragePooling2D(side, name="features_grid")(features)
-    if len(features.shape) != 2:
-        features = keras.layers.Flatten(name="features_vector")(features)
-    return keras.Model(model.inputs[0], [model.outputs[0], features], name=f"{model.name}_inference")
+    # a layer shared with another view of the network (a backbone's training views) has one
+    # output per call: the one this model's graph reaches from its input
+    for node in getattr(layer, "_inbound_nodes", None) or [None]:
+        features = layer.output if node is None else node.output_tensors[0]
+        if len(features.shape) == 4:
+            side = max(1, min(int(features.shape[1]), int(features.shape[2])) // FEATURE_GRID)
+            features = keras.layers.AveragePooling2D(side, name="features_grid")(features)
+        if len(features.shape) != 2:
+            features = keras.layers.Flatten(name="features_vector")(features)
+        try:
+            return keras.Model(model.inputs[0], [model.outputs[0], features], name=f"{model.name}_inference")
+        except ValueError:  # another view's call, not reached from this model's input
+            continue
+    return None
 
 
 def load_preprocess(model_dir: Path) -> dict:
