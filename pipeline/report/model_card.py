@@ -199,7 +199,7 @@ def _unknown_section(novelty: dict | None, measured: dict | None) -> list[str]:
     if foreign:
         baseline = foreign["baseline"]
         lines.append(
-            f"Measured against {foreign['n_foreign']} pictures of none of the classes (`{foreign['folder']}`): "
+            f"Measured against {foreign['n_foreign']} pictures of none of the classes ({_md(foreign['folder'])}): "
             f"AUROC {foreign['auroc']:.4f} ± {foreign['auroc_se']:.4f} (max softmax: {baseline['auroc']:.4f}), "
             f"{foreign['foreign_accepted']:.1%} ± {foreign['foreign_accepted_se']:.1%} of them accepted as a class "
             "at the threshold."
