@@ -11,7 +11,7 @@ SAMPLE := sample_data
 ART := artifacts
 
 .DEFAULT_GOAL := help
-.PHONY: help install all prepare train evaluate predict serve export test lint bench bench-serve bench-cache bench-export bench-audit bench-calibration bench-resilience bench-unknown clean
+.PHONY: help install all prepare train evaluate predict serve export test lint bench bench-serve bench-cache bench-export bench-audit bench-calibration bench-resilience bench-unknown bench-backbone clean
 
 help: ## Show every target with one line
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -85,6 +85,9 @@ bench-unknown: $(STAMP) ## "unknown": novelty against max softmax, the letters a
 	test -d bench/work/foreign/silhouettes || $(BIN)/python bench/make_foreign_folders.py silhouettes bench/work/foreign
 	$(BIN)/python bench/unknown_bench.py bench/work/letters $(SAMPLE) bench/work/stamps bench/work/fashion \
 		--foreign bench/work/foreign/emoji bench/work/foreign/silhouettes --work bench/work/unknown --timing
+
+bench-backbone: $(STAMP) ## The CNN against train --backbone on the shared stamps and Fashion-MNIST: accuracy, time, features/s, memory (slow; not CI)
+	$(BIN)/python bench/backbone_bench.py
 
 bench-resilience: $(STAMP) ## Kill-and-resume, the server under 64 clients, 20,000 fuzzed images (not part of CI)
 	$(BIN)/python bench/resume_bench.py --epochs 6 --kills 3

@@ -12,7 +12,8 @@ The steps, in `audit_dataset`'s order: gather every source image of every split 
 the augmented copies of the training ones (`_fold_rows`); assign folds, stratified, a
 near-duplicate group within one fold (`splits.audit_folds`); train one CNN per fold on the
 others, predict the held-out fold and then the doubted images it trained on
-(`training.out_of_fold`); rank the label issues and estimate each class's noise with cleanlab (`data.label_issues`); flag the health issues
+(`training.out_of_fold`; with --backbone, a logistic head per fold on the pretrained
+network's cached features, `training.feature_folds`); rank the label issues and estimate each class's noise with cleanlab (`data.label_issues`); flag the health issues
 from prepare's measurements (`data.health`); list the duplicates across classes; write.
 The audit's models are thrown away.
 """
@@ -33,7 +34,7 @@ from pipeline import __version__
 from pipeline.core import paths
 from pipeline.core.artifacts import atomic_dir, atomic_write_text, check_out_dir, csv_cell, write_json
 from pipeline.core.errors import PipelineError
-from pipeline.core.settings import AuditSettings
+from pipeline.core.settings import CNN, AuditSettings
 from pipeline.data import health
 from pipeline.data.data_folder import load_classes, load_prepare_report, load_split, read_health, read_manifest
 from pipeline.data.label_issues import LEARNED_ANYWAY, NO_CLASS, WRONG_CLASS, doubted_rows, find_suspects, noise_shares
@@ -58,11 +59,18 @@ def audit_dataset(data_dir: Path, out_dir: Path, settings: AuditSettings) -> dic
     sources, fold_rows = _fold_rows(data_dir, classes)
     groups = _group_ids(sources["path"], report)
     fold_of = audit_folds(fold_rows.labels, groups, settings.folds, settings.seed)
-    from pipeline.training.out_of_fold import out_of_fold_probabilities
-
     started = time.perf_counter()
     labels = fold_rows.labels
-    trained = out_of_fold_probabilities(fold_rows, fold_of, classes, settings, partial(doubted_rows, labels))
+    if settings.backbone != CNN:  # logistic heads on the frozen network's cached features
+        from pipeline.training.feature_folds import out_of_fold_heads
+
+        trained = out_of_fold_heads(
+            fold_rows, fold_of, classes, settings, data_dir, report.get("settings", {}), partial(doubted_rows, labels)
+        )
+    else:
+        from pipeline.training.out_of_fold import out_of_fold_probabilities
+
+        trained = out_of_fold_probabilities(fold_rows, fold_of, classes, settings, partial(doubted_rows, labels))
     probabilities, plan = trained.probabilities, trained.plan
     seconds = time.perf_counter() - started
     findings = {

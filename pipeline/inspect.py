@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.core import progress
 from pipeline.core.errors import PipelineError
-from pipeline.core.settings import InspectSettings, PrepareSettings
+from pipeline.core.settings import BACKBONE_SIZES, CNN, InspectSettings, PrepareSettings
 from pipeline.data import dedup
 from pipeline.data.decoding import decode_one
 from pipeline.data.image_folder import FolderScan, class_imbalance, scan_folder
@@ -84,6 +84,7 @@ def inspect_folder(images_dir: Path, settings: InspectSettings | None = None) ->
         "formats": dict(sorted(formats.items())),
         "modes": dict(sorted(modes.items())),
         "sizes": {"width": _spread(widths), "height": _spread(heights)},
+        "size_wanted": {CNN: 32, **BACKBONE_SIZES},  # prepare --size for each network of train --backbone
         "skipped": skipped,
         "ignored": scan.ignored,
         "split_shares": shares,

@@ -40,7 +40,7 @@ from pipeline.core import paths, progress
 from pipeline.core.artifacts import check_out_dir
 from pipeline.core.errors import PipelineError, TrainingInterrupted
 from pipeline.core.native_stderr import import_keras
-from pipeline.core.settings import INFERENCE_BATCH, TrainSettings
+from pipeline.core.settings import CNN, INFERENCE_BATCH, TrainSettings
 from pipeline.data.data_folder import TrainingData, load_training_data, read_manifest
 from pipeline.inference.calibration import calibrate_on_validation
 from pipeline.inference.model_folder import (
@@ -79,26 +79,45 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
 
     plan = distribute.plan_training(cluster)  # one process, every local GPU, or the cluster
     keras.utils.set_random_seed(settings.seed)
-    precision = resolve_precision(settings.precision, plan)
-    pixel_stats = PixelStats.of(data.X_train)
-    with plan.strategy.scope():
-        model = _compiled_model(data, settings, precision, pixel_stats)
-    in_memory = data.X_train.nbytes + data.X_val.nbytes <= in_memory_bytes(settings.in_memory_mb)
+    prepared = None
+    if settings.backbone != CNN:  # steps 1-2 of training.backbone; step 3 fits its top below
+        from pipeline.training.backbone import prepare_backbone
+
+        precision, pixel_stats = "float32", None
+        with plan.strategy.scope():
+            prepared = prepare_backbone(data, data_dir, settings)
+            model = _compiled(prepared.network.top, prepared.fit_data, settings)
+        fit_data = prepared.fit_data
+    else:
+        precision = resolve_precision(settings.precision, plan)
+        pixel_stats = PixelStats.of(data.X_train)
+        with plan.strategy.scope():
+            model = _compiled(
+                build_with_precision(data.X_train.shape[1:], len(data.classes), precision, pixel_stats), data, settings
+            )
+        fit_data = data
+    in_memory = fit_data.X_train.nbytes + fit_data.X_val.nbytes <= in_memory_bytes(settings.in_memory_mb)
 
     with ctrl_c_noted() as ctrl_c, plan.workspace(out_dir) as tmp:  # only the chief writes the model folder
-        fit = fit_model(model, data, settings, in_memory, tmp, ctrl_c, plan, checkpoints)
+        fit = fit_model(model, fit_data, settings, in_memory, tmp, ctrl_c, plan, checkpoints)
         if fit.best is None:
             raise PipelineError(
                 f"training diverged: the {fit.monitor} was never a finite number in {len(fit.history)} epoch(s), "
                 "so there is no model to keep and nothing was written; try a lower --learning-rate"
             )
-        summary = _summary(fit, data, settings, precision, in_memory, pixel_stats, plan, model)
+        summary = _summary(fit, fit_data, settings, precision, in_memory, pixel_stats, plan, model)
         summary["checkpoint_seconds"] = round(checkpoints.seconds, 3)  # writing one at every epoch end
         # Save and export float32 weights (they run the same everywhere) in an uncompiled copy:
         # without Adam's two moments per weight, model.keras is a third the size, saves and loads faster.
-        weights = model.get_weights()
-        model = build_with_precision(data.X_train.shape[1:], len(data.classes), "float32", pixel_stats)
-        model.set_weights(weights)
+        if prepared is not None:
+            summary["backbone"] = _backbone_summary(prepared)
+            from pipeline.training.backbone import saved_copy
+
+            model = saved_copy(prepared.network)
+        else:
+            weights = model.get_weights()
+            model = build_with_precision(data.X_train.shape[1:], len(data.classes), "float32", pixel_stats)
+            model.set_weights(weights)
         if plan.is_chief:
             with plots.TrainingCurvesBeside(tmp / paths.HISTORY_FILE, fit.best_epoch, tmp / paths.CURVES_PNG):
                 write_model_folder(tmp, model, data.classes, data_dir, data.prepare_report, settings, summary)
@@ -200,8 +219,8 @@ def fit_unknown(folder: Path, run, data: TrainingData, rows: np.ndarray) -> dict
     return add_to_settings(folder, "novelty", record)
 
 
-def _compiled_model(data: TrainingData, settings: TrainSettings, precision: str, pixel_stats):
-    """The network under its precision, Adam following the schedule over every step of the budget."""
+def _compiled(model, data: TrainingData, settings: TrainSettings):
+    """`model` with Adam following the schedule over every step of the budget."""
     from pipeline.training.model import compile_model
 
     steps = (
@@ -209,12 +228,14 @@ def _compiled_model(data: TrainingData, settings: TrainSettings, precision: str,
         if settings.schedule == "one-cycle"
         else None
     )
-    return compile_model(
-        build_with_precision(data.X_train.shape[1:], len(data.classes), precision, pixel_stats),
-        settings.learning_rate,
-        steps,
-        settings.warmup,
-    )
+    return compile_model(model, settings.learning_rate, steps, settings.warmup)
+
+
+def _backbone_summary(prepared) -> dict:
+    """settings.json's record of a backbone run."""
+    from pipeline.training.backbone import describe
+
+    return {**describe(prepared.network.name), "seconds": prepared.seconds, "head": prepared.head}
 
 
 def _summary(
@@ -236,8 +257,8 @@ def _summary(
         "input": "memory (tf.data)" if in_memory else "memory-mapped batches",
         "class_weights": fit.class_weights,
         "class_weights_from_epoch": class_weights_from_epoch(settings.epochs) + 1 if fit.class_weights else None,
-        "pixel_mean": pixel_stats.mean,
-        "pixel_variance": pixel_stats.variance,
+        "pixel_mean": pixel_stats.mean if pixel_stats else None,  # a backbone scales as it was pretrained
+        "pixel_variance": pixel_stats.variance if pixel_stats else None,
         **plan.describe(),
         **fit.loop,
     }

@@ -20,6 +20,7 @@ from typer.core import TyperGroup
 from pipeline.core import progress
 from pipeline.core.errors import PipelineError, full_disk
 from pipeline.core.settings import (
+    BACKBONES,
     CLASS_WEIGHTS,
     COLOR_MODES,
     ENGINES,
@@ -73,6 +74,7 @@ PREPARE, TRAIN, PREDICT, INSPECT = PrepareSettings(), TrainSettings(), PredictSe
 SERVE, EXPORT, AUDIT = ServeSettings(), ExportSettings(), AuditSettings()
 Color = Enum("Color", {mode: mode for mode in COLOR_MODES}, type=str)
 Precision = Enum("Precision", {p: p for p in PRECISIONS}, type=str)
+Backbone = Enum("Backbone", {b: b for b in BACKBONES}, type=str)
 Engine = Enum("Engine", {e: e for e in ENGINES}, type=str)
 Schedule = Enum("Schedule", {s: s for s in SCHEDULES}, type=str)
 ClassWeight = Enum("ClassWeight", {w: w for w in CLASS_WEIGHTS}, type=str)

@@ -12,6 +12,7 @@ from pipeline.cli.base import (
     AUDIT,
     INSPECT,
     PREPARE,
+    Backbone,
     Color,
     DataDir,
     Precision,
@@ -125,6 +126,13 @@ def audit(
     precision: Annotated[
         Precision, typer.Option(help="As train's: auto is mixed bfloat16 on CPUs with native bfloat16, else float32.")
     ] = Precision[AUDIT.precision],
+    backbone: Annotated[
+        Backbone,
+        typer.Option(
+            help="cifar-cnn: K CNNs, one per fold; or a pretrained network: a logistic head per fold on its "
+            "frozen features (seconds; the features are cached with train --backbone's)."
+        ),
+    ] = Backbone[AUDIT.backbone],
     quiet: Quiet = False,
 ) -> None:
     """Find images whose label looks wrong (out-of-fold CNNs and cleanlab) and ones unfit to train on."""

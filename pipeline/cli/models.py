@@ -12,6 +12,7 @@ from pipeline.cli.base import (
     EXPORT,
     TRAIN,
     TTA_OPTION,
+    Backbone,
     ClassWeight,
     DataDir,
     Engine,
@@ -85,9 +86,16 @@ def train(
             "writes lr_find.png beside the --out folder (in its parent), never a model, and leaves --out untouched.",
         ),
     ] = False,
+    backbone: Annotated[
+        Backbone,
+        typer.Option(
+            help="cifar-cnn: the CIFAR-style CNN from scratch; or a network pretrained on ImageNet, fine-tuned "
+            "(folders of real photos: prepare --size 224 for efficientnet-lite0, 240 lite1, 260 lite2; docs/train.md)."
+        ),
+    ] = Backbone[TRAIN.backbone],
     quiet: Quiet = False,
 ) -> None:
-    """Train the CIFAR-style CNN on the prepared arrays, keeping the best epoch on validation."""
+    """Train the CIFAR-style CNN (or --backbone) on the prepared arrays, keeping the best epoch on validation."""
     progress.set_quiet(quiet)
     from pipeline.train import train_model
 

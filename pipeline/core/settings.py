@@ -28,6 +28,11 @@ PEAK_RATE, PEAK_RATE_BATCH = 3e-3, 64  # the default peak learning rate, measure
 CLASS_WEIGHTS = ("none", "balanced")
 FLOAT_EXPORT_DIFFERENCE = 1e-3  # a float export that moves a probability further is broken, not rounded
 INFERENCE_BATCH = 256  # images per model call in evaluate and predict
+CNN = "cifar-cnn"  # the design's network, trained from scratch: train's default
+# train --backbone: each pretrained network and the input side it was pretrained at (prepare --size)
+BACKBONE_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
+BACKBONES = (CNN, *BACKBONE_SIZES)
+BACKBONE_PEAK_RATE = 3e-4  # Adam's peak rate fine-tuning a backbone's last stage (bench/RESULTS.md)
 
 
 @dataclass
@@ -84,8 +89,11 @@ class TrainSettings:
     precision: str = "auto"  # auto: mixed float16 on one GPU, mixed bfloat16 on CPUs with native bf16, else float32
     in_memory_mb: int = -1  # arrays up to this size train from memory via tf.data; -1: half the free memory
     resume: bool = False  # continue from the checkpoint beside --out (training.checkpoints); else start over
+    backbone: str = CNN  # or a pretrained network of BACKBONE_SIZES, fine-tuned (training.backbone)
 
     def check(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise PipelineError(f"--backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
         if self.epochs < 1:
             raise PipelineError(f"--epochs must be at least 1, got {self.epochs}")
         if self.learning_rate is not None and not self.learning_rate > 0:
@@ -104,10 +112,12 @@ class TrainSettings:
             raise PipelineError(f"--class-weight must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weight!r}")
 
     def peak_learning_rate(self) -> float:
-        """--learning-rate if given, else PEAK_RATE scaled by the square root of batch / PEAK_RATE_BATCH
-        (the square-root rule for Adam: a batch 4x larger takes steps 2x larger)."""
+        """--learning-rate if given; a backbone's BACKBONE_PEAK_RATE; else PEAK_RATE scaled by the square root
+        of batch / PEAK_RATE_BATCH (the square-root rule for Adam: a batch 4x larger takes steps 2x larger)."""
         if self.learning_rate is not None:
             return self.learning_rate
+        if self.backbone != CNN:
+            return BACKBONE_PEAK_RATE
         return float(f"{PEAK_RATE * (self.batch_size / PEAK_RATE_BATCH) ** 0.5:.3g}")
 
 
@@ -141,8 +151,11 @@ class AuditSettings:
     batch_size: int = 64
     seed: int = 42  # same seed, same data folder: the same folds and the same issues
     precision: str = "auto"  # as train's: mixed bfloat16 on CPUs with native bf16 (twice as fast), else float32
+    backbone: str = CNN  # or a pretrained network: a logistic head per fold on its cached features (seconds)
 
     def check(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise PipelineError(f"--backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
         if self.folds < 2:
             raise PipelineError(f"--folds must be at least 2, got {self.folds}")
         if self.epochs < 1:

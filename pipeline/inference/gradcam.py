@@ -20,7 +20,10 @@ serve the overlays as arrays or PNG bytes. The network is run layer by layer (it
 layers up to the last Conv2D, then the rest but the softmax) instead of as a sub-model cut
 from `model.inputs`: a Sequential model loaded from model.keras need not have the symbolic
 inputs and outputs that a sub-model needs in Keras 3 (keras-io#1903, keras#20116), and
-every model folder pipeline has written, old ones included, is such a stack of layers.
+every model folder of the CNN pipeline has written, old ones included, is such a stack of
+layers. A model that is a graph (`train --backbone`: residual blocks) is cut at its last map
+(the head's ReLU6 before pooling) with a sub-model, which a functional model loaded from
+model.keras supports; the layers after it are one chain.
 """
 
 from __future__ import annotations
@@ -48,7 +51,11 @@ def _split_at_last_conv(model):
     convs = [i for i, layer in enumerate(layers) if isinstance(layer, keras.layers.Conv2D)]
     if not convs:
         raise PipelineError("this model has no convolution layer to explain: --explain needs a CNN from train")
-    head, tail = layers[: convs[-1] + 1], layers[convs[-1] + 1 :]
+    if isinstance(model, keras.Sequential):
+        head, tail = layers[: convs[-1] + 1], layers[convs[-1] + 1 :]
+    else:  # a graph (train --backbone): the sub-model up to its last map, then the chain of layers after it
+        last_map = max(i for i, layer in enumerate(layers) if len(layer.output.shape) == 4)
+        head, tail = [keras.Model(model.inputs, layers[last_map].output)], layers[last_map + 1 :]
     last = tail[-1] if tail else None
     if isinstance(last, keras.layers.Activation) and last.get_config().get("activation") == "softmax":
         return head, tail[:-1], None

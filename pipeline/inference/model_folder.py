@@ -20,7 +20,7 @@ from pathlib import Path
 from pipeline.core import paths
 from pipeline.core.artifacts import read_json, write_json
 from pipeline.core.errors import PipelineError
-from pipeline.core.settings import COLOR_MODES
+from pipeline.core.settings import CNN, COLOR_MODES
 from pipeline.data.data_folder import load_classes
 from pipeline.data.images import PREPROCESS_VERSION, RESIZE_METHOD
 
@@ -57,6 +57,8 @@ def write_model_folder(
             "channels": int(channels),
             "resize": RESIZE_METHOD,
             "input": "uint8 pixels 0-255; standardizing them is inside the model",
+            "scaling": _scaling(model),
+            "network": summary.get("backbone", {}).get("name", CNN),
         },
     )
     write_json(
@@ -70,6 +72,16 @@ def write_model_folder(
             "classes": classes,
         },
     )
+
+
+def _scaling(model) -> str:
+    """What the model's first layer does to the pixels, in words (the model card's and a reader's)."""
+    names = {layer.name for layer in model.layers[:3]}
+    if "scale_pixels" in names:
+        return "scales them as its ImageNet weights expect, (x - 127) / 128"
+    if "standardize" in names:
+        return "standardizes them with the training split's per-channel mean and variance"
+    return "scales them to 0-1"
 
 
 def write_calibration(folder: Path, calibration: dict | None, seconds: float | None = None) -> dict:

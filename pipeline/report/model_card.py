@@ -40,11 +40,12 @@ def render_model_card(model_dir: Path, prepare_report: dict) -> str:
     lines = [
         f"# Model card: {_md(model_dir.name)}",
         "",
-        f"An image classifier for {len(classes)} classes ({', '.join(map(_md, classes))}): the CIFAR-style CNN of "
-        f"`pipeline`, taking {size}x{size} {color} images. Written by `pipeline train`, completed by "
+        f"An image classifier for {len(classes)} classes ({', '.join(map(_md, classes))}): {_network(saved)}, "
+        f"taking {size}x{size} {color} images. Written by `pipeline train`, completed by "
         "`pipeline evaluate` and `pipeline export`; every figure below is read from the files beside it.",
         "",
         *_data_section(classes, prepare_report),
+        *_backbone_section(saved.get("summary", {}).get("backbone")),
         *_training_section(saved),
         *_test_section(evaluation),
         *_calibration_section(calibration),
@@ -117,6 +118,30 @@ def _data_section(classes: list[str], report: dict) -> list[str]:
         "",
     ]
     return lines
+
+
+def _network(saved: dict) -> str:
+    backbone = saved.get("summary", {}).get("backbone")
+    if not isinstance(backbone, dict):
+        return "the CIFAR-style CNN of `pipeline`, trained from scratch"
+    return f"{backbone.get('name')} pretrained on ImageNet, with a new head fine-tuned on these classes"
+
+
+def _backbone_section(backbone: dict | None) -> list[str]:
+    """Where a pretrained network's weights came from, under which license, and what was trained here."""
+    if not isinstance(backbone, dict):
+        return []
+    return [
+        "## Pretrained backbone",
+        "",
+        f"- Network: {backbone.get('name')} (EfficientNet-Lite: EfficientNet-B0's blocks without "
+        "squeeze-and-excitation, ReLU6), published ImageNet top-1 "
+        f"{backbone.get('imagenet_top1')} % at {backbone.get('trained_size')} px.",
+        f"- Pretrained on {backbone.get('pretrained_on')}; weights: {backbone.get('weights')}, "
+        f"license {backbone.get('license')}. What ImageNet's photos hold (and lack) shapes what it sees.",
+        f"- Trained here: a new head on its pooled features, then {backbone.get('fine_tuned')}.",
+        "",
+    ]
 
 
 def _training_section(saved: dict) -> list[str]:
@@ -216,7 +241,8 @@ def _input_section(preprocess: dict) -> list[str]:
         "",
         f"- uint8 pixels 0-255, shape (batch, {size}, {size}, {channels}), channels last, "
         f"{preprocess['color']} ({'RGB order' if channels == 3 else 'one grey channel'}); the model "
-        "standardizes them itself (its first layer), so feed them as they are, not scaled to 0-1.",
+        f"{preprocess.get('scaling', 'standardizes them itself')} (its first layer), so feed them as they are, "
+        "not scaled to 0-1.",
         f"- Resize: {preprocess.get('resize', 'unknown')}; EXIF orientation applied, transparency on white. "
         f"Preprocessing version {preprocess.get('version', '?')}: "
         "`pipeline.data.images.preprocess(path, size, color).pixels` does exactly this.",

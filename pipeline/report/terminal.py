@@ -13,6 +13,7 @@ from rich.table import Table
 
 from pipeline.core import paths
 from pipeline.core.progress import PlainConsole
+from pipeline.core.settings import BACKBONE_SIZES
 
 out = PlainConsole(soft_wrap=True)  # results go to stdout; progress and notes go to stderr
 
@@ -35,6 +36,9 @@ def print_prepare_summary(report: dict, out_dir: Path) -> None:
     _print_links_out(report.get("links_out", []), f"see {out_dir / paths.PREPARE_REPORT_FILE}")
     for warning in report["warnings"]:  # imbalance included: the one list --strict reads too
         out.print(f"warning: {warning}", markup=False)
+    size = report.get("settings", {}).get("size")
+    if isinstance(size, int):
+        out.print(f"arrays of {size} px: {backbone_sizes(size)}")
     out.print(f"sample grid: {out_dir / paths.SAMPLES_PNG}")
 
 
@@ -56,6 +60,20 @@ def print_split_shares(shares: dict, near: float = 2.0, shown: int = 5) -> None:
         out.print(f"  {name}: {made} %")  # plain text: `out` reads no markup
     if len(off) > shown:
         out.print(f"  ... and {len(off) - shown} more (report.json's split_shares)")
+
+
+def backbone_sizes(size: int | None = None) -> str:
+    """Which --size each network of train --backbone wants, and what `size` would do to them."""
+    wanted = ", ".join(f"{name} {side}" for name, side in BACKBONE_SIZES.items())
+    if size is None:
+        return f"the CNN was designed for --size 32; train --backbone wants the size it was pretrained at ({wanted})"
+    small = [name for name, side in BACKBONE_SIZES.items() if size < side]
+    if not small:
+        return f"large enough for every --backbone ({wanted}); the CNN was designed for 32 and is slow at this size"
+    return (
+        f"the CNN's size is 32; for train --backbone prepare with --size {BACKBONE_SIZES[small[0]]} or more "
+        f"({wanted}): below it a pretrained network sees less than it was trained on"
+    )
 
 
 def _print_skipped(items: list[dict], verb: str, more_hint: str, shown: int = 20) -> None:
@@ -97,6 +115,12 @@ def print_inspection(found: dict) -> None:
             f"width  min {w['min']}  median {w['median']:g}  max {w['max']}\n"
             f"height min {h['min']}  median {h['median']:g}  max {h['max']}"
         )
+        if min(w["median"], h["median"]) < min(BACKBONE_SIZES.values()):
+            out.print(
+                f"note: the median picture is smaller than {min(BACKBONE_SIZES.values())} px: "
+                "a pretrained --backbone would see it upscaled"
+            )
+    out.print(backbone_sizes())
     if found.get("split_shares"):
         print_split_shares(found["split_shares"])
     _print_skipped(found["skipped"], "would skip", "see --json")

@@ -9,13 +9,13 @@ a few CPU cores:
    every training row (augmented copies included) and every validation row; what it gives
    is kept in prepare's cache by each row's content (data.feature_cache), so a re-run, a
    resumed run or an audit does not compute it again. This is nearly all of the cost.
-2. `fit_head`: the head alone on the pooled features of the frozen network (full-batch
-   L-BFGS-like speed from Adam on a few thousand vectors: seconds).
+2. `fit_head`: the head alone, a logistic regression on the pooled features of the frozen
+   network (seconds), so that step 3 starts from a head that already fits.
 3. The last stage and the 1280-filter head conv are fine-tuned together with the head, from
    the cached activations, their BatchNorm layers frozen (a few hundred images cannot
    estimate new statistics), by the same `fit_model` as the CNN: early stopping on the
    validation loss, a checkpoint at every epoch end (`--resume`), `TF_CONFIG` workers.
-   Step 2's head is kept instead if fine-tuning never beat its validation loss.
+   On the shared Fashion-MNIST (1,500 pictures) step 3 took the head's 0.853 to 0.883.
 The layers of steps 2 and 3 are the whole model's own, so the model folder holds one
 Keras model that takes the pixels predict and serve give it.
 """
@@ -35,9 +35,7 @@ from pipeline.training.efficientnet_lite import BACKBONES, build_backbone, load_
 
 TOP_STAGES = 1  # stages fine-tuned (with the head conv): the last one, 7x7 at 224 px
 DROPOUT = 0.2  # before the new Dense, as the published EfficientNet-Lite0 classifier
-FINE_TUNE_RATE = 1e-3  # Adam's peak rate for step 3 when --learning-rate is not given
-HEAD_RATE = 1e-2  # Adam's rate for step 2
-HEAD_EPOCHS = 40  # step 2's budget over the pooled features; early stopping ends it sooner
+HEAD_C = (0.01, 0.03, 0.1, 0.3, 1.0)  # step 2's inverse L2 strengths, on standardized features
 CACHE_VERSION = 1  # bump when what is cached changes
 
 
@@ -127,36 +125,85 @@ def pooled_features(network: Network, activations: np.ndarray) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, network.pooled.output_shape[-1]), np.float32)
 
 
-def fit_head(network: Network, F_train, y_train, F_val, y_val, seed: int, class_weight=None) -> float | None:
-    """Step 2: the Dense head on pooled features, early-stopped on the validation loss (the
-    training loss without one); its weights are set in the model. Returns the best validation loss."""
-    keras = import_keras()
-    keras.utils.set_random_seed(seed)
-    dense = network.model.get_layer("logits")
-    head = keras.Sequential(
-        [
-            keras.Input(shape=(F_train.shape[1],)),
-            keras.layers.Dropout(DROPOUT),
-            keras.layers.Dense(dense.units),
-            keras.layers.Activation("softmax"),
-        ]
-    )
-    head.compile(keras.optimizers.Adam(HEAD_RATE), "sparse_categorical_crossentropy")
+def fit_head(network: Network, F_train, y_train, F_val, y_val) -> dict:
+    """Step 2: a multinomial logistic regression on the pooled features (scikit-learn's L-BFGS on
+    standardized features: a second or two where Keras' fit took ten times that), its L2
+    strength picked on the validation split's log loss from HEAD_C (the largest without one),
+    then written into the Dense layer: the standardization folded into its kernel and bias."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+
+    num_classes = network.model.get_layer("logits").units
+    mean, scale = F_train.mean(axis=0), F_train.std(axis=0) + 1e-6
+    Z_train = (F_train - mean) / scale
     has_val = len(F_val) > 0
-    monitor = "val_loss" if has_val else "loss"
-    stop = keras.callbacks.EarlyStopping(monitor=monitor, patience=5, restore_best_weights=True)
-    head.fit(
-        F_train.astype(np.float32),
-        y_train,
-        batch_size=256,
-        epochs=HEAD_EPOCHS,
-        validation_data=(F_val.astype(np.float32), y_val) if has_val else None,
-        callbacks=[stop],
-        class_weight=class_weight,
-        verbose=0,
+    Z_val = (F_val - mean) / scale if has_val else None
+    best = None
+    for C in HEAD_C if has_val else HEAD_C[-1:]:
+        head = LogisticRegression(C=C, max_iter=1000).fit(Z_train, y_train)
+        loss = log_loss(y_val, _probabilities(head, Z_val, num_classes), labels=range(num_classes)) if has_val else None
+        if best is None or (loss is not None and loss < best[1]):
+            best = (head, loss, C)
+    head, loss, C = best
+    weights = np.zeros((F_train.shape[1], num_classes))
+    bias = np.zeros(num_classes)
+    if len(head.classes_) == 2 and head.coef_.shape[0] == 1:  # binary: p(second) = sigmoid(w.x + b)
+        weights[:, head.classes_[1]], bias[head.classes_[1]] = head.coef_[0], head.intercept_[0]
+    else:
+        weights[:, head.classes_], bias[head.classes_] = head.coef_.T, head.intercept_
+    bias = bias - (mean / scale) @ weights
+    weights = weights / scale[:, None]
+    missing = np.setdiff1d(np.arange(num_classes), head.classes_)
+    bias[missing] = -1e4  # a class with no training row is never predicted
+    network.model.get_layer("logits").set_weights([weights.astype(np.float32), bias.astype(np.float32)])
+    return {"val_log_loss": None if loss is None else round(float(loss), 4), "C": C}
+
+
+def _probabilities(head, Z, num_classes: int) -> np.ndarray:
+    out = np.full((len(Z), num_classes), 1e-12)
+    out[:, head.classes_] = head.predict_proba(Z)
+    return out / out.sum(axis=1, keepdims=True)
+
+
+@dataclass
+class Prepared:
+    """Steps 1 and 2 done: the network with its new head, and step 3's inputs."""
+
+    network: Network
+    fit_data: object  # a data_folder.TrainingData of cut activations in place of pixels
+    head: dict  # step 2's validation log loss and L2 strength
+    seconds: dict  # features, head
+
+
+def prepare_backbone(data, data_dir: Path, settings) -> Prepared:
+    """Steps 1 and 2 for `train`: the cut activations (cached) and the head on the pooled features.
+    Call under the training strategy's scope: step 3's variables are made here."""
+    import dataclasses
+    import time
+
+    spec = BACKBONES[settings.backbone]
+    size = data.X_train.shape[1]
+    if size < spec.size:
+        progress.say(
+            f"note: the arrays are {size} px; {settings.backbone} was pretrained at {spec.size} px and is most accurate "
+            f"there: prepare --size {spec.size} (they are not upscaled here)"
+        )
+    started = time.perf_counter()
+    network = build_network(settings.backbone, data.X_train.shape[1:], len(data.classes))
+    folder = cache_folder(data_dir, data.prepare_report.get("settings", {}), network)
+    A_train = cut_activations(network, data.X_train, folder, "features (train)")
+    A_val = cut_activations(network, data.X_val, folder, "features (val)")
+    features_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    F_train, F_val = pooled_features(network, A_train), pooled_features(network, A_val)
+    head = fit_head(network, F_train, data.y_train, F_val, data.y_val)
+    fit_data = dataclasses.replace(data, X_train=A_train, X_val=A_val)
+    return Prepared(
+        network,
+        fit_data,
+        head,
+        {"features": round(features_seconds, 2), "head": round(time.perf_counter() - started, 2)},
     )
-    dense.set_weights(head.layers[1].get_weights())
-    return float(stop.best) if np.isfinite(stop.best) else None
 
 
 def describe(name: str) -> dict:

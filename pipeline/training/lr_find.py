@@ -28,7 +28,7 @@ import numpy as np
 from pipeline.core import progress
 from pipeline.core.errors import PipelineError
 from pipeline.core.native_stderr import import_keras
-from pipeline.core.settings import TrainSettings
+from pipeline.core.settings import BACKBONE_PEAK_RATE, CNN, TrainSettings
 from pipeline.data.data_folder import load_training_data
 from pipeline.report import plots
 from pipeline.training import distribute
@@ -46,6 +46,10 @@ def find_learning_rate(data_dir: Path, plot_path: Path, settings: TrainSettings,
     """Sweep, plot, suggest: {"suggestion", "steepest", "min_loss_lr", "plot", "lrs", "losses"};
     on a TF_CONFIG worker other than the chief, {"role": "worker i of n"} and nothing else."""
     settings.check()
+    if settings.backbone != CNN:
+        raise PipelineError(
+            f"--find-lr sweeps the CNN's rate; --backbone fine-tunes at {BACKBONE_PEAK_RATE:g} unless --learning-rate says otherwise"
+        )
     data = load_training_data(Path(data_dir))
     cluster = distribute.read_cluster()  # TF_CONFIG, checked before TensorFlow loads
     if cluster is not None and not cluster.is_chief:
