@@ -79,7 +79,10 @@ def serve_model(
     if reports_dir is not None and health["test_accuracy"] is None:
         say(f"note: {reports_dir} holds no metrics.json for this model: the page shows no test accuracy")
     if host not in ("127.0.0.1", "::1", "localhost"):
-        say(f"note: listening on {host}: anyone who can reach this machine can use the model (no authentication)")
+        say(
+            f"note: listening on {host}: anyone who can reach this machine can use the model (no authentication); "
+            "requests must name this machine (its name, or an address in digits) or an --allowed-host"
+        )
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:

@@ -427,11 +427,22 @@ def test_a_foreign_host_gets_400_and_a_cross_site_page_403_but_scripts_and_the_p
         assert raw_request(live_server, "POST", "/explain", {**same, "Origin": origin}, body) == 403, origin
 
 
-def test_the_hosts_a_wildcard_bind_accepts_are_this_machines_and_those_given():
+def test_a_wildcard_bind_accepts_this_machines_names_any_address_and_the_names_given(served):
     from pipeline.server.guard import allowed_hosts
 
     assert allowed_hosts("127.0.0.1") == ["127.0.0.1", "[::1]", "localhost"]
     assert "[::1]" in allowed_hosts("::1")
-    wide = allowed_hosts("0.0.0.0", ("photos.lan", "10.0.0.7"))
-    assert {socket.gethostname().lower(), "photos.lan", "10.0.0.7", "localhost"} <= set(wide)
-    assert "evil.example" not in wide
+    wide = allowed_hosts("0.0.0.0", ("photos.lan",))
+    assert {socket.gethostname().lower(), "photos.lan", "localhost"} <= set(wide) and "evil.example" not in wide
+    app = create_app(served, ServeSettings(host="0.0.0.0", workers=1, allowed_host=("photos.lan",)))
+    for host, status in [
+        ("10.1.2.3:8000", 200),  # the machine's address on the network, in digits: nothing to re-point
+        ("[fe80::1]:8000", 200),
+        ("photos.lan:8000", 200),
+        (f"{socket.gethostname()}:8000", 200),
+        ("evil.example:8000", 400),
+        ("10.1.2.3.evil.example", 400),
+    ]:
+        answer = TestClient(app, base_url=f"http://{host}").get("/classes")
+        assert answer.status_code == status, (host, answer.text)
+    assert TestClient(create_app(served, LIMITS), base_url="http://10.1.2.3").get("/classes").status_code == 400

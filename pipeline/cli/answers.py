@@ -112,11 +112,16 @@ def serve(
     max_megapixels: Annotated[
         float, typer.Option(help="Most pixels (millions) the pictures of one request decode to; more get 413.")
     ] = SERVE.max_megapixels,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(help="Another name clients reach the server by (repeat for more); other Host names get 400."),
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
     """Serve the model over HTTP: POST /predict (the JSON of predict --json), a page at /, the API at /docs."""
     progress.set_quiet(quiet)
     from pipeline.serve import serve_model
 
+    allowed_host = tuple(allowed_host or ())
     settings = settings_from(ServeSettings, locals())
     serve_model(model_dir, settings, reports_dir, say=progress.say)

@@ -210,6 +210,7 @@ class ServeSettings:
     read_timeout: float = 30.0  # seconds for one request's body to arrive; a slower one gets 408
     queue_timeout: float = 30.0  # seconds a request waits for a model worker; a longer wait gets 503
     max_megapixels: float = 24.0  # pixels one request decodes (a JPEG at its reduced draft size); more get 413
+    allowed_host: tuple[str, ...] = ()  # Host names accepted beside the served host (a name the machine is reached by)
 
     def check(self) -> None:
         check_unsure(self.threshold, self.target_accuracy)

@@ -192,7 +192,9 @@ def create_app(model_dir: Path, settings: ServeSettings | None = None, reports_d
     _add_routes(app, model_workers, settings)
     _add_explain_route(app, model_workers, settings)
     _bound_what_requests_hold(app, settings, len(model_workers.copies))
-    guard(app, settings.host)  # outermost: a foreign Host or a cross-site page is refused before anything is held
+    guard(
+        app, settings.host, settings.allowed_host
+    )  # outermost: a foreign Host or a cross-site page is refused before anything is held
     return app
 
 

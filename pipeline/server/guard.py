@@ -4,10 +4,12 @@
 package serves (serve's, and any other page of ours); it reads and writes nothing:
 
 - the `Host` header must name the served host (for loopback: 127.0.0.1, localhost or
-  [::1]; for a wildcard bind like 0.0.0.0: this machine's names and addresses, and
-  `extra_hosts`). Anything else is answered 400 by Starlette's `TrustedHostMiddleware`:
-  a page of another site that re-points its own name at 127.0.0.1 (DNS rebinding) sends
-  its own name as Host, and so cannot read the answers.
+  [::1]; for a wildcard bind like 0.0.0.0: this machine's names, and any address written
+  as digits, as a client on the network types the machine's address), or one of
+  `extra_hosts` (serve's --allowed-host). Any other name is answered 400 by Starlette's
+  `TrustedHostMiddleware`: a page of another site that re-points its own name at
+  127.0.0.1 (DNS rebinding) sends its own name as Host, and so cannot read the answers
+  (an address in digits cannot be re-pointed).
 - a request whose `Origin` header names another site than the one it reached is answered
   403 before the route runs: a web page elsewhere cannot make the visitor's browser post
   photos (or anything else) to the server. Browsers send `Origin` on every cross-site
@@ -49,7 +51,33 @@ def guard(app, host: str, extra_hosts: tuple[str, ...] = ()) -> None:
     the client's port is another; the Origin must match the Host header the request reached."""
     app.add_middleware(SameOrigin)
     # Added last, so it runs first: a foreign Host is refused before the Origin is looked at.
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host, extra_hosts), www_redirect=False)
+    app.add_middleware(
+        KnownHost,
+        allowed_hosts=allowed_hosts(host, extra_hosts),
+        www_redirect=False,
+        any_address=host in WILDCARD_HOSTS,
+    )
+
+
+class KnownHost(TrustedHostMiddleware):
+    """Starlette's TrustedHostMiddleware; with `any_address`, a Host that is an IP address passes too."""
+
+    def __init__(self, app, any_address: bool = False, **options):
+        super().__init__(app, **options)
+        self.any_address = any_address
+
+    async def __call__(self, scope, receive, send):
+        if self.any_address and scope["type"] == "http" and _is_address(dict(scope["headers"]).get(b"host", b"")):
+            return await self.app(scope, receive, send)
+        return await super().__call__(scope, receive, send)
+
+
+def _is_address(host: bytes) -> bool:
+    try:
+        ipaddress.ip_address(urlsplit("//" + host.decode("latin-1")).hostname or "")
+    except ValueError:  # a name, or a Host header that is not one
+        return False
+    return True
 
 
 class SameOrigin:
