@@ -4,7 +4,7 @@ Reads IMAGES_DIR with the same scan and the same decoder as prepare (every candi
 decoded for real, at prepare's default size), and returns classes, counts, file formats and
 pixel modes, the spread of image sizes, which files would be skipped or ignored and why,
 and how prepare would split each class at its defaults (the same duplicates, near-copy
-groups and split: `prepare.plan_split`). Writes nothing.
+groups and split: `data.splits.plan_split`). Writes nothing.
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ def _split_at_the_defaults(scan: FolderScan, looks: list[tuple]) -> tuple[dict |
     """What prepare at its defaults would make of each class's split, and its warnings about
     it; (None, [why not]) where prepare would stop first."""
     from pipeline.data.decoding import Decoded
-    from pipeline.prepare import choose_sources, plan_split
+    from pipeline.data.splits import plan_split
+    from pipeline.prepare import choose_sources
 
     ok = np.array([look[3] is None for look in looks], dtype=bool)
     reasons = {i: look[3] for i, look in enumerate(looks) if look[3] is not None}
@@ -107,8 +108,9 @@ def _split_at_the_defaults(scan: FolderScan, looks: list[tuple]) -> tuple[dict |
         sources = choose_sources(scan, decoded, PREPARE)
         rows = sources.rows
         plan = plan_split(
-            scan,
-            sources,
+            sources.labels,
+            sources.class_names,
+            [scan.files[r][0] for r in rows],
             decoded.phashes[rows],
             lambda chosen: np.stack([thumbnails[r] for r in rows[chosen]]).astype(np.float32),
             PREPARE,

@@ -56,7 +56,7 @@ from pipeline.data.decoding import Decoded, decode_all
 from pipeline.data.fixes import apply_fixes, read_fixes
 from pipeline.data.image_folder import FolderScan, class_imbalance, scan_folder
 from pipeline.data.images import channels
-from pipeline.data.splits import across_classes, near_duplicate_groups, split_by_group, split_shares
+from pipeline.data.splits import SplitPlan, across_classes, plan_split
 from pipeline.data.worker_pool import available_cores, open_pool
 
 COPY_BYTES = 16 * 2**20  # pixels moved per step from the decode buffer to the outputs
@@ -88,8 +88,9 @@ def prepare_dataset(images_dir: Path, out_dir: Path, settings: PrepareSettings) 
             decoded = decode_all(scan, settings, buffer_path, pool, run)
             sources = choose_sources(scan, decoded, settings)
             plan = plan_split(
-                scan,
-                sources,
+                sources.labels,
+                sources.class_names,
+                [scan.files[r][0] for r in sources.rows],
                 decoded.phashes[sources.rows],
                 lambda rows: dedup.copy_thumbnails(read_rows(buffer_path, sources.rows[rows])),
                 settings,
@@ -197,38 +198,6 @@ def choose_sources(scan: FolderScan, decoded: Decoded, s: PrepareSettings) -> So
 def _strict(problems: list[str]) -> None:
     if problems:
         raise PipelineError(f"--strict: {len(problems)} problem(s), nothing written; first: {problems[0]}")
-
-
-@dataclass
-class SplitPlan:
-    """Where each source image goes, and what report.json, the terminal and inspect say of it."""
-
-    split_of: np.ndarray  # "train" | "val" | "test" per source image
-    shares: dict  # report.json's split_shares: per class, asked and made
-    near: list[dict]  # report.json's near_duplicate_groups
-    warnings: list[str]  # classes a group pushed off their shares; near copies across classes
-
-
-def plan_split(scan: FolderScan, sources: Sources, phashes: np.ndarray, thumbnails_of, s: PrepareSettings) -> SplitPlan:
-    """Group the near copies among the sources (`dedup.near_copy_groups`: hashes, then the
-    pixels of the candidates, `thumbnails_of(rows)`), split them per class with every group
-    whole (`split_by_group`), and say per class what was asked and made (`split_shares`): a
-    warning for a class a group pushed more than SPLIT_OFF_POINTS off, and one for near
-    copies that sit in different classes. inspect runs the same plan at the defaults."""
-    groups = dedup.near_copy_groups(phashes, thumbnails_of, s.near_duplicate_distance)
-    split_of = split_by_group(sources.labels, groups, s.test_size, s.val_size, s.seed, sources.class_names)
-    path_of = lambda i: scan.files[sources.rows[i]][0]  # noqa: E731  (source image -> relative path)
-    shares, warnings = split_shares(
-        sources.labels, groups, split_of, sources.class_names, s.test_size, s.val_size, path_of
-    )
-    names = [sources.class_names[label] for label in sources.labels.tolist()]
-    near = near_duplicate_groups(groups, [scan.files[r][0] for r in sources.rows], names, split_of)
-    if across := across_classes(near):
-        warnings.append(
-            f"{len(across)} group(s) of near copies sit in different classes: kept, each in one split; "
-            "report.json's cross_class_near_copies lists them (audit shows them too)"
-        )
-    return SplitPlan(split_of, shares, near, warnings)
 
 
 # --- writing the splits: arrays, augmented copies, manifest, classes --------------------

@@ -6,10 +6,50 @@ copy of it was trained on; `split_shares` says, per class, what was asked and wh
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.settings import SPLIT_OFF_POINTS
+from pipeline.core.settings import SPLIT_OFF_POINTS, PrepareSettings
+from pipeline.data import dedup
+
+
+@dataclass
+class SplitPlan:
+    """Where each source image goes, and what report.json, the terminal and inspect say of it."""
+
+    split_of: np.ndarray  # "train" | "val" | "test" per source image
+    shares: dict  # report.json's split_shares: per class, asked and made
+    near: list[dict]  # report.json's near_duplicate_groups
+    warnings: list[str]  # classes a group pushed off their shares; near copies across classes
+
+
+def plan_split(
+    labels: np.ndarray,
+    class_names: list[str],
+    paths: list[str],
+    phashes: np.ndarray,
+    thumbnails_of: Callable[[np.ndarray], np.ndarray],
+    s: PrepareSettings,
+) -> SplitPlan:
+    """Group the near copies among the source images (`dedup.near_copy_groups`: hashes, then
+    the pixels of the candidates, `thumbnails_of(rows)`), split them per class with every
+    group whole (`split_by_group`), and say per class what was asked and made
+    (`split_shares`): a warning for a class a group pushed more than SPLIT_OFF_POINTS off,
+    and one for near copies that sit in different classes. prepare runs it on what it
+    decoded; inspect on the same, at prepare's defaults. `paths`: each source's relative path."""
+    groups = dedup.near_copy_groups(phashes, thumbnails_of, s.near_duplicate_distance)
+    split_of = split_by_group(labels, groups, s.test_size, s.val_size, s.seed, class_names)
+    shares, warnings = split_shares(labels, groups, split_of, class_names, s.test_size, s.val_size, paths.__getitem__)
+    near = near_duplicate_groups(groups, paths, [class_names[label] for label in labels.tolist()], split_of)
+    if across := across_classes(near):
+        warnings.append(
+            f"{len(across)} group(s) of near copies sit in different classes: kept, each in one split; "
+            "report.json's cross_class_near_copies lists them (audit shows them too)"
+        )
+    return SplitPlan(split_of, shares, near, warnings)
 
 
 def split_by_group(

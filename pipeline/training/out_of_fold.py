@@ -28,14 +28,12 @@ import queue
 import signal
 import sys
 import tempfile
-import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from rich.progress import TextColumn
 
 from pipeline.core import progress
 from pipeline.core.native_stderr import import_keras, import_tensorflow
@@ -43,10 +41,10 @@ from pipeline.core.settings import INFERENCE_BATCH, AuditSettings, TrainSettings
 from pipeline.data.data_folder import TrainingData
 from pipeline.data.worker_pool import available_cores
 from pipeline.training.batches import available_memory
+from pipeline.training.fold_progress import FoldBoard, fold_reporter
 
 WORKER_BYTES = 700 * 2**20  # a worker with TensorFlow and Keras loaded, before its fold's rows
 ROWS_COPIES = 3  # a fold's rows in a worker: the numpy copy, fit's in-memory tensor, slack
-BATCH_REPORT_SECONDS = 0.25  # a worker's progress messages, at most this often per fold
 GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg", "/dev/kfd")  # CUDA, WSL's, ROCm's
 ROW_FILES = ("X", "labels", "X_augmented", "augmented_source", "fold_of")
 
@@ -154,7 +152,7 @@ def _run_fold(rows: FoldRows, fold_of: np.ndarray, fold: int, classes, s: AuditS
     y = np.concatenate([rows.labels[trained_on], rows.labels[rows.augmented_source[copies]]])
     about = f"training on {len(X)} images ({len(copies)} augmented), predicting {len(held_out)} held out"
     send(("begin", fold, about, s.epochs * math.ceil(len(X) / s.batch_size)))
-    model, fit, precision, stats = _train_one(X, y, classes, s, s.seed + fold, _reporter(send, fold, s.epochs))
+    model, fit, precision, stats = _train_one(X, y, classes, s, s.seed + fold, fold_reporter(send, fold, s.epochs))
     held_out_probabilities = _predict(model, np.asarray(rows.X[held_out]))
     kept = KeptModel(X.shape[1:], len(classes), precision, stats, model.get_weights())
     send(("end", fold))
@@ -234,70 +232,6 @@ def _train_one(X: np.ndarray, y: np.ndarray, classes: list[str], s: AuditSetting
     if fit.interrupted:
         raise KeyboardInterrupt  # a fold cut short would rank its images on half a model
     return model, fit, precision, stats
-
-
-def _reporter(send: Callable, fold: int, epochs: int):
-    """A Keras callback that sends a fold's progress as messages FoldBoard shows."""
-    keras = import_keras()
-    from pipeline.training.callbacks import epoch_summary, short_metrics
-
-    class FoldReporter(keras.callbacks.Callback):
-        sent = 0.0
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.epoch, self.started = epoch, time.perf_counter()
-
-        def on_train_batch_end(self, batch, logs=None):
-            now = time.perf_counter()
-            if now - self.sent >= BATCH_REPORT_SECONDS:
-                self.sent = now
-                done = self.epoch * self.params["steps"] + batch + 1
-                send(("batches", fold, done, short_metrics(logs or {})))
-
-        def on_epoch_end(self, epoch, logs=None):
-            logs = logs or {}
-            send(("batches", fold, (epoch + 1) * self.params["steps"], short_metrics(logs)))
-            send(("epoch", fold, epoch_summary(epoch, epochs, logs, time.perf_counter() - self.started)))
-
-    return FoldReporter()
-
-
-class FoldBoard:
-    """The folds' progress on the terminal: a line when a fold starts and at each of its
-    epochs' ends; on a terminal, a bar per fold while it trains as well."""
-
-    def __init__(self, folds: int):
-        self.folds, self.tasks = folds, {}
-        self.bars = progress.bar(TextColumn("{task.fields[metrics]}"), transient=True) if progress.enabled() else None
-
-    def __enter__(self):
-        if self.bars is not None:
-            self.bars.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.bars is not None:
-            self.bars.stop()
-
-    def handle(self, message: tuple) -> None:
-        kind, fold, *rest = message
-        name = f"fold {fold + 1}/{self.folds}"
-        if kind == "begin":
-            self._say(f"{name}: {rest[0]}")
-            if self.bars is not None:
-                self.tasks[fold] = self.bars.add_task(name, total=rest[1], metrics="")
-        elif kind == "batches" and fold in self.tasks:
-            self.bars.update(self.tasks[fold], completed=rest[0], metrics=rest[1])
-        elif kind == "epoch":
-            self._say(f"{name}  {rest[0]}")
-        elif kind == "end" and fold in self.tasks:
-            self.bars.remove_task(self.tasks.pop(fold))
-
-    def _say(self, line: str) -> None:
-        if self.bars is not None:
-            self.bars.console.print(line, markup=False)
-        else:
-            progress.say(line)
 
 
 # --- the folds in worker processes ---
