@@ -25,11 +25,11 @@ def textured(seed: int, size: int = 48) -> Image.Image:
     return Image.fromarray(np.clip(np.asarray(coarse).astype(int) + grain, 0, 255).astype(np.uint8))
 
 
-def write_textured_folder(root: Path, per_class: int = 12, classes=("cat", "dog", "fox")) -> Path:
+def write_textured_folder(root: Path, per_class: int = 12, classes=("cat", "dog", "fox"), size: int = 48) -> Path:
     for c, name in enumerate(classes):
         (root / name).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            textured(1000 * c + i).save(root / name / f"{name}_{i:03d}.png")
+            textured(1000 * c + i, size).save(root / name / f"{name}_{i:03d}.png")
     return root
 
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageEnhance
 
 from tests.conftest import read_manifest, run_cli
-from tests.test_honest_splits import assert_no_source_in_two_splits, split_sources, textured
+from tests.test_honest_splits import assert_no_source_in_two_splits, split_sources, textured, write_textured_folder
 
 
 def lookalike(kind: int, i: int, size: int = 48) -> Image.Image:
@@ -152,11 +152,7 @@ def test_a_class_a_group_pushes_off_its_shares_is_warned_about_and_fails_strict(
 
 
 def test_a_near_copy_in_another_class_is_listed_as_a_label_conflict_and_kept(tmp_path):
-    images = tmp_path / "images"
-    for c, name in enumerate(("cat", "dog")):
-        (images / name).mkdir(parents=True)
-        for i in range(10):
-            textured(100 * c + i, size=64).save(images / name / f"{name}_{i:03d}.png")
+    images = write_textured_folder(tmp_path / "images", per_class=10, classes=("cat", "dog"), size=64)
     Image.open(images / "cat" / "cat_003.png").save(images / "dog" / "maybe_a_dog.jpg", quality=80)
     out = tmp_path / "data"
     result = run_cli("prepare", images, "--out", out, "--augment", "0")
@@ -176,11 +172,7 @@ def test_a_near_copy_in_another_class_is_listed_as_a_label_conflict_and_kept(tmp
 
 
 def test_near_duplicate_distance_option(tmp_path):
-    images = tmp_path / "images"
-    for c, name in enumerate(("cat", "dog")):
-        (images / name).mkdir(parents=True)
-        for i in range(10):
-            textured(100 * c + i, size=64).save(images / name / f"{name}_{i:03d}.png")
+    images = write_textured_folder(tmp_path / "images", per_class=10, classes=("cat", "dog"), size=64)
     Image.open(images / "cat" / "cat_001.png").save(images / "cat" / "again.jpg", quality=70)
     run_cli("prepare", images, "--out", tmp_path / "on", "--augment", "0", "--quiet")
     on = json.loads((tmp_path / "on" / "report.json").read_text())
