@@ -84,6 +84,8 @@ def train_model(data_dir: Path, out_dir: Path, settings: TrainSettings) -> dict:
         from pipeline.training.backbone import prepare_backbone
 
         precision, pixel_stats = "float32", None
+        if settings.precision in ("bfloat16", "float16"):  # asked for, not silently dropped
+            progress.say(f"note: --precision {settings.precision} is the CNN's; train --backbone computes in float32")
         with plan.strategy.scope():
             prepared = prepare_backbone(data, data_dir, settings)
             model = _compiled(prepared.network.top, prepared.fit_data, settings)

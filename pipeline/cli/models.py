@@ -65,7 +65,9 @@ def train(
     ] = TRAIN.patience,
     precision: Annotated[
         Precision,
-        typer.Option(help="auto: mixed float16 on one GPU, mixed bfloat16 on CPUs with native bfloat16, else float32."),
+        typer.Option(
+            help="auto: mixed float16 on one GPU, mixed bfloat16 on CPUs with native bfloat16, else float32 (--backbone: float32)."
+        ),
     ] = Precision[TRAIN.precision],
     tensorboard: Annotated[
         bool, typer.Option("--tensorboard", help="Write TensorBoard logs to the model folder.")

@@ -32,7 +32,7 @@ CNN = "cifar-cnn"  # the design's network, trained from scratch: train's default
 # train --backbone: each pretrained network and the input side it was pretrained at (prepare --size)
 BACKBONE_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
 BACKBONES = (CNN, *BACKBONE_SIZES)
-BACKBONE_PEAK_RATE = 3e-4  # Adam's peak rate fine-tuning a backbone's last stage (bench/RESULTS.md)
+BACKBONE_PEAK_RATE = 3e-4  # Adam's peak rate fine-tuning a backbone's top stages (bench/RESULTS.md)
 
 
 @dataclass

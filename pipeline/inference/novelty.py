@@ -32,6 +32,7 @@ from pipeline.core.errors import PipelineError
 
 NOVELTY_VERSION = 1  # novelty.json's format and the score's definition; a folder of another is not scored
 K = 1  # the k-th nearest training feature
+ENGINE_MARGIN = 1e-4  # added to the threshold: scores of one picture by two engines differ by ~1e-6
 KEEP = 0.99  # the default threshold keeps this share of validation pictures
 MAX_BANK = 8192  # training features kept at most (evenly drawn): 9 MB at the CNN's 576 dimensions
 HISTOGRAM_BINS = 30
@@ -123,7 +124,9 @@ def fit_novelty(
     # the lowest score that keeps at least `keep` of them (an order statistic: of 6 validation
     # pictures, 99 % keeps all 6, where an interpolated quantile would refuse the farthest)
     finite = len(val_scores) and np.isfinite(val_scores).all()
-    threshold = float(np.quantile(val_scores, keep, method="inverted_cdf")) if finite else 0.0
+    # plus ENGINE_MARGIN: the picture at the threshold is kept by every engine, not only by the one
+    # that scored it here (LiteRT and Keras differ in the sixth decimal, enough to flip it)
+    threshold = float(np.quantile(val_scores, keep, method="inverted_cdf")) + ENGINE_MARGIN if finite else 0.0
     info = {
         "version": NOVELTY_VERSION,
         "method": "knn",

@@ -70,6 +70,13 @@ def backbone_sizes(size: int | None = None) -> str:
     small = [name for name, side in BACKBONE_SIZES.items() if size < side]
     if not small:
         return f"large enough for every --backbone ({wanted}); the CNN was designed for 32 and is slow at this size"
+    fits = [name for name in BACKBONE_SIZES if name not in small]
+    wants = ", ".join(f"{name} wants {BACKBONE_SIZES[name]}" for name in small)
+    if fits:  # e.g. 224: right for lite0, small for lite1 and lite2
+        return (
+            f"the CNN's size is 32; {size} px suits train --backbone {', '.join(fits)}; {wants} "
+            "(below its size a pretrained network sees less than it was trained on)"
+        )
     return (
         f"the CNN's size is 32; for train --backbone prepare with --size {BACKBONE_SIZES[small[0]]} or more "
         f"({wanted}): below it a pretrained network sees less than it was trained on"
