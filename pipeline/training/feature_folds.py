@@ -38,7 +38,13 @@ def out_of_fold_heads(
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from pipeline.training.backbone import build_network, cache_folder, cut_activations, pooled_features
+    from pipeline.training.backbone import (
+        build_network,
+        cache_folder,
+        class_probabilities,
+        cut_activations,
+        pooled_features,
+    )
 
     progress.say("loading TensorFlow...")
     network = build_network(s.backbone, rows.X.shape[1:], len(classes))
@@ -59,7 +65,7 @@ def out_of_fold_heads(
         head = make_pipeline(StandardScaler(), LogisticRegression(C=HEAD_C, max_iter=2000))
         head.fit(X, y)
         heads[fold] = head
-        probabilities[fold_of == fold] = _all_classes(head, F[fold_of == fold], len(classes))
+        probabilities[fold_of == fold] = class_probabilities(head, F[fold_of == fold], len(classes))
         summaries.append(
             {
                 "fold": fold + 1,
@@ -75,14 +81,6 @@ def out_of_fold_heads(
         in_sample[wanted] = 0.0
         for fold in range(folds):  # each doubted row, by the heads that trained on it
             asked = wanted[fold_of[wanted] != fold]
-            in_sample[asked] += _all_classes(heads[fold], F[asked], len(classes))
+            in_sample[asked] += class_probabilities(heads[fold], F[asked], len(classes))
         in_sample[wanted] /= max(folds - 1, 1)
     return OutOfFold(probabilities, in_sample, summaries, FoldPlan(1, 0))
-
-
-def _all_classes(head, F: np.ndarray, num_classes: int) -> np.ndarray:
-    """predict_proba with a column for every class, 0 for a class the fold's rows lacked."""
-    out = np.zeros((len(F), num_classes))
-    if len(F):
-        out[:, head.classes_] = head.predict_proba(F)
-    return out
