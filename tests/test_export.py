@@ -323,3 +323,74 @@ def test_the_model_card_s_python_loads_each_format_and_agrees_with_keras(exporte
     for name, probabilities in found.items():
         assert probabilities.shape == found["keras"].shape, name
         assert np.abs(probabilities - found["keras"]).max() <= (0.02 if name == "litert-int8" else 1e-3), name
+
+
+def _nearest(kernel: np.ndarray, depthwise: bool) -> np.ndarray:
+    """The converter's own rounding: per output channel, symmetric, to the nearest of 127 steps."""
+    rows = kernel.reshape(-1, kernel.shape[2]).T if depthwise else kernel.reshape(-1, kernel.shape[-1]).T
+    scale = np.abs(rows).max(axis=1, keepdims=True) / 127
+    return (np.round(rows / scale) * scale).T.reshape(kernel.shape)
+
+
+def test_gptq_rounds_onto_the_int8_grid_with_less_output_error_than_nearest():
+    """GPTQ on correlated inputs (as a filter's neighbouring pixels are): every value an integer
+    step of its row's scale, the largest weight kept (so the converter's scale is the same), and
+    the output error on those inputs below nearest rounding's."""
+    from pipeline.inference.weight_rounding import gptq
+
+    rng = np.random.default_rng(0)
+    smooth = np.cumsum(rng.normal(size=(4000, 9)), axis=1)  # strongly correlated inputs
+    W = rng.normal(size=(6, 9)) * np.array([1, 1, 1, 1, 40, 1, 1, 1, 1])  # one outlier weight a row
+    H = smooth.T @ smooth / len(smooth)
+    rounded = gptq(W, H)
+    scale = np.abs(W).max(axis=1, keepdims=True) / 127
+    steps = rounded / scale
+    assert np.allclose(steps, np.round(steps), atol=1e-9) and np.abs(steps).max() <= 127 + 1e-9
+    assert np.allclose(np.abs(rounded).max(axis=1), np.abs(W).max(axis=1))
+    nearest = np.round(W / scale) * scale
+    error = lambda V: np.mean(((V - W) @ smooth.T) ** 2)  # noqa: E731
+    assert error(rounded) < 0.5 * error(nearest), (error(rounded), error(nearest))
+
+
+def test_int8_weights_are_the_gptq_rounding_and_move_the_answers_less_than_nearest(exported, trained):
+    """The int8 file holds the kernels GPTQ chose on the calibration images (the converter's own
+    rounding kept them), the Keras model is left as it was, and on those images GPTQ's kernels
+    move the model's probabilities less than the converter's nearest rounding would."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from pipeline.export import calibration_rows
+    from pipeline.inference.model_folder import inference_model, load_keras_model
+    from pipeline.inference.weight_rounding import gptq_kernels, gptq_weights
+
+    model = load_keras_model(exported["model"])
+    network = inference_model(model) or model
+    classes = json.loads((exported["model"] / paths.CLASSES_FILE).read_text())
+    calibration = calibration_rows(exported["data"], len(classes), ExportSettings().calibration_images)
+    rounded = gptq_kernels(network, calibration)
+    assert {type(model.get_layer(name)).__name__ for name in rounded} == {"Conv2D", "Dense"}, sorted(rounded)
+
+    interpreter = Interpreter(model_path=str(exported["model"] / "model_int8.tflite"))
+    per_channel = []
+    for tensor in interpreter.get_tensor_details():
+        if tensor["dtype"] == np.int8 and len(tensor["quantization_parameters"]["scales"]) > 1:
+            try:
+                per_channel.append(interpreter.get_tensor(tensor["index"]).astype(np.float64))
+            except ValueError:  # a tensor the interpreter does not hold as a constant
+                continue
+    for name, kernel in rounded.items():
+        axes = tuple(range(kernel.ndim - 1))
+        steps = kernel / (np.abs(kernel).max(axis=axes, keepdims=True) / 127)
+        litert = np.moveaxis(steps, -1, 0)  # LiteRT keeps the output axis first
+        same = [q for q in per_channel if q.shape == litert.shape and np.abs(q - litert).max() < 1e-3]
+        assert same, f"{name}: no int8 kernel in the file holds GPTQ's steps"
+
+    weights = [w.copy() for w in network.get_weights()]
+    float_p = np.asarray(network.predict(calibration.astype(np.float32), verbose=0)[0])
+    with gptq_weights(network, calibration):
+        gptq_p = np.asarray(network.predict(calibration.astype(np.float32), verbose=0)[0])
+    assert all(np.array_equal(a, b) for a, b in zip(weights, network.get_weights()))
+    for name in rounded:
+        layer = network.get_layer(name)
+        layer.kernel.assign(_nearest(layer.kernel.numpy(), depthwise=False))
+    nearest_p = np.asarray(network.predict(calibration.astype(np.float32), verbose=0)[0])
+    assert np.abs(gptq_p - float_p).mean() < np.abs(nearest_p - float_p).mean()

@@ -70,18 +70,21 @@ def _to_litert_int8(tf, model, target: Path, calibration: np.ndarray | None) -> 
         for row in calibration:
             yield [np.asarray(row[None], dtype=np.float32)]  # the model's float input, 0-255 pixels
 
+    from pipeline.inference.weight_rounding import gptq_weights
+
     try:
-        model.export(
-            str(target),
-            format="litert",
-            verbose=False,
-            optimizations=[tf.lite.Optimize.DEFAULT],
-            representative_dataset=representative,
-            # replaces Keras' default [TFLITE_BUILTINS, SELECT_TF_OPS]: no Flex op can enter
-            target_spec={"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]},
-            inference_input_type=tf.uint8,
-            inference_output_type=tf.uint8,
-        )
+        with gptq_weights(model, calibration):
+            model.export(
+                str(target),
+                format="litert",
+                verbose=False,
+                optimizations=[tf.lite.Optimize.DEFAULT],
+                representative_dataset=representative,
+                # replaces Keras' default [TFLITE_BUILTINS, SELECT_TF_OPS]: no Flex op can enter
+                target_spec={"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]},
+                inference_input_type=tf.uint8,
+                inference_output_type=tf.uint8,
+            )
     except Exception as e:  # the converter's ConverterError, RuntimeError or ValueError
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise PipelineError(f"cannot convert to full-integer LiteRT (int8 builtin ops only): {first.strip()}") from None
