@@ -32,6 +32,7 @@ import numpy as np
 MAX_FAN_IN = 4096  # inputs per output; a wider layer (a large Flatten) keeps nearest rounding
 DAMPING = 0.01  # of the mean diagonal, GPTQ's choice: keeps the inverse of a thin H finite
 BATCH = 16
+GPTQ_BLOCK = 128
 
 
 @contextlib.contextmanager
@@ -158,13 +159,21 @@ def gptq(W: np.ndarray, H: np.ndarray, damping: float = DAMPING) -> np.ndarray:
     pinned_step = np.sign(W[np.arange(rows), pinned]) * 127.0
     U = _inverse_cholesky(H, damping)  # upper: H^-1 = U^T U
     steps = np.empty_like(W)
-    for i in range(n):
-        step = np.clip(np.round(W[:, i] / scale), -127, 127)
-        step = np.where(pinned == i, pinned_step, step)
-        steps[:, i] = step
-        diagonal = U[..., i, i]
-        error = (W[:, i] - step * scale) / diagonal
-        W[:, i:] -= error[:, None] * U[..., i, i:]
+    # GPTQ's lazy batches: the error of each column moves the rest of its block at once, and
+    # the columns after the block by one matrix product (a Flatten's 2,304 inputs: 20 s -> 1 s)
+    for start in range(0, n, GPTQ_BLOCK):
+        end = min(start + GPTQ_BLOCK, n)
+        block, errors = W[:, start:end].copy(), np.zeros((rows, end - start))
+        for i in range(end - start):
+            column = start + i
+            step = np.clip(np.round(block[:, i] / scale), -127, 127)
+            step = np.where(pinned == column, pinned_step, step)
+            steps[:, column] = step
+            errors[:, i] = (block[:, i] - step * scale) / U[..., column, column]
+            block[:, i:] -= errors[:, i, None] * U[..., column, column:end]
+        if end < n:
+            trailing = U[..., start:end, end:]
+            W[:, end:] -= errors @ trailing if trailing.ndim == 2 else np.einsum("rb,rbn->rn", errors, trailing)
     return steps * scale[:, None]
 
 
