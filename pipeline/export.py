@@ -175,9 +175,15 @@ def _refuse_disagreement(record: dict, settings: ExportSettings, fmt: str) -> No
     if fmt != "litert-int8" and moved is not None and moved > FLOAT_EXPORT_DIFFERENCE:  # int8 moves it by design
         failed.append(f"a novelty differs from Keras' by {moved:.3g} (bound {FLOAT_EXPORT_DIFFERENCE:g})")
     if failed:
+        # int8 rounds every activation of a deep network (a backbone: 97 %, docs/export.md): what then
+        choice = (
+            "; --min-agreement lower writes it knowingly, and --format onnx or openvino keeps float"
+            if fmt == "litert-int8" and record["agreement"] < settings.min_agreement
+            else ""
+        )
         raise PipelineError(
             f"refused: on {record['n_test']} test images the {fmt} export disagrees with Keras: "
-            f"{' and '.join(failed)}; nothing was written"
+            f"{' and '.join(failed)}; nothing was written{choice}"
         )
 
 

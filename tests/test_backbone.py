@@ -117,6 +117,7 @@ def test_the_int8_export_converts_the_backbone_and_says_how_far_it_agrees(tuned,
     if strict.exit_code:
         refused = strict.output.strip().splitlines()[-1]
         assert refused.startswith("error: refused:") and "agrees with Keras on" in refused
+        assert "--min-agreement lower writes it knowingly" in refused and "onnx or openvino" in refused
         assert not (model / "model_int8.tflite").exists()
     run_cli("export", "--model", model, "--data", tuned["data"], "--format", "litert-int8", "--min-agreement", "0.5")
     record = json.loads((model / "exports.json").read_text())["litert-int8"]

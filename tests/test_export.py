@@ -394,3 +394,23 @@ def test_int8_weights_are_the_gptq_rounding_and_move_the_answers_less_than_neare
         layer.kernel.assign(_nearest(layer.kernel.numpy(), depthwise=False))
     nearest_p = np.asarray(network.predict(calibration.astype(np.float32), verbose=0)[0])
     assert np.abs(gptq_p - float_p).mean() < np.abs(nearest_p - float_p).mean()
+
+
+@pytest.mark.parametrize(
+    ("fmt", "record", "hint"),
+    [
+        ("litert-int8", {"agreement": 0.972, "max_difference": 0.4}, True),  # a backbone's int8
+        ("litert-int8", {"agreement": 1.0, "max_difference": 0.4}, False),  # only the bound it was given
+        ("onnx", {"agreement": 0.95, "max_difference": 0.2}, False),  # float: a broken export, no choice
+    ],
+)
+def test_an_int8_refused_for_agreement_says_what_the_user_can_do(fmt, record, hint):
+    from pipeline.export import _refuse_disagreement
+
+    settings = ExportSettings(format=fmt, max_difference=0.3 if not hint and fmt == "litert-int8" else None)
+    with pytest.raises(PipelineError) as refused:
+        _refuse_disagreement({"n_test": 529, "novelty_max_difference": None, **record}, settings, fmt)
+    said = str(refused.value)
+    assert said.startswith("refused: on 529 test images") and "\n" not in said
+    assert ("--min-agreement lower writes it knowingly" in said) is hint
+    assert ("onnx or openvino keeps float" in said) is hint
