@@ -325,13 +325,6 @@ def test_the_model_card_s_python_loads_each_format_and_agrees_with_keras(exporte
         assert np.abs(probabilities - found["keras"]).max() <= (0.02 if name == "litert-int8" else 1e-3), name
 
 
-def _nearest(kernel: np.ndarray, depthwise: bool) -> np.ndarray:
-    """The converter's own rounding: per output channel, symmetric, to the nearest of 127 steps."""
-    rows = kernel.reshape(-1, kernel.shape[2]).T if depthwise else kernel.reshape(-1, kernel.shape[-1]).T
-    scale = np.abs(rows).max(axis=1, keepdims=True) / 127
-    return (np.round(rows / scale) * scale).T.reshape(kernel.shape)
-
-
 def test_gptq_rounds_onto_the_int8_grid_with_less_output_error_than_nearest():
     """GPTQ on correlated inputs (as a filter's neighbouring pixels are): every value an integer
     step of its row's scale, the largest weight kept (so the converter's scale is the same), and
@@ -360,7 +353,7 @@ def test_int8_weights_are_the_gptq_rounding_and_move_the_answers_less_than_neare
 
     from pipeline.export import calibration_rows
     from pipeline.inference.model_folder import inference_model, load_keras_model
-    from pipeline.inference.weight_rounding import gptq_kernels, gptq_weights
+    from pipeline.inference.weight_rounding import gptq_kernels, gptq_weights, nearest_kernel
 
     model = load_keras_model(exported["model"])
     network = inference_model(model) or model
@@ -391,7 +384,7 @@ def test_int8_weights_are_the_gptq_rounding_and_move_the_answers_less_than_neare
     assert all(np.array_equal(a, b) for a, b in zip(weights, network.get_weights()))
     for name in rounded:
         layer = network.get_layer(name)
-        layer.kernel.assign(_nearest(layer.kernel.numpy(), depthwise=False))
+        layer.kernel.assign(nearest_kernel(layer.kernel.numpy(), depthwise=False))  # the CNN has no depthwise
     nearest_p = np.asarray(network.predict(calibration.astype(np.float32), verbose=0)[0])
     assert np.abs(gptq_p - float_p).mean() < np.abs(nearest_p - float_p).mean()
 
