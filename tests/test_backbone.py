@@ -127,6 +127,32 @@ def test_the_int8_export_converts_the_backbone_and_says_how_far_it_agrees(tuned,
     assert len(answers) == 14 and all(a["label"] in ("cat", "dog", "fox", "unknown") for a in answers), answers
 
 
+def test_the_int8_file_scales_every_pixel_exactly(tuned, tmp_path):
+    """The backbone's (x - 127) / 128 reaches the stem conv unrounded in the int8 file: every
+    value 0-255 of every channel. Written as Keras' Rescaling (MUL then ADD) the converter
+    rounded the MUL's output at a step of 1/85: up to a grey level a pixel."""
+    import shutil
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    model = tmp_path / "model"
+    shutil.copytree(tuned["model"], model)
+    run_cli("export", "--model", model, "--data", tuned["data"], "--format", "litert-int8", "--min-agreement", "0")
+    interpreter = Interpreter(model_path=str(model / "model_int8.tflite"), experimental_preserve_all_tensors=True)
+    interpreter.allocate_tensors()
+    pixels = (np.arange(32 * 32 * 3) % 256).reshape(1, 32, 32, 3).astype(np.uint8)
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], pixels)
+    interpreter.invoke()
+    scaled = []
+    for tensor in interpreter.get_tensor_details():
+        scale, zero = tensor["quantization"]
+        if "scale_pixels" in tensor["name"] and tuple(tensor["shape"]) == pixels.shape and scale:
+            scaled.append((interpreter.get_tensor(tensor["index"]).astype(np.float64) - zero) * scale)
+    assert scaled, [t["name"] for t in interpreter.get_tensor_details()][:8]
+    error = min(np.abs(values - (pixels - 127.0) / 128).max() for values in scaled)
+    assert error < 1e-6, error
+
+
 def test_a_second_run_and_the_audit_read_the_features_from_the_cache(tuned, tmp_path):
     again = run_cli("train", "--data", tuned["data"], "--out", tmp_path / "again", *ARGS, "--precision", "bfloat16")
     assert "note: --precision bfloat16 is the CNN's; train --backbone computes in float32" in again.stderr
