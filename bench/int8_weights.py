@@ -35,7 +35,7 @@ from pipeline.core.native_stderr import import_tensorflow
 from pipeline.data.data_folder import load_split
 from pipeline.export import calibration_rows
 from pipeline.inference import weight_rounding
-from pipeline.inference.converters import convert
+from pipeline.inference.converters import _pixel_scaling_as_sub_then_mul, convert
 from pipeline.inference.engines import litert_runner
 from pipeline.inference.model_folder import inference_model, load_keras_model
 from pipeline.inference.weight_rounding import _depthwise, gptq_kernels, gptq_weights, nearest_kernel
@@ -69,9 +69,10 @@ def int16_top1(network, calibration, X) -> np.ndarray:
     from ai_edge_litert.interpreter import Interpreter
 
     folder = Path(tempfile.mkdtemp())
+    exact = _pixel_scaling_as_sub_then_mul(network)  # as export converts it
     try:
-        with gptq_weights(network, calibration):
-            network.export(str(folder / "saved"), format="tf_saved_model", verbose=False)
+        with gptq_weights(exact, calibration):
+            exact.export(str(folder / "saved"), format="tf_saved_model", verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(str(folder / "saved"))
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = lambda: ([row[None].astype(np.float32)] for row in calibration)

@@ -21,7 +21,7 @@ import numpy as np
 from pipeline.data.data_folder import load_split
 from pipeline.export import calibration_rows
 from pipeline.inference.converters import convert
-from pipeline.inference.engines import litert_runner
+from pipeline.inference.engines import _dequantizer, _quantizer, litert_runner
 from pipeline.inference.model_folder import inference_model, load_keras_model
 from pipeline.training.backbone import build_network
 
@@ -30,24 +30,28 @@ def batched(model, X: np.ndarray) -> np.ndarray:
     return np.concatenate([np.asarray(model(X[i : i + 32], training=False)) for i in range(0, len(X), 32)])
 
 
-def int8_part(part, calibration: np.ndarray, X: np.ndarray, folder: Path) -> np.ndarray:
-    """`part` converted as export converts a model, run on X, its output dequantized."""
+def int8_part(part, calibration: np.ndarray, folder: Path):
+    """`part` converted once as export converts a model: a function from its float inputs to its
+    dequantized output, through the engines' own (de)quantizers."""
     from ai_edge_litert.interpreter import Interpreter
 
     path = folder / f"{part.name}.tflite"
     convert("litert-int8", part, path, calibration)
     interpreter = Interpreter(model_path=str(path))
-    interpreter.allocate_tensors()
     source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    (in_scale, in_zero), (out_scale, out_zero) = source["quantization"], target["quantization"]
-    low, high = np.iinfo(source["dtype"]).min, np.iinfo(source["dtype"]).max
-    out = []
-    for x in X:
-        q = x if in_scale == 1 and in_zero == 0 else np.round(x / in_scale + in_zero)
-        interpreter.set_tensor(source["index"], np.clip(q, low, high).astype(source["dtype"])[None])
-        interpreter.invoke()
-        out.append((interpreter.get_tensor(target["index"])[0].astype(np.float32) - out_zero) * out_scale)
-    return np.array(out, np.float32)
+    interpreter.resize_tensor_input(source["index"], [1, *part.input_shape[1:]])
+    interpreter.allocate_tensors()
+    to_input, from_output = _quantizer(source), _dequantizer(target)
+
+    def run(X: np.ndarray) -> np.ndarray:
+        out = []
+        for x in X:
+            interpreter.set_tensor(source["index"], to_input(x[None]))
+            interpreter.invoke()
+            out.append(from_output(interpreter.get_tensor(target["index"]))[0])
+        return np.array(out, np.float32)
+
+    return run
 
 
 def main() -> None:
@@ -67,25 +71,21 @@ def main() -> None:
         whole = folder / "model_int8.tflite"
         convert("litert-int8", inference_model(model) or model, whole, calibration)
         run = litert_runner(whole, model.input_shape[1:], classes, 2)
-        cut_calibration = batched(network.bottom, calibration)
+        bottom_int8 = int8_part(network.bottom, calibration, folder)
+        top_int8 = int8_part(network.top, batched(network.bottom, calibration), folder)
         for split in ("val", "test"):
             X = np.asarray(load_split(args.data, split, classes)[0], np.float32)
             if not len(X):
                 continue
             cut = batched(network.bottom, X)
             keras_top = batched(network.top, cut).argmax(axis=1)
-            cut_int8 = int8_part(network.bottom, calibration, X, folder)
+            cut_int8 = bottom_int8(X)
+            whole_top = np.concatenate([run(X[i : i + 32])[0] for i in range(0, len(X), 32)]).argmax(axis=1)
             result[split] = {
                 "images": len(X),
-                "whole_int8": float(
-                    np.mean(
-                        np.concatenate([run(X[i : i + 32])[0] for i in range(0, len(X), 32)]).argmax(1) == keras_top
-                    )
-                ),
+                "whole_int8": float(np.mean(whole_top == keras_top)),
                 "int8_bottom_float_top": float(np.mean(batched(network.top, cut_int8).argmax(1) == keras_top)),
-                "float_bottom_int8_top": float(
-                    np.mean(int8_part(network.top, cut_calibration, cut, folder).argmax(1) == keras_top)
-                ),
+                "float_bottom_int8_top": float(np.mean(top_int8(cut).argmax(1) == keras_top)),
                 "cut_relative_error": float(np.linalg.norm(cut_int8 - cut) / np.linalg.norm(cut)),
             }
     finally:

@@ -98,7 +98,8 @@ def _pixel_scaling_as_sub_then_mul(model):
     Rescaling into MUL then ADD and quantizes the MUL's output over about [-1, 2] in 255 steps
     of 1/85, so every pixel was rounded by up to a grey level before the network saw it:
     half of a fine-tuned EfficientNet-Lite0's int8 error on Fashion-MNIST at 224 px (its pooled
-    features moved 15.2 %, 8.0 % without it; agreement on the 529 test photos 97.16 % -> 97.92 %).
+    features moved 15.2 %, 8.0 % without it; agreement on 5,897 unseen photos 96.52 % -> 97.80 %,
+    105 photos against 30, p = 6e-11).
     SUB then MUL is exact: integers -127..128 at step 1, then -127/128..1 at step 1/128."""
     from pipeline.core.native_stderr import import_keras
 
