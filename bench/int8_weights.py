@@ -35,7 +35,7 @@ from pipeline.core.native_stderr import import_tensorflow
 from pipeline.data.data_folder import load_split
 from pipeline.export import calibration_rows
 from pipeline.inference import weight_rounding
-from pipeline.inference.converters import _pixel_scaling_as_sub_then_mul, convert
+from pipeline.inference.converters import _coarse_and_residual_dense, _pixel_scaling_as_sub_then_mul, convert
 from pipeline.inference.engines import litert_runner
 from pipeline.inference.model_folder import inference_model, load_keras_model
 from pipeline.inference.weight_rounding import _depthwise, gptq_kernels, gptq_weights, nearest_kernel
@@ -47,7 +47,7 @@ GROUPS = {
     "expand": lambda name: "expand" in name,
     "project": lambda name: "project" in name,
     "head_conv": lambda name: name == "head_conv",
-    "dense": lambda name: name == "logits",
+    "dense": lambda name: name.startswith("logits"),  # a backbone's head, as export converts it: two Denses
 }
 
 
@@ -104,7 +104,8 @@ def main() -> None:
     parser.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
     args = parser.parse_args()
     model = load_keras_model(args.model)
-    network = inference_model(model) or model
+    # as export converts it: the same floats, a Dense with outlying weights as two (converters.py)
+    network = _coarse_and_residual_dense(inference_model(model) or model)
     classes = model.output_shape[-1]
     calibration = calibration_rows(args.data, classes, 300)
     # evenly spaced over the split, which is in class order: its first rows are one or two classes

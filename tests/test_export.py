@@ -407,3 +407,52 @@ def test_an_int8_refused_for_agreement_says_what_the_user_can_do(fmt, record, hi
     assert said.startswith("refused: on 529 test images") and "\n" not in said
     assert ("--min-agreement lower writes it knowingly" in said) is hint
     assert ("onnx or openvino keeps float" in said) is hint
+
+
+def test_a_dense_whose_int8_step_a_few_weights_set_keeps_the_rest_s_precision(tmp_path):
+    """A head whose each class has one weight a thousand times the rest (a backbone's
+    logistic-regression start, on a feature that is almost always 0): written as is, every other
+    weight of the class rounds at a step of 1000/127, to 0 mostly, and the int8 file agreed on 70 %
+    (its probabilities off by up to 0.96); export converts it as two Denses summed, the kernel on
+    the int8 grid and what that left (the same floats), and the file agrees with Keras. The
+    feature is 0 on every calibration image: the outliers alone in a Dense would have an output
+    range of 0, which XNNPACK refuses to run."""
+    import keras
+
+    from pipeline.inference.converters import _coarse_and_residual_dense, convert
+    from pipeline.inference.engines import litert_runner
+
+    rng = np.random.default_rng(0)
+    pixels = keras.Input((8, 8, 3))
+    features = keras.layers.Conv2D(128, 1, activation="relu")(keras.layers.Rescaling(1 / 255)(pixels))
+    features = keras.layers.GlobalAveragePooling2D()(features)
+    logits = keras.layers.Dense(10)(features)
+    model = keras.Model(pixels, keras.layers.Softmax()(logits))
+    conv, dense = model.layers[2], model.layers[4]
+    kernel = rng.normal(size=(1, 1, 3, 128)).astype(np.float32)
+    kernel[..., 0] *= 1e-3  # a feature almost always 0
+    conv.set_weights([kernel, np.zeros(128, np.float32)])
+    weights = rng.normal(size=(128, 10)).astype(np.float32)
+    weights[0] = 1000.0
+    dense.set_weights([weights, np.zeros(10, np.float32)])
+
+    colours = rng.uniform(0, 255, size=(264, 1, 1, 3))  # pictures of one colour each, and noise
+    images = np.clip(colours + rng.normal(0, 8, size=(264, 8, 8, 3)), 0, 255).round().astype(np.float32)
+    calibration, pictures = images[:64], images[64:]
+    reference = np.asarray(model(pictures))
+
+    apart = _coarse_and_residual_dense(model)
+    assert np.abs(np.asarray(apart(pictures)) - reference).max() < 1e-5  # the same floats
+    assert sum(isinstance(layer, keras.layers.Dense) for layer in apart.layers) == 2
+    assert _coarse_and_residual_dense(apart) is apart  # its kernel on the grid has nothing left
+    no_outliers = keras.Model(pixels, keras.layers.Dense(10)(features))
+    assert _coarse_and_residual_dense(no_outliers) is no_outliers
+
+    convert("litert-int8", model, tmp_path / "model_int8.tflite", calibration)
+    run = litert_runner(tmp_path / "model_int8.tflite", pictures.shape[1:], 10, threads=1)
+    exported = np.concatenate([run(pictures[i : i + 50])[0] for i in range(0, len(pictures), 50)])
+    agreement = np.mean(exported.argmax(axis=1) == reference.argmax(axis=1))
+    assert agreement >= 0.97 and np.abs(exported - reference).max() < 0.2, (
+        agreement,
+        np.abs(exported - reference).max(),
+    )
