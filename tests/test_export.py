@@ -447,6 +447,13 @@ def test_a_dense_whose_int8_step_a_few_weights_set_keeps_the_rest_s_precision(tm
     assert _coarse_and_residual_dense(apart) is apart  # its kernel on the grid has nothing left
     no_outliers = keras.Model(pixels, keras.layers.Dense(10)(features))
     assert _coarse_and_residual_dense(no_outliers) is no_outliers
+    hidden = keras.layers.Dense(10, activation="relu")  # the activation comes after the sum
+    with_relu = keras.Model(pixels, hidden(features))
+    hidden.set_weights([weights, np.linspace(-1, 1, 10, dtype=np.float32)])
+    assert (
+        np.abs(np.asarray(_coarse_and_residual_dense(with_relu)(pictures)) - np.asarray(with_relu(pictures))).max()
+        < 1e-4
+    )
 
     convert("litert-int8", model, tmp_path / "model_int8.tflite", calibration)
     run = litert_runner(tmp_path / "model_int8.tflite", pictures.shape[1:], 10, threads=1)
