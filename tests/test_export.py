@@ -415,8 +415,8 @@ def test_a_dense_whose_int8_step_a_few_weights_set_keeps_the_rest_s_precision(tm
     weight of the class rounds at a step of 1000/127, to 0 mostly, and the int8 file agreed on 70 %
     (its probabilities off by up to 0.96); export converts it as two Denses summed, the kernel on
     the int8 grid and what that left (the same floats), and the file agrees with Keras. The
-    feature is 0 on every calibration image: the outliers alone in a Dense would have an output
-    range of 0, which XNNPACK refuses to run."""
+    feature rounds to 0 in int8 on every calibration image: the outliers alone in a Dense would
+    have an output range of 0, which XNNPACK refuses to run (it did)."""
     import keras
 
     from pipeline.inference.converters import _coarse_and_residual_dense, convert
